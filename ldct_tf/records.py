@@ -1,0 +1,147 @@
+"""THE TFRecord contract: one ``tf.train.Example`` per axial slice.
+
+Every producer (the Beam pipeline) and consumer (``ldct_tf.data``, evaluation, tuning) goes through this module, so
+the feature names and types live in one place.  Bump :data:`SCHEMA_VERSION` on any change; readers check it.
+
+The image is stored as int16 HU bytes, row-major: lossless for every CT whose HU are integers (slope 1 with an
+integer intercept, which is what scanners write), half the size of float32.  No identifier is stored: ``patient``
+and ``series`` are salted SHA-256 pseudonyms made by :func:`pseudonym`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+DOSES = ("low", "normal")
+SPLITS = ("train", "val", "test")
+
+#: Scalar string features and scalar float features (besides image, height, width, instance, pixel spacing).
+STRING_FEATURES = ("dose", "patient", "series", "kernel", "manufacturer", "split")
+FLOAT_FEATURES = ("z_mm", "slice_thickness_mm", "kvp", "exposure_mas", "ctdivol")
+
+
+def pseudonym(identifier: str, salt: str, kind: str) -> str:
+    """Salted SHA-256 pseudonym (hex, 64 chars) of a patient ID or series UID.
+
+    ``kind`` keeps namespaces apart so that a patient ID that happens to equal a series UID maps to different values.
+    Without the salt the mapping cannot be recomputed from a list of candidate IDs.
+    """
+    return hashlib.sha256(f"{salt}\x00{kind}\x00{identifier}".encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """What one Example holds, as plain Python values (HU image as int16)."""
+
+    image: np.ndarray  # int16 [height, width]
+    dose: str
+    split: str
+    patient: str
+    series: str
+    instance: int
+    z_mm: float
+    pixel_spacing_mm: tuple[float, float]
+    slice_thickness_mm: float
+    kvp: float
+    exposure_mas: float
+    ctdivol: float
+    kernel: str
+    manufacturer: str
+
+
+def encode(record: SliceRecord) -> bytes:
+    """Serialise a :class:`SliceRecord` to ``tf.train.Example`` bytes; a bad field raises ``ValueError``."""
+    import tensorflow as tf
+
+    image = np.asarray(record.image)
+    if image.dtype != np.int16 or image.ndim != 2:
+        raise ValueError(f"image must be a 2-D int16 HU array, got {image.dtype} with shape {image.shape}")
+    if record.dose not in DOSES:
+        raise ValueError(f"dose must be one of {DOSES}, got {record.dose!r}")
+    if record.split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {record.split!r}")
+
+    def _bytes(value: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def _ints(*values: int) -> tf.train.Feature:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
+
+    def _floats(*values: float) -> tf.train.Feature:
+        return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
+
+    features = {
+        "schema_version": _ints(SCHEMA_VERSION),
+        "image": _bytes(image.astype("<i2").tobytes(order="C")),
+        "height": _ints(image.shape[0]),
+        "width": _ints(image.shape[1]),
+        "instance": _ints(int(record.instance)),
+        "pixel_spacing_mm": _floats(*record.pixel_spacing_mm),
+    }
+    for name in STRING_FEATURES:
+        features[name] = _bytes(str(getattr(record, name)).encode("utf-8"))
+    for name in FLOAT_FEATURES:
+        features[name] = _floats(float(getattr(record, name)))
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def feature_spec() -> dict:
+    """The ``tf.io.parse_single_example`` spec of an Example."""
+    import tensorflow as tf
+
+    spec = {
+        "schema_version": tf.io.FixedLenFeature([], tf.int64),
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "height": tf.io.FixedLenFeature([], tf.int64),
+        "width": tf.io.FixedLenFeature([], tf.int64),
+        "instance": tf.io.FixedLenFeature([], tf.int64),
+        "pixel_spacing_mm": tf.io.FixedLenFeature([2], tf.float32),
+    }
+    spec.update({name: tf.io.FixedLenFeature([], tf.string) for name in STRING_FEATURES})
+    spec.update({name: tf.io.FixedLenFeature([], tf.float32) for name in FLOAT_FEATURES})
+    return spec
+
+
+def parse(serialized) -> tuple:
+    """Parse one serialized Example (a scalar string tensor) into ``(hu, metadata)``.
+
+    ``hu`` is float32 [height, width, 1] in HU; ``metadata`` is a dict of the other features.  Works inside
+    ``tf.data.Dataset.map``.  A record written by another schema version fails with an ``InvalidArgument`` error
+    that says so, instead of being misread.
+    """
+    import tensorflow as tf
+
+    features = tf.io.parse_single_example(serialized, feature_spec())
+    version = features.pop("schema_version")
+    tf.debugging.assert_equal(
+        version,
+        tf.constant(SCHEMA_VERSION, tf.int64),
+        message=f"TFRecord schema_version differs from this ldct_tf's version {SCHEMA_VERSION}; re-run the pipeline",
+    )
+    height, width = features["height"], features["width"]
+    pixels = tf.io.decode_raw(features.pop("image"), tf.int16, little_endian=True)
+    hu = tf.cast(tf.reshape(pixels, tf.stack([height, width, 1])), tf.float32)
+    return hu, features
+
+
+def decode_numpy(serialized: bytes) -> dict:
+    """Decode Example bytes without a tf.data graph (tests, notebooks): a dict with ``image`` as int16 numpy."""
+    import tensorflow as tf
+
+    example = tf.train.Example.FromString(serialized)
+    feat: Mapping = example.features.feature
+    height, width = feat["height"].int64_list.value[0], feat["width"].int64_list.value[0]
+    out = {
+        "schema_version": feat["schema_version"].int64_list.value[0],
+        "image": np.frombuffer(feat["image"].bytes_list.value[0], dtype="<i2").reshape(height, width),
+        "instance": feat["instance"].int64_list.value[0],
+        "pixel_spacing_mm": tuple(feat["pixel_spacing_mm"].float_list.value),
+    }
+    out.update({name: feat[name].bytes_list.value[0].decode("utf-8") for name in STRING_FEATURES})
+    out.update({name: feat[name].float_list.value[0] for name in FLOAT_FEATURES})
+    return out

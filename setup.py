@@ -1,0 +1,62 @@
+"""ldct_tf: unpaired low-dose CT denoising on TensorFlow 2 / Keras 3 (CycleGAN, attention U-Net), with an Apache Beam
+DICOM -> TFRecord pipeline.
+
+The pins are the set verified together on the project's machines (see ../shared/STACK.md at the time of writing).
+tensorflow-addons and tensorflow-io are deliberately absent: neither works with TF 2.21 / Keras 3 (README, "Dependency
+choices").
+"""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "tensorflow==2.21.0",
+    "keras==3.15.1",
+    "keras-tuner==1.4.8",
+    "tensorboard==2.21.0",  # keras-tuner fails every trial silently without it
+    "apache-beam[tfrecord]==2.77.0",
+    "google-crc32c==1.9.0",
+    "pydicom==3.0.2",
+    "pylibjpeg==2.1.0",  # + plugins: JPEG, JPEG-LS, JPEG 2000 and RLE decoding for pydicom
+    "pylibjpeg-libjpeg==2.5.0",
+    "pylibjpeg-openjpeg==2.6.0",
+    "numpy==2.4.6",
+    "protobuf==6.33.6",
+    "tensorflow-serving-api==2.21.0",
+    "scikit-image==0.26.0",
+    "scipy==1.17.1",
+    "PyYAML>=6.0,<7",
+    "tqdm>=4.66,<5",
+]
+
+EXTRAS = {
+    # Dataflow runner and GCS access for the pipeline; also what a Dataflow worker installs via --setup_file.
+    "dataflow": ["apache-beam[gcp,tfrecord]==2.77.0"],
+    # BM3D is free for non-commercial use only: an opt-in evaluation baseline, never a core dependency.
+    "baselines": ["bm3d==4.0.3"],
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+}
+
+setup(
+    name="ldct_tf",
+    version="0.1.0",
+    description="Unpaired low-dose CT denoising (CycleGAN, attention U-Net) on TensorFlow 2 / Keras 3, "
+    "with a Beam DICOM -> TFRecord pipeline",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["ldct_tf", "ldct_tf.*", "pipelines", "pipelines.*"]),
+    package_data={"ldct_tf": ["configs/*.yaml"]},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "ldct-pipeline=pipelines.dicom_to_tfrecord:main",
+            "ldct-demo=ldct_tf.demo:main",
+        ]
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+        "Intended Audience :: Science/Research",
+    ],
+)
