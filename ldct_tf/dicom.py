@@ -77,6 +77,7 @@ class SliceInfo:
     study_uid: str = field(repr=False)
     series_uid: str = field(repr=False)
     sop_uid: str = field(repr=False)
+    frame_of_reference_uid: str = field(repr=False)
     rows: int
     columns: int
     instance: int
@@ -91,6 +92,25 @@ class SliceInfo:
     kernel: str
     manufacturer: str
     series_description: str = field(repr=False)  # free text: may hold names, so kept out of logs and records
+
+    @property
+    def patient_key(self) -> str:
+        """What identifies the patient for splitting: PatientID, else the study, else the frame of reference.
+
+        Fully anonymised files (all three blank) return "" and cannot be split by patient.
+        """
+        for prefix, value in (("", self.patient_id), ("study:", self.study_uid),
+                              ("frame-of-reference:", self.frame_of_reference_uid)):
+            if value:
+                return prefix + value
+        return ""
+
+    @property
+    def series_key(self) -> str:
+        """SeriesInstanceUID, else frame of reference + description + kernel (anonymisers sometimes blank UIDs)."""
+        if self.series_uid:
+            return self.series_uid
+        return f"{self.frame_of_reference_uid}|{self.series_description}|{self.kernel}|{self.slice_thickness_mm}"
 
     @property
     def z_mm(self) -> float:
@@ -274,6 +294,7 @@ def _common_tags(ds: Dataset) -> dict:
         study_uid=_text(ds, "StudyInstanceUID"),
         series_uid=_text(ds, "SeriesInstanceUID"),
         sop_uid=_text(ds, "SOPInstanceUID"),
+        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
         rows=int(ds.Rows),
         columns=int(ds.Columns),
         kvp=_float(ds, "KVP"),
@@ -367,8 +388,8 @@ def _read_enhanced(ds: Dataset, source: str, n_frames: int) -> list[tuple[np.nda
 
 
 def group_series(infos: Iterable[SliceInfo]) -> dict[str, list[SliceInfo]]:
-    """Group slices by SeriesInstanceUID, each series sorted by position along its normal (then instance number)."""
+    """Group slices by series (:attr:`SliceInfo.series_key`), each series sorted by position along its normal (then instance number)."""
     series: dict[str, list[SliceInfo]] = defaultdict(list)
     for info in infos:
-        series[info.series_uid].append(info)
+        series[info.series_key].append(info)
     return {uid: sorted(items, key=lambda s: (s.z_mm, s.instance, s.frame)) for uid, items in series.items()}

@@ -159,17 +159,16 @@ class AssignSplitFn(beam.DoFn):
 
     def process(self, item: Slice) -> Iterable:
         info = item.info
-        patient_key = f"manifest:{item.patient_key}" if item.patient_key else info.patient_id
+        patient_key = f"manifest:{item.patient_key}" if item.patient_key else info.patient_key
         if not patient_key:
-            # No PatientID: the study is the finest unit we can still keep together in one split.
-            patient_key = f"study:{info.study_uid}" if info.study_uid else ""
-            Metrics.counter(NAMESPACE, "patient_id_missing_used_study").inc()
-        if not patient_key:
-            yield beam.pvalue.TaggedOutput(
-                REJECTED, rejection(info.source, NO_PATIENT, "no PatientID and no StudyInstanceUID to split by"))
+            yield beam.pvalue.TaggedOutput(REJECTED, rejection(
+                info.source, NO_PATIENT, "no PatientID, StudyInstanceUID or FrameOfReferenceUID to split by "
+                "(give a patient column in the dose manifest)"))
             return
+        if not info.patient_id and not item.patient_key:
+            Metrics.counter(NAMESPACE, "patient_id_missing_used_" + patient_key.split(":", 1)[0]).inc()
         patient = records.pseudonym(patient_key, self.salt, "patient")
-        series = records.pseudonym(info.series_uid or info.source, self.salt, "series")
+        series = records.pseudonym(info.series_key, self.salt, "series")
         yield dataclasses.replace(item, patient=patient, series=series, split=split_for(patient, self.fractions))
 
 

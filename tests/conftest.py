@@ -1,0 +1,48 @@
+"""Shared fixtures: sample DICOM written by the project, the shared real-CT folder, one pipeline run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``$LDCT_DATA_DIR`` or ``../shared/data`` beside the project."""
+    return Path(os.environ.get("LDCT_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = shared_data_dir()
+    if not (root / "README.md").exists():
+        pytest.skip(f"shared real-CT data not found at {root} (set LDCT_DATA_DIR)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    """4 patients x (normal, low) x 3 slices of CT_small-based DICOM with fake identifiers."""
+    from ldct_tf import sample_data
+
+    return sample_data.write_sample_dataset(tmp_path_factory.mktemp("sample"), n_patients=4, slices_per_series=3)
+
+
+@pytest.fixture(scope="session")
+def sample_run(sample, tmp_path_factory):
+    """One pipeline run over the sample archive (plus a folder of bad files); returns (output, manifest)."""
+    from pipelines.dicom_to_tfrecord import run
+
+    bad = tmp_path_factory.mktemp("bad_inputs")
+    (bad / "notes.txt").write_text("not a DICOM file\n")
+    good = sample.files["normal"][0].read_bytes()
+    (bad / "truncated.dcm").write_bytes(good[: len(good) // 2])
+    out = tmp_path_factory.mktemp("shards") / "out"
+    manifest = run(["--input", str(sample.root), "--input", str(bad), "--dose-manifest", str(sample.dose_manifest), "--output", str(out),
+                    "--salt", "test-salt", "--splits", "train=0.5,val=0.25,test=0.25", "--num-shards", "2"])
+    return out, manifest
