@@ -42,9 +42,11 @@ class Identity:
     accession: str = "ACC0000001"
     institution: str = "St Example General Hospital"
     study_uid: str = field(default_factory=generate_uid)
+    frame_of_reference_uid: str = field(default_factory=generate_uid)
 
     def values(self) -> list[str]:
-        return [self.patient_id, self.patient_name, self.birth_date, self.accession, self.institution, self.study_uid]
+        return [self.patient_id, self.patient_name, self.birth_date, self.accession, self.institution, self.study_uid,
+                self.frame_of_reference_uid]
 
 
 def write_ct_slice(
@@ -98,7 +100,7 @@ def write_ct_slice(
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = 2
     ds.SeriesDescription = series_description
-    ds.FrameOfReferenceUID = identity.study_uid + ".1"
+    ds.FrameOfReferenceUID = identity.frame_of_reference_uid
     ds.InstanceNumber = instance
     ds.Manufacturer = "SIEMENS"
     ds.KVP = kvp

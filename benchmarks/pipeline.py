@@ -1,0 +1,462 @@
+"""``python -m benchmarks.pipeline``: slices per second of the DICOM -> TFRecord pipeline against a bare pydicom loop.
+
+Data: ``$LDCT_DATA_DIR/mayo_pairs`` (default ``../shared/data/mayo_pairs`` next to the repository), i.e. the folders
+``full_dose/`` and ``quarter_dose/`` of real 512x512 CT slices.  Systems, all measured in the same run and interleaved
+(run 1 of every system, then run 2 of every system, ...; the order rotates from run to run):
+
+* ``bare_loop``: one Python process that only reads each file with ``pydicom.dcmread`` and computes HU
+  (``pixel_array.astype(float32) * RescaleSlope + RescaleIntercept``).  Nothing is written.
+* ``pipeline_multi_processing_1`` / ``_2``: ``pipelines.dicom_to_tfrecord.run`` on the DirectRunner with
+  ``--direct_running_mode multi_processing --direct_num_workers 1`` / ``2``.
+* ``pipeline_in_memory``: the same with the DirectRunner's defaults (in_memory), as a reference.
+
+``--repeat K`` gives the pipeline the two input folders K times (each repeated ``--input`` is read again) and makes the
+bare loop go through the same file list K times, so every system handles the same K x 50 slices.  Pipeline wall time is
+measured around the whole ``run()`` call: Beam pipeline construction, runner and worker start-up (including the imports
+done inside worker processes), the pipeline itself and the manifest.  Imports of the benchmark process itself are done
+once, before any timing, so they count against no system.
+
+Writes ``benchmarks/results/pipeline.json`` (``--output`` to change) and prints a table.  Exit status 1 with a one-line
+message when the data is missing or a pipeline run does not convert exactly the expected slices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "pipeline.json"
+SUBFOLDERS = (("quarter_dose", "low"), ("full_dose", "normal"))
+BARE = "bare_loop"
+MP1 = "pipeline_multi_processing_1"
+MP2 = "pipeline_multi_processing_2"
+IN_MEMORY = "pipeline_in_memory"
+BEAM_ARGS = {
+    MP1: ["--direct_num_workers", "1", "--direct_running_mode", "multi_processing"],
+    MP2: ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"],
+    IN_MEMORY: [],
+}
+DESCRIPTIONS = {
+    BARE: "single-process loop: pydicom.dcmread + pixel_array.astype(float32) * RescaleSlope + RescaleIntercept; "
+          "no output",
+    MP1: "pipelines.dicom_to_tfrecord.run, DirectRunner multi_processing, 1 worker process",
+    MP2: "pipelines.dicom_to_tfrecord.run, DirectRunner multi_processing, 2 worker processes",
+    IN_MEMORY: "pipelines.dicom_to_tfrecord.run, DirectRunner defaults (in_memory, in-process), reference",
+}
+#: a run counts as disturbed when other processes used more than this share of the machine's CPU during it
+BACKGROUND_WARN_SHARE = 0.10
+
+
+class BenchmarkError(Exception):
+    """Reported as one line, exit status 1."""
+
+
+# ----------------------------------------------------------------------------------------------------- environment
+
+def data_dir() -> Path:
+    root = os.environ.get("LDCT_DATA_DIR")
+    base = Path(root).expanduser() if root else REPO.parent / "shared" / "data"
+    return (base / "mayo_pairs").resolve()
+
+
+def list_files(data: Path) -> tuple[list[Path], list[Path]]:
+    """(the two input folders, every file under them in the order the bare loop reads them)."""
+    source = "$LDCT_DATA_DIR" if os.environ.get("LDCT_DATA_DIR") else "default data root ../shared/data"
+    folders = [data / name for name, _ in SUBFOLDERS]
+    for folder in folders:
+        if not folder.is_dir():
+            raise BenchmarkError(f"benchmark data not found: {folder} is not a folder (from {source}; set "
+                                 "LDCT_DATA_DIR to the folder holding mayo_pairs/)")
+    files = []
+    for folder in folders:
+        found = sorted(Path(d) / f for d, _, names in os.walk(folder) for f in names)
+        if not any(f.suffix.upper() == ".IMA" for f in found):
+            raise BenchmarkError(f"benchmark data not found: no .IMA files in {folder} (from {source})")
+        files.extend(found)
+    return folders, files
+
+
+def write_dose_manifest(files: list[Path], folder: Path) -> Path:
+    """``path,dose,patient`` CSV: quarter_dose files low, full_dose files normal, patient = name before the first _."""
+    path = folder / "doses.csv"
+    dose_of = {name: dose for name, dose in SUBFOLDERS}
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "dose", "patient"])
+        for f in files:
+            dose = next(dose_of[p] for p in f.parts[::-1] if p in dose_of)
+            writer.writerow([str(f), dose, f.name.split("_", 1)[0]])
+    return path
+
+
+def machine_info() -> dict:
+    processor = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    info = {
+        "platform": platform.platform(),
+        "processor": processor or model,
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+    }
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_available"] = len(os.sched_getaffinity(0))
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    return info
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("apache-beam", "tensorflow", "pydicom", "numpy", "ldct_tf"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _busy_cpu_seconds() -> Optional[float]:
+    """CPU seconds spent by the whole machine (all processes) since boot, from /proc/stat; None where unavailable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    guest = sum(fields[8:10]) if len(fields) > 9 else 0  # guest time is already counted in user/nice
+    return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU of this process plus its finished children (the Beam worker processes once they have exited)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def wait_for_quiet(max_wait: float, window: float = 1.0, threshold: float = 0.15) -> Optional[float]:
+    """Wait (up to ``max_wait`` s) until other processes use under ``threshold`` CPU over a ``window`` s sample.
+
+    Returns the seconds waited, or None when the machine never went quiet (or /proc/stat is unavailable).
+    """
+    start = time.perf_counter()
+    while True:
+        busy0, own0 = _busy_cpu_seconds(), _own_cpu_seconds()
+        if busy0 is None:
+            return None
+        time.sleep(window)
+        other = (_busy_cpu_seconds() or busy0) - busy0 - (_own_cpu_seconds() - own0)
+        if other < threshold * window:
+            return time.perf_counter() - start
+        if time.perf_counter() - start >= max_wait:
+            return None
+
+
+def measure(fn: Callable[[], object]) -> tuple[object, dict]:
+    busy0, own0 = _busy_cpu_seconds(), _own_cpu_seconds()
+    start = time.perf_counter()
+    result = fn()
+    wall = time.perf_counter() - start
+    own = _own_cpu_seconds() - own0
+    busy1 = _busy_cpu_seconds()
+    background = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - own)
+    return result, {"wall": wall, "cpu": own, "background_cpu": background}
+
+
+# ---------------------------------------------------------------------------------------------------------- systems
+
+def bare_loop(files: list[Path], repeat: int) -> int:
+    import numpy as np
+    import pydicom
+
+    n = 0
+    for _ in range(repeat):
+        for path in files:
+            ds = pydicom.dcmread(path)
+            hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            n += hu.ndim == 2  # one slice per (single-frame) file
+    return n
+
+
+def pipeline_argv(folders: list[Path], manifest: Path, output: Path, repeat: int, num_shards: int,
+                  beam_args: list[str]) -> list[str]:
+    argv = []
+    for _ in range(repeat):
+        for folder in folders:
+            argv += ["--input", str(folder)]
+    return argv + ["--dose-manifest", str(manifest), "--output", str(output), "--salt", "bench",
+                   "--num-shards", str(num_shards)] + beam_args
+
+
+def run_pipeline(name: str, folders: list[Path], manifest: Path, repeat: int, num_shards: int,
+                 expected: int) -> tuple[dict, dict]:
+    from pipelines.dicom_to_tfrecord import run
+
+    output = Path(tempfile.mkdtemp(prefix=f"ldct_bench_{name}_"))
+    try:
+        argv = pipeline_argv(folders, manifest, output, repeat, num_shards, BEAM_ARGS[name])
+        result, timing = measure(lambda: run(argv))
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+    assert isinstance(result, dict)
+    problems = []
+    if result.get("slices") != expected:
+        problems.append(f"converted {result.get('slices')} slices, expected {expected}")
+    if result.get("rejected") != 0:
+        problems.append(f"rejected {result.get('rejected')} ({result.get('rejected_by_reason')})")
+    if result.get("input_files") != expected:
+        problems.append(f"matched {result.get('input_files')} input files, expected {expected}")
+    if problems:
+        raise BenchmarkError(f"{name}: " + "; ".join(problems))
+    timing["pipeline_seconds"] = float(result["seconds"])
+    return result, timing
+
+
+def per_slice_work(files: list[Path]) -> dict:
+    """Diagnostic, outside Beam: mean ms per slice of each step the pipeline does to a slice, and of the bare loop.
+
+    Uses the pipeline's own functions; gzip at zlib's default level, as Beam's GZIP TFRecord writer does.
+    """
+    import numpy as np
+    import pydicom
+
+    from ldct_tf import ct, dicom, records
+    from pipelines import transforms
+
+    totals: dict[str, float] = {}
+
+    def timed(key: str, fn: Callable[[], object]) -> object:
+        start = time.perf_counter()
+        value = fn()
+        totals[key] = totals.get(key, 0.0) + (time.perf_counter() - start) * 1000.0
+        return value
+
+    encoded_bytes = compressed_bytes = 0
+    for path in files:
+        def bare() -> object:
+            ds = pydicom.dcmread(path)
+            return ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+        timed("bare_loop_dcmread_and_hu", bare)
+        data = timed("read_bytes", path.read_bytes)
+        (hu, info), = timed("decode_dicom_read_slices", lambda: dicom.read_slices(data, name=str(path)))
+        hu16 = timed("hu_to_int16", lambda: ct.hu_to_int16(hu))
+        item = transforms.Slice(hu=hu16, info=info, dose="low", split="train",
+                                patient=records.pseudonym(path.name.split("_", 1)[0], "bench", "patient"),
+                                series=records.pseudonym(info.series_uid, "bench", "series"))
+        example = timed("encode_tf_example", lambda: records.encode(transforms.to_record(item)))
+        timed("slice_stats", lambda: transforms.slice_stats(hu16))
+
+        def gzip() -> bytes:
+            compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            return compressor.compress(example) + compressor.flush()
+
+        compressed = timed("gzip_default_level", gzip)
+        encoded_bytes += len(example)
+        compressed_bytes += len(compressed)
+    n = len(files)
+    out = {key: round(value / n, 2) for key, value in totals.items()}
+    out["pipeline_steps_total"] = round(sum(v for k, v in out.items() if k != "bare_loop_dcmread_and_hu"), 2)
+    out["example_kib"] = round(encoded_bytes / n / 1024, 1)
+    out["gzip_ratio"] = round(compressed_bytes / encoded_bytes, 3)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=10,
+                        help="pass the input folders this many times (K x 50 slices per run; default %(default)s)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per system; the median is reported "
+                        "(default %(default)s)")
+    parser.add_argument("--num-shards", type=int, default=2, help="pipeline --num-shards (default %(default)s)")
+    parser.add_argument("--quiet-wait", type=float, default=20.0,
+                        help="before each timed run, wait up to this many seconds for other processes to leave the "
+                        "CPUs idle (0: never wait; default %(default)s)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON result (default %(default)s)")
+    return parser
+
+
+def summarise(name: str, timings: list[dict], slices: int, extra: dict) -> dict:
+    walls = [t["wall"] for t in timings]
+    median = statistics.median(walls)
+    entry = {
+        "description": DESCRIPTIONS[name],
+        **extra,
+        "slices": slices,
+        "wall_seconds": {"median": round(median, 3), "runs": [round(w, 3) for w in walls]},
+        "slices_per_second": round(slices / median, 2),
+        "cpu_seconds": {"median": round(statistics.median(t["cpu"] for t in timings), 3),
+                        "runs": [round(t["cpu"], 3) for t in timings]},
+        "background_cpu_seconds": [None if t["background_cpu"] is None else round(t["background_cpu"], 2)
+                                   for t in timings],
+        "quiet_before_run": [t["waited_for_quiet"] is not None for t in timings],
+    }
+    if "pipeline_seconds" in timings[0]:
+        entry["pipeline_seconds"] = {"median": round(statistics.median(t["pipeline_seconds"] for t in timings), 2),
+                                     "runs": [t["pipeline_seconds"] for t in timings]}
+    return entry
+
+
+def print_table(results: dict, out=sys.stdout) -> None:
+    print(f"\n{'system':<30} {'slices':>7} {'wall s (median)':>16} {'slices/s':>9} {'CPU s':>7} "
+          f"{'vs bare':>8}", file=out)
+    bare_sps = results["systems"][BARE]["slices_per_second"]
+    for name, entry in results["systems"].items():
+        print(f"{name:<30} {entry['slices']:>7} {entry['wall_seconds']['median']:>16.2f} "
+              f"{entry['slices_per_second']:>9.1f} {entry['cpu_seconds']['median']:>7.1f} "
+              f"{entry['slices_per_second'] / bare_sps:>8.3f}", file=out)
+    target = results["target"]
+    print(f"target ({target['description']}): {'MET' if target['met'] else 'NOT met'}, ratio {target['ratio']:.3f}",
+          file=out)
+    if results.get("warnings"):
+        for warning in results["warnings"]:
+            print(f"WARNING: {warning}", file=out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.repeat < 1 or args.runs < 1 or args.num_shards < 0:
+        print("error: --repeat and --runs must be >= 1, --num-shards >= 0", file=sys.stderr)
+        return 2
+    try:
+        folders, files = list_files(data_dir())
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    # Imports once, before any timing: the pipeline module, and TensorFlow, which records.encode imports lazily (the
+    # in-memory runner would otherwise pay for it in its first run only).  Worker processes import their own copy
+    # inside the timed run() call.
+    import numpy  # noqa: F401
+    import pydicom  # noqa: F401
+    import tensorflow  # noqa: F401
+
+    from pipelines.dicom_to_tfrecord import run  # noqa: F401
+
+    machine = machine_info()
+    expected = len(files) * args.repeat
+    systems = [BARE, MP1, MP2, IN_MEMORY]
+    timings: dict[str, list[dict]] = {name: [] for name in systems}
+    scratch = Path(tempfile.mkdtemp(prefix="ldct_bench_"))
+    started = time.perf_counter()
+    try:
+        manifest = write_dose_manifest(files, scratch)
+        print(f"{len(files)} files in {', '.join(str(f) for f in folders)}; repeat {args.repeat} -> {expected} "
+              f"slices per run; {args.runs} run(s) of each system", flush=True)
+        print("diagnostic: per-slice work outside Beam ...", flush=True)
+        work = per_slice_work(files)
+        print("warm-up: one untimed in_memory pipeline run with repeat 1 ...", flush=True)
+        _, warmup = run_pipeline(IN_MEMORY, folders, manifest, 1, args.num_shards, len(files))
+        for r in range(args.runs):
+            order = systems[r % len(systems):] + systems[:r % len(systems)]
+            for name in order:
+                waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
+                if name == BARE:
+                    slices, timing = measure(lambda: bare_loop(files, args.repeat))
+                    if slices != expected:
+                        raise BenchmarkError(f"{BARE}: read {slices} slices, expected {expected}")
+                else:
+                    _, timing = run_pipeline(name, folders, manifest, args.repeat, args.num_shards, expected)
+                timing["waited_for_quiet"] = waited
+                timings[name].append(timing)
+                print(f"run {r + 1}/{args.runs} {name:<30} {timing['wall']:8.2f} s  "
+                      f"{expected / timing['wall']:8.1f} slices/s"
+                      + ("" if waited is not None else "  (machine was not quiet before this run)"), flush=True)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    results: dict = {
+        "benchmark": "pipeline",
+        "description": "slices per second converting real CT DICOM (Mayo full/quarter dose, 512x512) into "
+                       "TFRecord shards with pipelines.dicom_to_tfrecord, against a bare single-process pydicom loop",
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.pipeline " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine,
+        "versions": versions(),
+        "parameters": {
+            "repeat": args.repeat, "runs": args.runs, "files": len(files), "slices_per_run": expected,
+            "num_shards": args.num_shards, "quiet_wait_seconds": args.quiet_wait, "data_dir": str(data_dir()),
+            "inputs": [str(f) for f in folders], "order": "interleaved; run r starts at system r mod 4",
+        },
+        "timing_notes": [
+            "wall_seconds of a pipeline system is measured around the whole pipelines.dicom_to_tfrecord.run() call: "
+            "input matching, output checks, Beam pipeline construction, runner and worker process start-up "
+            "(with the imports the workers do, TensorFlow included), the pipeline itself and the manifest",
+            "pipeline_seconds is the pipeline's own figure (manifest 'seconds': construction + pipeline.run until "
+            "finished)",
+            "imports of the benchmark process (Beam, TensorFlow, pydicom, the pipeline module) happen once before any "
+            "timing; an untimed in_memory pipeline run (repeat 1) warms up the process and the file cache",
+            "slices_per_second = slices / median wall seconds; each pipeline writes into a fresh temporary folder, "
+            "removed after the run",
+            "cpu_seconds: CPU of the benchmark process and its finished child processes (Beam workers) during the run",
+            "background_cpu_seconds: CPU used by all other processes on the machine during the run (from "
+            "/proc/stat); large values mean the figures are disturbed. Before each timed run the benchmark waits up "
+            "to quiet_wait_seconds for the other processes to go idle (quiet_before_run says whether they did)",
+        ],
+        "warmup_wall_seconds": round(warmup["wall"], 3),
+        "per_slice_work_ms": {
+            "description": "diagnostic, single process outside Beam, mean over the files once: the steps the "
+                           "pipeline applies to each slice (its own functions) and the bare loop's work",
+            **work,
+        },
+        "systems": {},
+        "total_benchmark_seconds": round(time.perf_counter() - started, 1),
+    }
+    results["systems"][BARE] = summarise(BARE, timings[BARE], expected, {})
+    for name in (MP1, MP2, IN_MEMORY):
+        results["systems"][name] = summarise(name, timings[name], expected,
+                                             {"beam_args": BEAM_ARGS[name] or ["(DirectRunner defaults)"]})
+    ratio = results["systems"][MP2]["slices_per_second"] / results["systems"][BARE]["slices_per_second"]
+    results["target"] = {
+        "description": "pipeline at 2 workers (multi_processing) at least as fast as the bare single-process loop",
+        "met": bool(ratio >= 1.0),
+        "ratio": round(ratio, 4),
+    }
+    cpus = os.cpu_count() or 1
+    warnings = []
+    for name, runs in timings.items():
+        for i, t in enumerate(runs):
+            if t["background_cpu"] is not None and t["background_cpu"] > BACKGROUND_WARN_SHARE * t["wall"] * cpus:
+                warnings.append(f"{name} run {i + 1}: other processes used {t['background_cpu']:.1f} CPU s during "
+                                f"its {t['wall']:.1f} s ({cpus} CPUs); its figure is disturbed")
+    results["warnings"] = warnings
+    if hasattr(os, "getloadavg"):
+        results["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(args.output.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, args.output)
+    print_table(results)
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Experiment configuration: typed dataclass sections, YAML files, ``key=value`` overrides from the command line.
+
+Hyperparameters live here and in ``configs/*.yaml``, never as literals deep in code.  Every CLI takes ``--config``
+and ``section.key=value`` overrides and prints the resolved config, so a run is reproducible from its log.
+Unknown keys are errors (a typo silently ignored is a wasted training run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Training input built from the pipeline's shards (ldct_tf.data)."""
+
+    patch_size: int = 64
+    min_tissue_fraction: float = 0.5  # patches with less than this share of pixels above -900 HU are resampled
+    augment: bool = True  # flips and 90-degree rotations
+    shuffle_buffer: int = 256
+    val_max_slices: int = 16  # whole validation slices scored per validation run
+
+
+@dataclass
+class ModelConfig:
+    """Generator (attention U-Net) and discriminator (PatchGAN) shapes."""
+
+    depth: int = 3
+    base_filters: int = 32
+    residual_blocks: int = 4
+    attention: bool = True
+    norm: str = "instance"  # instance | batch | none
+    disc_filters: int = 64
+    disc_layers: int = 3  # 3 strided layers: 70x70 receptive field
+    spectral_norm: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Loss weights; defaults follow common LDCT CycleGAN practice (README, "Loss weights")."""
+
+    adversarial: float = 1.0
+    cycle: float = 10.0
+    identity: float = 5.0
+    perceptual: float = 0.1
+    perceptual_layers: list[str] = field(default_factory=lambda: ["block5_conv4"])
+    perceptual_layer_weights: list[float] = field(default_factory=lambda: [1.0])
+    perceptual_window: str = "abdomen"
+    vgg_weights: str = "imagenet"  # imagenet | none
+    vgg_weights_path: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10000
+    batch_size: int = 4  # global batch
+    steps_per_epoch: int = 500
+    generator_lr: float = 2e-4
+    discriminator_lr: float = 2e-4
+    beta_1: float = 0.5
+    mixed_precision: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+
+
+@dataclass
+class ExportConfig:
+    name: str = "ldct_denoiser"
+    float16_weights: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tuning: dict = field(default_factory=dict)  # Keras Tuner search space, read by ldct_tf.tune
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the problem."""
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML / command-line value to the field's declared type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation in (int, float):
+        try:
+            number = yaml.safe_load(value) if isinstance(value, str) else value
+            if annotation is int and isinstance(number, float) and not number.is_integer():
+                raise ValueError
+            return annotation(number)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}") from None
+    if annotation is str:
+        return str(value)
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _section_types(section_cls) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def from_dict(values: dict) -> Config:
+    """Build a Config from nested dicts; unknown sections or keys raise ConfigError."""
+    config = Config()
+    for section, content in (values or {}).items():
+        if section not in _section_types(Config):
+            raise ConfigError(f"unknown config section {section!r}; known: {list(_section_types(Config))}")
+        if section == "tuning":
+            config.tuning = _coerce(content or {}, dict, "tuning")
+            continue
+        if not isinstance(content, dict):
+            raise ConfigError(f"section {section!r} must be a mapping, got {content!r}")
+        for key, value in content.items():
+            set_value(config, f"{section}.{key}", value)
+    return config
+
+
+def set_value(config: Config, dotted: str, value: Any) -> None:
+    """Set ``section.key`` (``tuning.a.b`` writes into the free-form tuning mapping)."""
+    section, _, key = dotted.partition(".")
+    if not key:
+        raise ConfigError(f"override {dotted!r} must look like section.key=value")
+    if section == "tuning":
+        node = config.tuning
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+        return
+    types = _section_types(Config)
+    if section not in types:
+        raise ConfigError(f"unknown config section {section!r} in {dotted!r}; known: {list(types)}")
+    obj = getattr(config, section)
+    fields = _section_types(type(obj))
+    if key not in fields:
+        raise ConfigError(f"unknown key {dotted!r}; {section} has: {', '.join(fields)}")
+    setattr(obj, key, _coerce(value, fields[key], dotted))
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """Apply ``section.key=value`` strings (as given on a command line)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        set_value(config, key.strip(), value.strip())
+    return config
+
+
+def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then the overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    try:
+        config = from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    return apply_overrides(config, overrides)
