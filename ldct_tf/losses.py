@@ -1,0 +1,109 @@
+"""CycleGAN losses: LSGAN adversarial, cycle-consistency L1, identity L1, VGG19 perceptual.
+
+All return a scalar mean over the local (per-replica) batch; :class:`ldct_tf.models.cyclegan.CycleGAN` divides by
+the number of replicas before taking gradients, because Keras 3 optimizers sum gradients across replicas.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from ldct_tf import ct
+
+VGG19_NOTOP_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def _f32(x):
+    return tf.cast(x, tf.float32)
+
+
+def lsgan_generator_loss(fake_scores) -> tf.Tensor:
+    """Least-squares GAN, generator side: push the discriminator's scores of generated images to 1 (Mao et al.)."""
+    return tf.reduce_mean(tf.square(_f32(fake_scores) - 1.0))
+
+
+def lsgan_discriminator_loss(real_scores, fake_scores) -> tf.Tensor:
+    """Least-squares GAN, discriminator side: real -> 1, generated -> 0, halved as in CycleGAN."""
+    return 0.5 * (tf.reduce_mean(tf.square(_f32(real_scores) - 1.0)) + tf.reduce_mean(tf.square(_f32(fake_scores))))
+
+
+def l1_loss(a, b) -> tf.Tensor:
+    """Mean absolute difference (cycle consistency and identity)."""
+    return tf.reduce_mean(tf.abs(_f32(a) - _f32(b)))
+
+
+def vgg19_weights(weights: str, weights_path: Optional[str]) -> Optional[str]:
+    """What to pass as ``keras.applications.VGG19(weights=...)``.
+
+    ``none`` -> un-pretrained (tests; machines without the file).  ``imagenet`` -> a local ``weights_path`` when given,
+    else the Keras cache (``~/.keras/models/`` + the notop file name), else Keras' own download, which fails with a
+    clear message on machines without internet.
+    """
+    if weights == "none":
+        return None
+    if weights != "imagenet":
+        raise ValueError(f"vgg_weights must be 'imagenet' or 'none', got {weights!r}")
+    if weights_path:
+        if not os.path.exists(weights_path):
+            raise FileNotFoundError(f"loss.vgg_weights_path {weights_path} does not exist (expected the Keras "
+                                    f"VGG19 notop file {VGG19_NOTOP_FILE})")
+        return weights_path
+    cached = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models", VGG19_NOTOP_FILE)
+    return cached if os.path.exists(cached) else "imagenet"
+
+
+class PerceptualLoss:
+    """Distance between VGG19 features of two images (model scale), in a chosen HU window.
+
+    The CT slice is mapped to HU, windowed (abdomen by default, so features describe soft tissue rather than the
+    bone/air range), scaled to 0-255, replicated to 3 channels and given ImageNet (caffe) preprocessing.  The network
+    is frozen, cut at the deepest requested layer (block5 costs most of VGG19 on a CPU) and shared by both cycle
+    directions.  Deliberately not a Keras layer: its 20 M frozen weights stay out of the CycleGAN's checkpoints.
+    """
+
+    def __init__(self, layers: Sequence[str] = ("block5_conv4",), layer_weights: Optional[Sequence[float]] = None,
+                 window: str = "abdomen", weights: str = "imagenet", weights_path: Optional[str] = None):
+        layers = list(layers)
+        layer_weights = list(layer_weights) if layer_weights is not None else [1.0] * len(layers)
+        if not layers:
+            raise ValueError("perceptual loss needs at least one VGG19 layer")
+        if len(layer_weights) != len(layers):
+            raise ValueError(f"{len(layers)} perceptual layers but {len(layer_weights)} weights")
+        self.layers, self.layer_weights, self.window = layers, layer_weights, ct.window(window)
+        source = vgg19_weights(weights, weights_path)
+        try:
+            vgg = keras.applications.VGG19(include_top=False, weights=source, input_shape=(None, None, 3))
+        except Exception as exc:
+            if source == "imagenet":
+                raise RuntimeError(
+                    "cannot load ImageNet VGG19 weights (no internet?): put the Keras file "
+                    f"{VGG19_NOTOP_FILE} in ~/.keras/models/ or set loss.vgg_weights_path=FILE, "
+                    "or use loss.vgg_weights=none for an un-pretrained VGG19") from exc
+            raise
+        known = [layer.name for layer in vgg.layers]
+        for name in layers:
+            if name not in known:
+                raise ValueError(f"unknown VGG19 layer {name!r}; conv layers are e.g. block1_conv2 ... block5_conv4")
+        self.extractor = keras.Model(vgg.input, [vgg.get_layer(n).output for n in layers], name="vgg19_features")
+        self.extractor.trainable = False
+        self.pretrained = source is not None
+
+    def preprocess(self, x) -> tf.Tensor:
+        hu = ct.from_model(x)
+        unit = (tf.clip_by_value(hu, self.window.low, self.window.high) - self.window.low) / self.window.width
+        rgb = tf.repeat(unit * 255.0, 3, axis=-1)
+        return keras.applications.vgg19.preprocess_input(rgb)
+
+    def __call__(self, a, b) -> tf.Tensor:
+        features_a = self.extractor(self.preprocess(a), training=False)
+        features_b = self.extractor(self.preprocess(b), training=False)
+        if len(self.layers) == 1:
+            features_a, features_b = [features_a], [features_b]
+        total = tf.constant(0.0, tf.float32)
+        for weight, fa, fb in zip(self.layer_weights, features_a, features_b):
+            total += weight * tf.reduce_mean(tf.square(_f32(fa) - _f32(fb)))
+        return total

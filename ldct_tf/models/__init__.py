@@ -1,0 +1,1 @@
+"""Networks: attention U-Net generator, PatchGAN discriminator, and the CycleGAN training model."""

@@ -1,0 +1,182 @@
+"""The CycleGAN training model: unpaired low-dose -> normal-dose translation.
+
+Reads like the method (Zhu et al. 2017, as applied to LDCT by Kang et al. 2019 and others):
+
+* two generators: ``low_to_normal`` (G, the denoiser) and ``normal_to_low`` (F, its inverse);
+* two PatchGAN critics: ``normal_critic`` tells real normal-dose patches from G's output, ``low_critic`` real
+  low-dose patches from F's output;
+* one ``train_step`` on an unpaired batch ``(low, normal)``: LSGAN adversarial terms, cycle consistency
+  ``F(G(low)) ~ low`` and ``G(F(normal)) ~ normal``, identity ``G(normal) ~ normal`` and ``F(low) ~ low`` (a denoiser
+  must leave clean images alone), and a VGG19 perceptual distance on the cycle reconstructions; then both critics;
+* ``call`` runs G, so the trained model can be saved and used as a denoiser.
+
+Every loss is a mean over the replica's batch divided by the number of replicas, because Keras 3 optimizers sum
+gradients across replicas (``shared/STACK.md``); the reported metrics are the undivided values.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from ldct_tf import ct
+from ldct_tf.losses import PerceptualLoss, l1_loss, lsgan_discriminator_loss, lsgan_generator_loss
+
+LOSS_TERMS = ("adversarial", "cycle", "identity", "perceptual")
+DEFAULT_LOSS_WEIGHTS = {"adversarial": 1.0, "cycle": 10.0, "identity": 5.0, "perceptual": 0.1}
+
+
+@keras.saving.register_keras_serializable(package="ldct_tf")
+class CycleGAN(keras.Model):
+    def __init__(self, low_to_normal: keras.Model, normal_to_low: keras.Model, normal_critic: keras.Model,
+                 low_critic: keras.Model, perceptual: Optional[PerceptualLoss] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.low_to_normal = low_to_normal
+        self.normal_to_low = normal_to_low
+        self.normal_critic = normal_critic
+        self.low_critic = low_critic
+        # Set around Keras' attribute tracking: the frozen VGG19 must not be tracked, saved or checkpointed.
+        object.__setattr__(self, "_perceptual_loss", perceptual)
+        names = ["generator_loss", "adversarial_loss", "cycle_loss", "identity_loss", "perceptual_loss",
+                 "normal_critic_loss", "low_critic_loss"]
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+        self.val_trackers = {name: keras.metrics.Mean(name=name) for name in ("psnr", "ssim", "psnr_input",
+                                                                                "ssim_input")}
+        self.loss_weights_: dict[str, float] = dict(DEFAULT_LOSS_WEIGHTS)
+        self.built = True  # its four networks are functional models, built at construction
+
+    @property
+    def perceptual(self) -> Optional[PerceptualLoss]:
+        return self._perceptual_loss
+
+    def compile(self, generator_optimizer, inverse_generator_optimizer, normal_critic_optimizer,
+                low_critic_optimizer, loss_weights: Optional[dict] = None, score_window: str = "abdomen", **kwargs):
+        """Four optimizers (one per network) and the loss weights (``adversarial``, ``cycle``, ``identity``,
+        ``perceptual``); paired validation slices are scored in ``score_window``."""
+        super().compile(**kwargs)
+        self.generator_optimizer = generator_optimizer
+        self.inverse_generator_optimizer = inverse_generator_optimizer
+        self.normal_critic_optimizer = normal_critic_optimizer
+        self.low_critic_optimizer = low_critic_optimizer
+        weights = dict(DEFAULT_LOSS_WEIGHTS)
+        for key, value in (loss_weights or {}).items():
+            if key not in LOSS_TERMS:
+                raise ValueError(f"unknown loss weight {key!r}; known: {LOSS_TERMS}")
+            weights[key] = float(value)
+        self.loss_weights_ = weights
+        self.score_window = ct.window(score_window)
+
+    def _pairs(self):
+        return [(self.generator_optimizer, self.low_to_normal), (self.inverse_generator_optimizer, self.normal_to_low),
+                (self.normal_critic_optimizer, self.normal_critic), (self.low_critic_optimizer, self.low_critic)]
+
+    def build_optimizers(self) -> None:
+        """Create every optimizer's slots now. Call inside ``strategy.scope()`` before ``fit``: optimizers built
+        lazily inside a multi-replica ``train_step`` fail (``shared/STACK.md``)."""
+        for optimizer, network in self._pairs():
+            optimizer.build(network.trainable_variables)
+
+    @property
+    def step(self) -> tf.Variable:
+        """Training steps taken (the generator optimizer's iteration count; restored with checkpoints)."""
+        return self.generator_optimizer.iterations
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values()) + list(self.val_trackers.values())
+
+    def call(self, inputs, training=False):
+        return self.low_to_normal(inputs, training=training)
+
+    def _loss_terms(self, low, normal, training: bool) -> dict:
+        G, F = self.low_to_normal, self.normal_to_low
+        fake_normal = G(low, training=training)
+        fake_low = F(normal, training=training)
+        cycled_low = F(fake_normal, training=training)
+        cycled_normal = G(fake_low, training=training)
+        fake_normal_scores = self.normal_critic(fake_normal, training=training)
+        fake_low_scores = self.low_critic(fake_low, training=training)
+
+        out = {
+            "adversarial": lsgan_generator_loss(fake_normal_scores) + lsgan_generator_loss(fake_low_scores),
+            "cycle": l1_loss(low, cycled_low) + l1_loss(normal, cycled_normal),
+            "identity": (l1_loss(normal, G(normal, training=training)) + l1_loss(low, F(low, training=training))
+                         if self.loss_weights_["identity"] > 0 else tf.constant(0.0)),
+            "perceptual": (self.perceptual(low, cycled_low) + self.perceptual(normal, cycled_normal)
+                           if self.perceptual is not None and self.loss_weights_["perceptual"] > 0
+                           else tf.constant(0.0)),
+        }
+        out["generator"] = tf.add_n([self.loss_weights_[k] * out[k] for k in LOSS_TERMS])
+        # The critics' losses reuse the scores of the generated images: their gradients are taken only with
+        # respect to the critics' own variables, so the generators are not updated through them.
+        out["normal_critic"] = lsgan_discriminator_loss(self.normal_critic(normal, training=training),
+                                                        fake_normal_scores)
+        out["low_critic"] = lsgan_discriminator_loss(self.low_critic(low, training=training), fake_low_scores)
+        return out
+
+    def _update_trackers(self, losses: dict) -> None:
+        for term in LOSS_TERMS:
+            self.trackers[f"{term}_loss"].update_state(losses[term])
+        self.trackers["generator_loss"].update_state(losses["generator"])
+        self.trackers["normal_critic_loss"].update_state(losses["normal_critic"])
+        self.trackers["low_critic_loss"].update_state(losses["low_critic"])
+
+    def train_step(self, data):
+        low, normal = data[0], data[1]
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape(persistent=True) as tape:
+            losses = self._loss_terms(low, normal, training=True)
+            # Keras 3 optimizers sum gradients over replicas: divide so the step equals a global-batch mean.
+            scaled = {key: losses[key] / replicas for key in ("generator", "normal_critic", "low_critic")}
+            scaled = {key: opt.scale_loss(scaled[key]) for key, opt in
+                      (("generator", self.generator_optimizer), ("normal_critic", self.normal_critic_optimizer),
+                       ("low_critic", self.low_critic_optimizer))}
+            scaled["inverse"] = self.inverse_generator_optimizer.scale_loss(losses["generator"] / replicas)
+        for key, (optimizer, network) in zip(("generator", "inverse", "normal_critic", "low_critic"), self._pairs()):
+            variables = network.trainable_variables
+            grads = tape.gradient(scaled[key], variables)
+            optimizer.apply_gradients(zip(grads, variables))
+        del tape
+        self._update_trackers(losses)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def test_step(self, data):
+        """Loss terms on a validation batch; with a third element ``paired`` (1 where ``normal`` is the same
+        slice as ``low`` at normal dose), PSNR/SSIM of the denoised slice and of the input in the score window."""
+        low, normal = data[0], data[1]
+        losses = self._loss_terms(low, normal, training=False)
+        self._update_trackers(losses)
+        results = {name: tracker.result() for name, tracker in self.trackers.items()}
+        if len(data) > 2:
+            paired = tf.reshape(tf.cast(data[2], tf.float32), [-1])
+            denoised = self.low_to_normal(low, training=False)
+            window = self.score_window
+
+            def unit(x):
+                hu = ct.from_model(x)
+                return (tf.clip_by_value(hu, window.low, window.high) - window.low) / window.width
+
+            reference = unit(normal)
+            for name, image in (("", unit(denoised)), ("_input", unit(low))):
+                self.val_trackers[f"psnr{name}"].update_state(tf.image.psnr(image, reference, 1.0), paired)
+                self.val_trackers[f"ssim{name}"].update_state(tf.image.ssim(image, reference, 1.0), paired)
+            results.update({name: tracker.result() for name, tracker in self.val_trackers.items()})
+        return results
+
+    def get_compile_config(self):
+        return None  # optimizers and loss weights come from the training config, not from the saved file
+
+    def get_config(self):
+        config = super().get_config()
+        for name in ("low_to_normal", "normal_to_low", "normal_critic", "low_critic"):
+            config[name] = keras.saving.serialize_keras_object(getattr(self, name))
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for name in ("low_to_normal", "normal_to_low", "normal_critic", "low_critic"):
+            config[name] = keras.saving.deserialize_keras_object(config[name])
+        return cls(**config)
