@@ -137,22 +137,28 @@ def versions() -> dict:
     return out
 
 
-def _busy_cpu_seconds() -> Optional[float]:
-    """CPU seconds spent by the whole machine (all processes) since boot, from /proc/stat; None where unavailable."""
+def _machine_cpu_seconds() -> Optional[tuple[float, float]]:
+    """(CPU seconds all processes spent in user + system mode, CPU seconds stolen by the hypervisor) since boot, from
+    /proc/stat; None where unavailable.  Interrupt time is left out: it is not charged to any process."""
     try:
         with open("/proc/stat", encoding="ascii") as handle:
             fields = [int(v) for v in handle.readline().split()[1:]]
     except (OSError, ValueError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    guest = sum(fields[8:10]) if len(fields) > 9 else 0  # guest time is already counted in user/nice
-    return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+    hz = os.sysconf("SC_CLK_TCK")
+    steal = fields[7] if len(fields) > 7 else 0
+    return (fields[0] + fields[1] + fields[2]) / hz, steal / hz
 
 
 def _own_cpu_seconds() -> float:
     """CPU of this process plus its finished children (the Beam worker processes once they have exited)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def _children_cpu_seconds() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
 
 
 def wait_for_quiet(max_wait: float, window: float = 1.0, threshold: float = 0.15) -> Optional[float]:
@@ -162,11 +168,12 @@ def wait_for_quiet(max_wait: float, window: float = 1.0, threshold: float = 0.15
     """
     start = time.perf_counter()
     while True:
-        busy0, own0 = _busy_cpu_seconds(), _own_cpu_seconds()
-        if busy0 is None:
+        before, own0 = _machine_cpu_seconds(), _own_cpu_seconds()
+        if before is None:
             return None
         time.sleep(window)
-        other = (_busy_cpu_seconds() or busy0) - busy0 - (_own_cpu_seconds() - own0)
+        after = _machine_cpu_seconds() or before
+        other = after[0] - before[0] - (_own_cpu_seconds() - own0)
         if other < threshold * window:
             return time.perf_counter() - start
         if time.perf_counter() - start >= max_wait:
@@ -174,14 +181,19 @@ def wait_for_quiet(max_wait: float, window: float = 1.0, threshold: float = 0.15
 
 
 def measure(fn: Callable[[], object]) -> tuple[object, dict]:
-    busy0, own0 = _busy_cpu_seconds(), _own_cpu_seconds()
+    before, own0, children0 = _machine_cpu_seconds(), _own_cpu_seconds(), _children_cpu_seconds()
     start = time.perf_counter()
     result = fn()
     wall = time.perf_counter() - start
     own = _own_cpu_seconds() - own0
-    busy1 = _busy_cpu_seconds()
-    background = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - own)
-    return result, {"wall": wall, "cpu": own, "background_cpu": background}
+    children = _children_cpu_seconds() - children0
+    after = _machine_cpu_seconds()
+    background = steal = None
+    if before is not None and after is not None:
+        background = max(0.0, (after[0] - before[0]) - own)
+        steal = after[1] - before[1]
+    return result, {"wall": wall, "cpu": own, "children_cpu": children, "background_cpu": background,
+                    "steal_cpu": steal}
 
 
 # ---------------------------------------------------------------------------------------------------------- systems
@@ -299,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def disturbed(timing: dict) -> bool:
+    background = timing["background_cpu"]
+    return background is not None and background > BACKGROUND_WARN_SHARE * timing["wall"] * (os.cpu_count() or 1)
+
+
 def summarise(name: str, timings: list[dict], slices: int, extra: dict) -> dict:
     walls = [t["wall"] for t in timings]
     median = statistics.median(walls)
@@ -306,13 +323,16 @@ def summarise(name: str, timings: list[dict], slices: int, extra: dict) -> dict:
         "description": DESCRIPTIONS[name],
         **extra,
         "slices": slices,
-        "wall_seconds": {"median": round(median, 3), "runs": [round(w, 3) for w in walls]},
+        "wall_seconds": {"median": round(median, 3), "min": round(min(walls), 3), "runs": [round(w, 3) for w in walls]},
         "slices_per_second": round(slices / median, 2),
         "cpu_seconds": {"median": round(statistics.median(t["cpu"] for t in timings), 3),
                         "runs": [round(t["cpu"], 3) for t in timings]},
+        "cpu_seconds_in_child_processes": [round(t["children_cpu"], 3) for t in timings],
         "background_cpu_seconds": [None if t["background_cpu"] is None else round(t["background_cpu"], 2)
                                    for t in timings],
+        "steal_cpu_seconds": [None if t["steal_cpu"] is None else round(t["steal_cpu"], 2) for t in timings],
         "quiet_before_run": [t["waited_for_quiet"] is not None for t in timings],
+        "disturbed_runs": sum(disturbed(t) for t in timings),
     }
     if "pipeline_seconds" in timings[0]:
         entry["pipeline_seconds"] = {"median": round(statistics.median(t["pipeline_seconds"] for t in timings), 2),
@@ -322,12 +342,13 @@ def summarise(name: str, timings: list[dict], slices: int, extra: dict) -> dict:
 
 def print_table(results: dict, out=sys.stdout) -> None:
     print(f"\n{'system':<30} {'slices':>7} {'wall s (median)':>16} {'slices/s':>9} {'CPU s':>7} "
-          f"{'vs bare':>8}", file=out)
+          f"{'vs bare':>8} {'disturbed':>9}", file=out)
     bare_sps = results["systems"][BARE]["slices_per_second"]
     for name, entry in results["systems"].items():
         print(f"{name:<30} {entry['slices']:>7} {entry['wall_seconds']['median']:>16.2f} "
               f"{entry['slices_per_second']:>9.1f} {entry['cpu_seconds']['median']:>7.1f} "
-              f"{entry['slices_per_second'] / bare_sps:>8.3f}", file=out)
+              f"{entry['slices_per_second'] / bare_sps:>8.3f} "
+              f"{entry['disturbed_runs']:>5}/{len(entry['wall_seconds']['runs'])}", file=out)
     target = results["target"]
     print(f"target ({target['description']}): {'MET' if target['met'] else 'NOT met'}, ratio {target['ratio']:.3f}",
           file=out)
@@ -414,10 +435,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             "timing; an untimed in_memory pipeline run (repeat 1) warms up the process and the file cache",
             "slices_per_second = slices / median wall seconds; each pipeline writes into a fresh temporary folder, "
             "removed after the run",
-            "cpu_seconds: CPU of the benchmark process and its finished child processes (Beam workers) during the run",
+            "cpu_seconds: CPU of the benchmark process and its finished child processes (Beam workers) during the run; "
+            "cpu_seconds_in_child_processes: the part used by the Beam worker processes (the rest is the benchmark "
+            "process: the runner, or the whole in_memory pipeline, or the bare loop)",
             "background_cpu_seconds: CPU used by all other processes on the machine during the run (from "
-            "/proc/stat); large values mean the figures are disturbed. Before each timed run the benchmark waits up "
-            "to quiet_wait_seconds for the other processes to go idle (quiet_before_run says whether they did)",
+            "/proc/stat, user + system time); large values mean the figures are disturbed. steal_cpu_seconds: CPU "
+            "time the hypervisor gave to other guests while this VM wanted it. Before each timed run the benchmark "
+            "waits up to quiet_wait_seconds for the other processes to go idle (quiet_before_run says whether they "
+            "did)",
         ],
         "warmup_wall_seconds": round(warmup["wall"], 3),
         "per_slice_work_ms": {
@@ -442,7 +467,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warnings = []
     for name, runs in timings.items():
         for i, t in enumerate(runs):
-            if t["background_cpu"] is not None and t["background_cpu"] > BACKGROUND_WARN_SHARE * t["wall"] * cpus:
+            if disturbed(t):
                 warnings.append(f"{name} run {i + 1}: other processes used {t['background_cpu']:.1f} CPU s during "
                                 f"its {t['wall']:.1f} s ({cpus} CPUs); its figure is disturbed")
     results["warnings"] = warnings

@@ -1,8 +1,9 @@
 """tf.data input from the pipeline's shards.
 
 ``slice_dataset`` reads one split (and optionally one dose) back as ``(hu, metadata)`` pairs exactly as the pipeline
-wrote them: HU float32 ``[height, width, 1]`` and the record's other features.  Training streams (patches,
-augmentation, unpaired low/normal batches) are built on top of it.
+wrote them: HU float32 ``[height, width, 1]`` and the record's other features.  The training input is built on top of
+it: two independent, never-paired streams of random patches (low-dose and normal-dose), and whole validation slices,
+paired by patient and position where the data has both doses of the same slice.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import json
 from typing import Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
-from ldct_tf import records
+from ldct_tf import ct, records
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".tfrecord.gz"
@@ -77,3 +79,110 @@ def slice_dataset(
         deterministic=not shuffle_files,
     )
     return dataset.map(records.parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# --- training input -----------------------------------------------------------------------------------------------
+
+#: A pixel counts as tissue (not air) above this HU; patches mostly of air teach a denoiser nothing.
+TISSUE_HU = -900.0
+_CANDIDATES_PER_SLICE = 8
+
+
+def _pad_at_least(hu: tf.Tensor, size: int) -> tf.Tensor:
+    """Pad a [H, W, 1] HU slice with air so both sides are at least ``size``."""
+    shape = tf.shape(hu)
+    pad_h, pad_w = tf.maximum(size - shape[0], 0), tf.maximum(size - shape[1], 0)
+    return tf.pad(hu, [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]],
+                  constant_values=ct.AIR_HU)
+
+
+def _candidate_patches(hu: tf.Tensor, patch_size: int) -> tf.Tensor:
+    hu = _pad_at_least(hu, patch_size)
+    return tf.stack([tf.image.random_crop(hu, [patch_size, patch_size, 1]) for _ in range(_CANDIDATES_PER_SLICE)])
+
+
+def _augment(patch: tf.Tensor) -> tf.Tensor:
+    """Random flips and 90-degree rotations: the 8 symmetries of the square, all plausible for CT noise."""
+    patch = tf.image.random_flip_left_right(patch)
+    patch = tf.image.random_flip_up_down(patch)
+    return tf.image.rot90(patch, k=tf.random.uniform([], 0, 4, dtype=tf.int32))
+
+
+def patch_stream(data_dir: str, dose: str, patch_size: int, batch_size: int, min_tissue_fraction: float = 0.5,
+                 augment: bool = True, shuffle_buffer: int = 256, cache: bool = True,
+                 seed: Optional[int] = None, split: str = "train") -> tf.data.Dataset:
+    """Endless batches ``[batch, patch, patch, 1]`` (model scale) of random patches of one dose.
+
+    Each slice offers a few random crops; crops with less than ``min_tissue_fraction`` of tissue pixels are dropped.
+    ``cache`` keeps the decoded slices in memory after the first pass (about 1 MB per 512x512 slice).
+    """
+    slices = slice_dataset(data_dir, split, dose, shuffle_files=True, seed=seed).map(lambda hu, meta: hu)
+    if cache:
+        slices = slices.cache()
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    patches = (
+        slices.shuffle(shuffle_buffer, seed=seed).repeat()
+        .map(lambda hu: _candidate_patches(hu, patch_size), num_parallel_calls=tf.data.AUTOTUNE)
+        .unbatch()
+        .filter(lambda p: tf.reduce_mean(tf.cast(p > TISSUE_HU, tf.float32)) >= min_tissue_fraction)
+    )
+    if augment:
+        patches = patches.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+    return (patches.map(ct.to_model, num_parallel_calls=tf.data.AUTOTUNE)
+            .shuffle(shuffle_buffer, seed=seed)
+            .batch(batch_size, drop_remainder=True)
+            .with_options(options))
+
+
+def unpaired_training_dataset(data_dir: str, patch_size: int, batch_size: int, seed: Optional[int] = None,
+                              **kwargs) -> tf.data.Dataset:
+    """``(low, normal)`` batches from two independent streams: never the same patient or position by design."""
+    low = patch_stream(data_dir, "low", patch_size, batch_size, seed=seed, **kwargs)
+    normal = patch_stream(data_dir, "normal", patch_size, batch_size, seed=None if seed is None else seed + 1,
+                          **kwargs)
+    return tf.data.Dataset.zip((low, normal)).prefetch(tf.data.AUTOTUNE)
+
+
+def validation_examples(data_dir: str, max_slices: int, split: str = "val") -> tuple[list, bool]:
+    """Whole validation slices as ``[(low_hu, normal_hu)]`` numpy pairs, and whether they are true pairs.
+
+    Pairs are matched by patient pseudonym and slice position (z within 0.01 mm), as the Mayo data allows.  Without any
+    match, low and normal slices are zipped unpaired (only the loss terms are then meaningful).  Returns ``([], False)``
+    when the split lacks a dose.
+    """
+    manifest = read_manifest(data_dir)
+    if slice_count(manifest, split, "low") == 0 or slice_count(manifest, split, "normal") == 0:
+        return [], False
+    def load(dose):
+        return [(hu.numpy(), meta["patient"].numpy().decode(), round(float(meta["z_mm"]), 2))
+                for hu, meta in slice_dataset(data_dir, split, dose)]
+    lows, normals = load("low"), load("normal")
+    normal_at = {(patient, z): hu for hu, patient, z in normals}
+    pairs = [(hu, normal_at[(patient, z)]) for hu, patient, z in lows if (patient, z) in normal_at]
+    paired = bool(pairs)
+    if not paired:
+        pairs = [(low[0], normal[0]) for low, normal in zip(lows, normals)]
+    return pairs[:max_slices], paired
+
+
+def validation_dataset(pairs: list, paired: bool, multiple: int, batch_size: int) -> Optional[tf.data.Dataset]:
+    """Batches ``(low, normal, paired)`` of whole slices on the model scale, padded with air to a common size that
+    is a multiple of ``multiple``.  ``batch_size`` should be the replica count so every replica gets a slice."""
+    if not pairs:
+        return None
+    height = max(max(l.shape[0], n.shape[0]) for l, n in pairs)
+    width = max(max(l.shape[1], n.shape[1]) for l, n in pairs)
+    height, width = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+    def pad(hu):
+        out = np.full((height, width, 1), ct.AIR_HU, np.float32)
+        out[: hu.shape[0], : hu.shape[1]] = hu
+        return ct.to_model(out)
+
+    while len(pairs) % batch_size:
+        pairs = pairs + pairs[: batch_size - len(pairs) % batch_size]
+    low = np.stack([pad(l) for l, _ in pairs])
+    normal = np.stack([pad(n) for _, n in pairs])
+    flags = np.full((len(pairs),), 1.0 if paired else 0.0, np.float32)
+    return tf.data.Dataset.from_tensor_slices((low, normal, flags)).batch(batch_size)

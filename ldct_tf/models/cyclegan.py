@@ -83,6 +83,10 @@ class CycleGAN(keras.Model):
         """Training steps taken (the generator optimizer's iteration count; restored with checkpoints)."""
         return self.generator_optimizer.iterations
 
+    def steps_done(self) -> int:
+        """:attr:`step` as a Python int (works for distributed variables too)."""
+        return int(keras.ops.convert_to_numpy(self.generator_optimizer.iterations.value))
+
     @property
     def metrics(self):
         return list(self.trackers.values()) + list(self.val_trackers.values())

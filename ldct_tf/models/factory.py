@@ -1,0 +1,52 @@
+"""Build and compile the CycleGAN from a :class:`ldct_tf.config.Config` (used by training and tuning)."""
+
+from __future__ import annotations
+
+import keras
+
+from ldct_tf.config import Config
+from ldct_tf.losses import PerceptualLoss
+from ldct_tf.models.cyclegan import CycleGAN
+from ldct_tf.models.discriminator import build_discriminator
+from ldct_tf.models.generator import build_generator
+
+
+def build_cyclegan(config: Config) -> CycleGAN:
+    """Two generators, two critics and the perceptual loss, shaped by ``config.model`` / ``config.loss``.
+
+    Call inside ``strategy.scope()`` when training distributed.
+    """
+    m, loss = config.model, config.loss
+    if config.data.patch_size % (2**m.depth):
+        raise ValueError(f"data.patch_size {config.data.patch_size} must be a multiple of 2**model.depth = "
+                         f"{2**m.depth}")
+
+    def generator(name: str) -> keras.Model:
+        return build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm, name=name)
+
+    def critic(name: str) -> keras.Model:
+        return build_discriminator(m.disc_filters, m.disc_layers, m.norm, m.spectral_norm, name=name)
+
+    perceptual = None
+    if loss.perceptual > 0:
+        perceptual = PerceptualLoss(loss.perceptual_layers, loss.perceptual_layer_weights, loss.perceptual_window,
+                                    loss.vgg_weights, loss.vgg_weights_path)
+    return CycleGAN(generator("low_to_normal"), generator("normal_to_low"), critic("normal_critic"),
+                    critic("low_critic"), perceptual, name="cyclegan")
+
+
+def compile_cyclegan(model: CycleGAN, config: Config, loss_scaling: bool = False) -> CycleGAN:
+    """Adam optimizers (beta_1 0.5, the GAN default) for each network, loss weights from the config; optimizers are
+    built at once (required under multi-replica strategies).  ``loss_scaling`` wraps them for mixed precision."""
+    t = config.train
+
+    def adam(lr: float) -> keras.optimizers.Optimizer:
+        optimizer = keras.optimizers.Adam(lr, beta_1=t.beta_1)
+        return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scaling else optimizer
+
+    model.compile(adam(t.generator_lr), adam(t.generator_lr), adam(t.discriminator_lr), adam(t.discriminator_lr),
+                  loss_weights={"adversarial": config.loss.adversarial, "cycle": config.loss.cycle,
+                                "identity": config.loss.identity, "perceptual": config.loss.perceptual},
+                  jit_compile=t.jit_compile)
+    model.build_optimizers()
+    return model

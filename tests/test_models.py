@@ -1,0 +1,93 @@
+"""Generator, discriminator and blocks: shapes, identity at initialisation, argument checks, serialisation."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from ldct_tf.models import blocks
+from ldct_tf.models.discriminator import build_discriminator, receptive_field
+from ldct_tf.models.generator import build_generator
+
+
+@pytest.fixture(scope="module")
+def small_generator():
+    return build_generator(depth=2, base_filters=8, residual_blocks=1)
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 32, 1), (2, 64, 48, 1), (1, 128, 96, 1)])
+def test_generator_is_fully_convolutional(small_generator, shape):
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
+    assert small_generator(x).shape == shape
+
+
+def test_generator_is_close_to_identity_at_init(small_generator):
+    x = np.random.default_rng(1).uniform(-1, 0.5, (2, 64, 64, 1)).astype("float32")
+    y = np.asarray(small_generator(x))
+    # 0.002 on the model scale is about 4 HU: an untrained denoiser changes almost nothing.
+    assert np.abs(y - x).max() < 2e-3
+    assert np.abs(y - x).max() > 0  # but it is not a constant copy: the residual head is live
+
+
+@pytest.mark.parametrize("attention, norm", [(True, "instance"), (False, "batch"), (True, "none")])
+def test_generator_variants_build(attention, norm):
+    model = build_generator(depth=2, base_filters=4, residual_blocks=2, attention=attention, norm=norm)
+    names = [layer.name for layer in model.layers]
+    assert any("attention" in n for n in names) == attention
+    assert sum("res" in n for n in names) == 2
+    assert model(np.zeros((1, 16, 16, 1), "float32")).shape == (1, 16, 16, 1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(depth=0), "depth"), (dict(base_filters=0), "base_filters"), (dict(residual_blocks=-1), "residual_blocks"),
+    (dict(norm="layer"), "norm must be one of"),
+])
+def test_generator_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_generator(**kwargs)
+
+
+def test_discriminator_patch_output_and_receptive_field():
+    assert receptive_field(3) == 70
+    d = build_discriminator(filters=8, n_layers=3)
+    assert d(np.zeros((2, 128, 128, 1), "float32")).shape == (2, 16, 16, 1)
+    d_sn = build_discriminator(filters=4, n_layers=2, spectral_norm=True)
+    assert any(isinstance(layer, keras.layers.SpectralNormalization) for layer in d_sn.layers)
+    with pytest.raises(ValueError, match="n_layers"):
+        build_discriminator(n_layers=0)
+
+
+def test_instance_norm_is_per_channel_group_norm():
+    layer = blocks.norm_layer("instance")
+    assert isinstance(layer, keras.layers.GroupNormalization) and layer.groups == -1
+    x = np.random.default_rng(2).normal(3, 2, (2, 8, 8, 4)).astype("float32")
+    y = np.asarray(layer(x))
+    np.testing.assert_allclose(y.mean(axis=(1, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(y.std(axis=(1, 2)), 1, atol=1e-2)
+
+
+def test_attention_gate_scales_skip_features():
+    gate = blocks.AttentionGate(4)
+    skip = np.random.default_rng(3).normal(size=(1, 8, 8, 6)).astype("float32")
+    out = np.asarray(gate([skip, np.ones((1, 8, 8, 5), "float32")]))
+    ratio = out / np.where(skip == 0, 1, skip)
+    assert out.shape == skip.shape and (ratio > 0).all() and (ratio < 1).all()
+    assert np.allclose(ratio, ratio[..., :1])  # one coefficient per pixel, shared by the channels
+
+
+@pytest.mark.parametrize("model_fn", [lambda: build_generator(2, 4, 1), lambda: build_discriminator(4, 2, spectral_norm=True)])
+def test_keras_saving_round_trip(tmp_path, model_fn):
+    model = model_fn()
+    x = np.random.default_rng(4).uniform(-1, 1, (1, 32, 32, 1)).astype("float32")
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
+def test_layer_configs_round_trip():
+    for layer in (blocks.ConvNormAct(8, norm="batch", activation="relu"), blocks.ResidualBlock(8),
+                  blocks.AttentionGate(3)):
+        clone = type(layer).from_config(layer.get_config())
+        assert clone.get_config() == layer.get_config()
