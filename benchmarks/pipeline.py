@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per system; the median is reported "
                         "(default %(default)s)")
     parser.add_argument("--num-shards", type=int, default=2, help="pipeline --num-shards (default %(default)s)")
-    parser.add_argument("--quiet-wait", type=float, default=20.0,
+    parser.add_argument("--quiet-wait", type=float, default=10.0,
                         help="before each timed run, wait up to this many seconds for other processes to leave the "
                         "CPUs idle (0: never wait; default %(default)s)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON result (default %(default)s)")

@@ -6,7 +6,8 @@
 * Strategy: MultiWorkerMirroredStrategy when ``TF_CONFIG`` names several workers, else MirroredStrategy over all
   local GPUs (or the CPU).  ``train.batch_size`` is the global batch, split across replicas.
 * An epoch (``train.steps_per_epoch`` steps) ends with validation, a checkpoint of all four networks and their
-  optimizers (``MODEL_DIR/checkpoints/``), and TensorBoard images.  A run started again with the same model dir
+  optimizers (``MODEL_DIR/checkpoints/``), and TensorBoard images.  A run killed mid-epoch resumes from the last
+  epoch's checkpoint.  A run started again with the same model dir
   resumes from the last checkpoint at the same step with the same optimizer state (``--no-resume`` starts over).
 * TensorBoard logs (``MODEL_DIR/logs``): every loss term, learning rates, validation PSNR/SSIM, images.
 * At the end the low-to-normal generator is saved as ``MODEL_DIR/generator.keras``, with ``config.yaml`` and
@@ -77,30 +78,12 @@ def make_strategy(cpu_replicas: int = 0) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy()
 
 
-# --- callbacks ----------------------------------------------------------------------------------------------------
+# --- checkpoints --------------------------------------------------------------------------------------------------
 
-class CheckpointAndStop(keras.callbacks.Callback):
-    """Saves every network and optimizer at each epoch end and at the end; stops at exactly ``total_steps``.
-
-    Written to a temporary file and renamed, so a run killed while saving keeps the previous checkpoint.  Under
-    MultiWorkerMirroredStrategy every worker saves (saving reads distributed variables), non-chief workers into a
-    scratch folder that is discarded.
-    """
-
-    def __init__(self, model_dir: str, total_steps: int):
-        super().__init__()
-        self.total_steps = total_steps
-        self.folder = os.path.join(model_dir, "checkpoints") if is_chief() else tempfile.mkdtemp(prefix="ldct_ckpt_")
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.model.steps_done() >= self.total_steps:
-            self.model.stop_training = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        save_checkpoint(self.model, self.folder)
-
-    def on_train_end(self, logs=None):
-        save_checkpoint(self.model, self.folder)
+def checkpoint_folder(model_dir: str) -> str:
+    """Chief: ``MODEL_DIR/checkpoints``.  Other workers save too (saving reads distributed variables, which is a
+    collective operation under MultiWorkerMirroredStrategy) but into a scratch folder that is discarded."""
+    return os.path.join(model_dir, "checkpoints") if is_chief() else tempfile.mkdtemp(prefix="ldct_ckpt_")
 
 
 def save_checkpoint(model, folder: str) -> str:
@@ -131,37 +114,97 @@ def restore_checkpoint(model, model_dir: str) -> int:
     return model.steps_done()
 
 
-class ImageAndRateSummaries(keras.callbacks.Callback):
-    """At each epoch end: low-dose input, denoised, the cycle F(G(low)) and the removed noise as TensorBoard images
-    in the abdomen window, and each optimizer's learning rate."""
+def write_images(writer, model, sample_low: np.ndarray, step: int) -> None:
+    """Low-dose input, denoised, the cycle F(G(low)) and the removed noise (+-100 HU) in the abdomen window, and
+    each optimizer's learning rate."""
+    low = tf.constant(sample_low)
+    denoised = model.low_to_normal(low, training=False)
+    cycled = model.normal_to_low(denoised, training=False)
+    window = ct.window("abdomen")
 
-    def __init__(self, log_dir: str, sample_low: np.ndarray):
-        super().__init__()
-        self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "images"))
-        self.sample_low = sample_low
+    def unit(x):
+        return tf.clip_by_value((ct.from_model(x) - window.low) / window.width, 0.0, 1.0)
 
-    def on_epoch_end(self, epoch, logs=None):
-        model = self.model
-        step = model.steps_done()
-        low = tf.constant(self.sample_low)
-        denoised = model.low_to_normal(low, training=False)
-        cycled = model.normal_to_low(denoised, training=False)
-        window = ct.window("abdomen")
+    noise = tf.clip_by_value((ct.from_model(low) - ct.from_model(denoised)) / 200.0 + 0.5, 0.0, 1.0)
+    with writer.as_default(step=step):
+        tf.summary.image("1_low_dose", unit(low), max_outputs=4)
+        tf.summary.image("2_denoised", unit(denoised), max_outputs=4)
+        tf.summary.image("3_cycle_low", unit(cycled), max_outputs=4)
+        tf.summary.image("4_removed_noise_pm100HU", noise, max_outputs=4)
+        for name in ("generator_optimizer", "inverse_generator_optimizer", "normal_critic_optimizer",
+                     "low_critic_optimizer"):
+            rate = getattr(model, name).learning_rate
+            tf.summary.scalar(f"learning_rate/{name}", float(keras.ops.convert_to_numpy(rate)))
+    writer.flush()
 
-        def unit(x):
-            return tf.clip_by_value((ct.from_model(x) - window.low) / window.width, 0.0, 1.0)
 
-        noise = tf.clip_by_value((ct.from_model(low) - ct.from_model(denoised)) / 200.0 + 0.5, 0.0, 1.0)
-        with self.writer.as_default(step=step):
-            tf.summary.image("1_low_dose", unit(low), max_outputs=4)
-            tf.summary.image("2_denoised", unit(denoised), max_outputs=4)
-            tf.summary.image("3_cycle_low", unit(cycled), max_outputs=4)
-            tf.summary.image("4_removed_noise_pm100HU", noise, max_outputs=4)
-            for name in ("generator_optimizer", "inverse_generator_optimizer", "normal_critic_optimizer",
-                         "low_critic_optimizer"):
-                rate = getattr(model, name).learning_rate
-                tf.summary.scalar(f"learning_rate/{name}", float(keras.ops.convert_to_numpy(rate)))
-        self.writer.flush()
+def write_scalars(writer, values: dict, step: int) -> None:
+    with writer.as_default(step=step):
+        for name, value in values.items():
+            tf.summary.scalar(name, value)
+    writer.flush()
+
+
+def read_metrics(trackers: dict) -> dict:
+    """Tracker results summed over replicas and workers (Keras metric variables are SUM/ON_READ)."""
+    return {name: float(keras.ops.convert_to_numpy(tracker.result())) for name, tracker in trackers.items()}
+
+
+def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_epoch: int, log_every: int,
+             model_dir: str, sample_low: np.ndarray, verbose: int = 1) -> dict:
+    """The training loop: ``strategy.run(model.train_step)`` per step, validation, checkpoint and images per epoch.
+
+    A custom loop rather than ``fit``: Keras 3's ``fit`` does not work under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585), and one loop for every strategy keeps single-GPU, multi-GPU and multi-worker runs
+    identical.  Returns the last training and validation metrics.
+    """
+    log_dir = os.path.join(model_dir, "logs") if is_chief() else tempfile.mkdtemp(prefix="ldct_logs_")
+    train_writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
+    val_writer = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
+    image_writer = tf.summary.create_file_writer(os.path.join(log_dir, "images"))
+    folder = checkpoint_folder(model_dir)
+
+    @tf.function
+    def train_step(iterator):
+        strategy.run(model.train_step, args=(next(iterator),))
+
+    @tf.function
+    def val_step(batch):
+        strategy.run(model.test_step, args=(batch,))
+
+    iterator = iter(strategy.experimental_distribute_dataset(train_ds))
+    train_metrics: dict = {}
+    val_metrics: dict = {}
+    step = model.steps_done()
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+        model.reset_metrics()
+        bar = keras.utils.Progbar(epoch_end - step, verbose=verbose if is_chief() else 0,
+                                  stateful_metrics=list(model.trackers))
+        if verbose and is_chief():
+            print(f"Epoch {epoch + 1}/{math.ceil(total_steps / steps_per_epoch)} (steps {step + 1}-{epoch_end})",
+                  flush=True)
+        done_in_epoch = 0
+        while step < epoch_end:
+            train_step(iterator)
+            step += 1
+            done_in_epoch += 1
+            if step % log_every == 0 or step == epoch_end:
+                train_metrics = read_metrics(model.trackers)
+                write_scalars(train_writer, train_metrics, step)
+                bar.update(done_in_epoch, values=list(train_metrics.items()))
+        if val_ds is not None:
+            model.reset_metrics()
+            for batch in strategy.experimental_distribute_dataset(val_ds):
+                val_step(batch)
+            val_metrics = read_metrics({**model.trackers, **model.val_trackers})
+            write_scalars(val_writer, val_metrics, step)
+            if verbose and is_chief():
+                print("validation: " + " - ".join(f"{k}: {v:.4g}" for k, v in val_metrics.items()), flush=True)
+        save_checkpoint(model, folder)
+        write_images(image_writer, model, sample_low, step)
+    return {"train": train_metrics, "validation": val_metrics}
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -199,7 +242,8 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
         print("train.mixed_precision ignored: no GPU (float16 is slower than float32 on a CPU)", flush=True)
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     keras.utils.set_random_seed(t.seed)
-    print(f"Strategy {type(strategy).__name__} with {replicas} replica(s); global batch {t.batch_size}; "
+    strategy_name = "MultiWorkerMirroredStrategy" if is_multi_worker() else type(strategy).__name__
+    print(f"Strategy {strategy_name} with {replicas} replica(s); global batch {t.batch_size}; "
           f"mixed precision {'on' if mixed else 'off'}", flush=True)
 
     from ldct_tf.models.factory import build_cyclegan, compile_cyclegan
@@ -213,8 +257,6 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"Already trained for {start_step} >= train.steps={t.steps} steps", flush=True)
 
     steps_per_epoch = max(1, min(t.steps_per_epoch, t.steps))
-    epochs = math.ceil(t.steps / steps_per_epoch)
-    initial_epoch = start_step // steps_per_epoch
     train_ds = data.unpaired_training_dataset(
         args.data, cfg.data.patch_size, t.batch_size, seed=t.seed, min_tissue_fraction=cfg.data.min_tissue_fraction,
         augment=cfg.data.augment, shuffle_buffer=cfg.data.shuffle_buffer, cache=cfg.data.cache)
@@ -230,26 +272,20 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         sample = next(iter(train_ds))[0].numpy()[:4]
 
-    log_dir = os.path.join(args.model_dir, "logs") if is_chief() else tempfile.mkdtemp(prefix="ldct_logs_")
-    callbacks = [
-        CheckpointAndStop(args.model_dir, t.steps),
-        keras.callbacks.TensorBoard(log_dir, update_freq=max(1, t.log_every), write_graph=False),
-        ImageAndRateSummaries(log_dir, sample),
-    ]
     started = time.perf_counter()
-    history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, initial_epoch=initial_epoch,
-                        validation_data=val_ds, callbacks=callbacks, verbose=args.verbose,
-                        shuffle=False)
+    metrics = run_loop(model, strategy, train_ds, val_ds, total_steps=t.steps, steps_per_epoch=steps_per_epoch,
+                       log_every=max(1, t.log_every), model_dir=args.model_dir, sample_low=sample,
+                       verbose=args.verbose)
     seconds = time.perf_counter() - started
     final_step = model.steps_done()
 
     summary = {
         "steps": final_step, "resumed_from_step": start_step, "seconds": round(seconds, 1),
         "steps_per_second": round((final_step - start_step) / seconds, 3) if seconds > 0 else None,
-        "strategy": type(strategy).__name__, "replicas": replicas, "mixed_precision": mixed,
+        "strategy": strategy_name, "replicas": replicas, "mixed_precision": mixed,
         "validation": {"slices": len(val_pairs), "paired": paired},
         "data": {"counts": manifest["counts"], "patients": manifest.get("patients")},
-        "final_metrics": {k: float(v[-1]) for k, v in history.history.items()},
+        "final_metrics": metrics,
         "vgg19_pretrained": bool(model.perceptual.pretrained) if model.perceptual else None,
     }
     if is_chief():

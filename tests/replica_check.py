@@ -2,7 +2,7 @@
 
     python tests/replica_check.py REPLICAS OPTIMIZER OUT.npz
 
-Trains the smoke CycleGAN for two steps on one fixed global batch of 4 under MirroredStrategy over REPLICAS logical
+Trains the smoke CycleGAN (with ldct_tf.train's loop) for two steps on one fixed global batch of 4 under MirroredStrategy over REPLICAS logical
 CPU devices, and saves the losses of each step and the generator's output on a fixed input before and after.
 """
 
@@ -39,8 +39,16 @@ low = normal + rng.normal(0, 40, normal.shape).astype("float32")
 low, normal = ct.to_model(low), ct.to_model(normal)
 probe = low[:1]
 before = np.asarray(model(probe))
-history = model.fit(tf.data.Dataset.from_tensors((low, normal)).repeat(), epochs=2, steps_per_epoch=1, verbose=0,
-                    shuffle=False).history
+# The training CLI's own loop, one step at a time, so each step's losses are recorded.
+from ldct_tf.train import run_loop  # noqa: E402
+
+dataset = tf.data.Dataset.from_tensors((low, normal)).repeat()
+history: dict = {}
+for total in (1, 2):
+    metrics = run_loop(model, strategy, dataset, None, total_steps=total, steps_per_epoch=1, log_every=1,
+                       model_dir=os.path.dirname(out_path), sample_low=probe, verbose=0)["train"]
+    for name, value in metrics.items():
+        history.setdefault(name, []).append(value)
 after = np.asarray(model(probe))
 np.savez(out_path, before=before, after=after, steps=model.steps_done(),
          **{k: np.asarray(v) for k, v in history.items()})

@@ -87,6 +87,12 @@ class CycleGAN(keras.Model):
         """:attr:`step` as a Python int (works for distributed variables too)."""
         return int(keras.ops.convert_to_numpy(self.generator_optimizer.iterations.value))
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Nothing to build: the networks are built at construction, the optimizers by :meth:`build_optimizers`, the
+        metrics are plain trackers.  Keras' symbolic build would reduce a distributed data batch, which fails under
+        MultiWorkerMirroredStrategy on Keras 3 (keras-team/keras#20585), so it is skipped (private Keras hook)."""
+        return
+
     @property
     def metrics(self):
         return list(self.trackers.values()) + list(self.val_trackers.values())
