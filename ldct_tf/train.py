@@ -150,6 +150,20 @@ def read_metrics(trackers: dict) -> dict:
     return {name: float(keras.ops.convert_to_numpy(tracker.result())) for name, tracker in trackers.items()}
 
 
+def make_step_functions(model, strategy):
+    """Compiled ``(train_step(iterator), val_step(batch))`` running the model's steps on every replica."""
+
+    @tf.function
+    def train_step(iterator):
+        strategy.run(model.train_step, args=(next(iterator),))
+
+    @tf.function
+    def val_step(batch):
+        strategy.run(model.test_step, args=(batch,))
+
+    return train_step, val_step
+
+
 def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_epoch: int, log_every: int,
              model_dir: str, sample_low: np.ndarray, verbose: int = 1) -> dict:
     """The training loop: ``strategy.run(model.train_step)`` per step, validation, checkpoint and images per epoch.
@@ -164,14 +178,7 @@ def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_e
     image_writer = tf.summary.create_file_writer(os.path.join(log_dir, "images"))
     folder = checkpoint_folder(model_dir)
 
-    @tf.function
-    def train_step(iterator):
-        strategy.run(model.train_step, args=(next(iterator),))
-
-    @tf.function
-    def val_step(batch):
-        strategy.run(model.test_step, args=(batch,))
-
+    train_step, val_step = make_step_functions(model, strategy)
     iterator = iter(strategy.experimental_distribute_dataset(train_ds))
     train_metrics: dict = {}
     val_metrics: dict = {}
