@@ -112,4 +112,7 @@ def from_model(x):
 
 def hu_to_int16(hu: np.ndarray) -> np.ndarray:
     """Round HU to int16 for storage; HU outside int16 is clipped (real CT never leaves [-32768, 32767])."""
-    return np.clip(np.rint(np.asarray(hu, np.float64)), -32768, 32767).astype(np.int16)
+    hu = np.asarray(hu)
+    if hu.dtype == np.int16:
+        return hu
+    return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)

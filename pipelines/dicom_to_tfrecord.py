@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--salt", default=os.environ.get("LDCT_SALT"),
                         help="secret salt for the patient/series pseudonyms (default: $LDCT_SALT; keep it private)")
     parser.add_argument("--num-shards", type=int, default=4,
-                        help="shards per split and dose; 0 lets the runner decide (default %(default)s)")
+                        help="shards per split and dose (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the shards, rejected list and manifest of an earlier run in --output")
     return parser
@@ -162,21 +162,13 @@ def _counters(result) -> dict[str, int]:
     return dict(sorted(counters.items()))
 
 
-def write_manifest(output: str, options: dict, counters: dict[str, int], seconds: float, input_files: int) -> dict:
+def write_manifest(output: str, options: dict, counters: dict[str, int], seconds: float, input_files: int,
+                   num_shards: int) -> dict:
     """Merge the pipeline's summary with the run's options and shard list into ``OUT/manifest.json``."""
     summary_path = f"{output}/{SUMMARY_NAME}"
     with FileSystems.open(summary_path) as handle:
         summary = json.loads(handle.read().decode("utf-8"))
-    # A split/dose with no slices still got its (empty) shard set from the writer: remove the whole set so readers
-    # and people never mistake it for data.  Only complete sets are removed, never part of one.
-    for split, by_dose in summary["counts"].items():
-        for dose, count in by_dose.items():
-            if count == 0:
-                empty = [m.path for r in FileSystems.match(
-                    [f"{transforms.shard_prefix(output, split, dose)}-*{transforms.SHARD_SUFFIX}"])
-                    for m in r.metadata_list]
-                if empty:
-                    FileSystems.delete(empty)
+    transforms.fill_missing_shards(output, summary["counts"], num_shards)
     shards = sorted(m.path for r in FileSystems.match([f"{output}/*/*{transforms.SHARD_SUFFIX}"])
                     for m in r.metadata_list)
     manifest = {
@@ -221,8 +213,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                           args.normal_dose_min_ctdivol, args.low_dose_max_mas, args.normal_dose_min_mas)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.num_shards < 0:
-        raise UsageError(f"--num-shards must be >= 0, got {args.num_shards}")
+    if args.num_shards < 1:
+        raise UsageError(f"--num-shards must be >= 1, got {args.num_shards}")
     try:
         manifest = DoseManifest.load(args.dose_manifest) if args.dose_manifest else None
     except DoseManifestError as exc:
@@ -249,7 +241,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.perf_counter() - start
-    return write_manifest(output, options, _counters(result), seconds, n_files)
+    return write_manifest(output, options, _counters(result), seconds, n_files, args.num_shards)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -8,8 +8,10 @@ instead of raising, so one bad file never stops a run.  Every transform is usabl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import uuid
 from typing import Any, Iterable, Optional
 
 import apache_beam as beam
@@ -20,6 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from ldct_tf import ct, dicom, records
+from pipelines import tfrecord_sink
 from pipelines.dose import DoseClassifier
 
 REJECTED = "rejected"
@@ -185,12 +188,12 @@ class AssignSplit(beam.PTransform):
 
 
 def slice_stats(hu: np.ndarray) -> dict:
-    """Per-slice HU summary that combines exactly across slices (sums and a histogram)."""
-    values = hu.astype(np.float64).ravel()
-    clipped = np.clip(hu.ravel().astype(np.int64), HIST_LOW, HIST_HIGH - 1)
-    hist = np.bincount((clipped - HIST_LOW) // HIST_BIN, minlength=(HIST_HIGH - HIST_LOW) // HIST_BIN)
-    return {"n": values.size, "sum": values.sum(), "sumsq": np.square(values).sum(), "min": values.min(),
-            "max": values.max(), "hist": hist}
+    """Per-slice HU summary that combines exactly across slices (integer sums and a histogram)."""
+    values = hu.ravel().astype(np.int64)
+    bins = (np.clip(values, HIST_LOW, HIST_HIGH - 1) - HIST_LOW) // HIST_BIN
+    hist = np.bincount(bins, minlength=(HIST_HIGH - HIST_LOW) // HIST_BIN)
+    return {"n": int(values.size), "sum": int(values.sum()), "sumsq": int(np.dot(values, values)),
+            "min": int(values.min()), "max": int(values.max()), "hist": hist}
 
 
 def to_record(item: Slice) -> records.SliceRecord:
@@ -213,6 +216,7 @@ class EncodedSlice:
     series: str
     example: bytes
     stats: dict
+    key: str = ""  # series pseudonym, instance, frame: picks the shard
 
 
 class ToExamples(beam.PTransform):
@@ -221,8 +225,9 @@ class ToExamples(beam.PTransform):
     def expand(self, slices):
         def encode(item: Slice) -> EncodedSlice:
             Metrics.counter(NAMESPACE, "slices_written").inc()
+            key = f"{item.series}:{item.info.instance}:{item.info.frame}:{item.info.z_mm:.3f}"
             return EncodedSlice(item.split, item.dose, item.patient, item.series, records.encode(to_record(item)),
-                                slice_stats(item.hu))
+                                slice_stats(item.hu), key)
 
         return slices | beam.Map(encode)
 
@@ -231,39 +236,80 @@ def shard_prefix(output: str, split: str, dose: str) -> str:
     return f"{output.rstrip('/')}/{split}/{dose}"
 
 
-SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
 SHARD_SUFFIX = ".tfrecord.gz"
+SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
+
+
+def shard_path(output: str, split: str, dose: str, shard: int, num_shards: int) -> str:
+    """``OUT/{split}/{dose}-SSSSS-of-NNNNN.tfrecord.gz``."""
+    return f"{shard_prefix(output, split, dose)}-{shard:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    """Deterministic shard of a slice, from its (pseudonymous) key: reruns give the same files."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % num_shards
+
+
+class WriteShardFn(beam.DoFn):
+    """((split, dose, shard), serialized Examples) -> one gzip TFRecord file, written under a temporary name and
+    renamed, so a retried bundle or a crash never leaves a half-written shard."""
+
+    def __init__(self, output: str, num_shards: int, gzip_level: int) -> None:
+        self.output, self.num_shards, self.gzip_level = output, num_shards, gzip_level
+
+    def process(self, element) -> Iterable[str]:
+        (split, dose, shard), examples = element
+        final = shard_path(self.output, split, dose, shard, self.num_shards)
+        temporary = f"{self.output.rstrip('/')}/{split}/.tmp-{uuid.uuid4().hex}{SHARD_SUFFIX}"
+        try:
+            FileSystems.mkdirs(f"{self.output.rstrip('/')}/{split}")
+        except Exception:
+            pass  # exists already (or an object store, where folders need not exist)
+        count = tfrecord_sink.write_tfrecord_gzip(temporary, examples, self.gzip_level)
+        if FileSystems.exists(final):
+            FileSystems.delete([final])
+        FileSystems.rename([temporary], [final])
+        Metrics.counter(NAMESPACE, "shards_written").inc()
+        Metrics.distribution(NAMESPACE, "slices_per_shard").update(count)
+        yield final
 
 
 class WriteShards(beam.PTransform):
-    """EncodedSlices -> gzip TFRecord shards ``OUT/{split}/{dose}-SSSSS-of-NNNNN.tfrecord.gz``.
+    """EncodedSlices -> gzip TFRecord shards ``OUT/{split}/{dose}-SSSSS-of-NNNNN.tfrecord.gz`` (returns the paths).
 
-    ``num_shards`` 0 lets the runner choose.  Returns the written file names.
+    A split/dose with no slices gets no files; the driver fills in empty files for shard numbers that received no
+    slice (``fill_missing_shards``), so every non-empty set is complete.
     """
 
-    def __init__(self, output: str, num_shards: int) -> None:
+    def __init__(self, output: str, num_shards: int, gzip_level: int = 1) -> None:
         super().__init__()
-        self.output = output
-        self.num_shards = num_shards
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards!r}")
+        self.output, self.num_shards, self.gzip_level = output, num_shards, gzip_level
 
     def expand(self, encoded):
-        groups = [(split, dose) for split in records.SPLITS for dose in records.DOSES]
-        parts = encoded | "BySplitDose" >> beam.Partition(
-            lambda e, _n: groups.index((e.split, e.dose)), len(groups))
-        written = []
-        for (split, dose), part in zip(groups, parts):
-            written.append(
-                part
-                | f"Bytes_{split}_{dose}" >> beam.Map(lambda e: e.example)
-                | f"Write_{split}_{dose}" >> beam.io.WriteToTFRecord(
-                    shard_prefix(self.output, split, dose),
-                    file_name_suffix=SHARD_SUFFIX,
-                    num_shards=self.num_shards,
-                    shard_name_template=SHARD_TEMPLATE,
-                    compression_type=CompressionTypes.GZIP,
-                )
-            )
-        return written | "AllShards" >> beam.Flatten()
+        n = self.num_shards
+        return (
+            encoded
+            | "KeyByShard" >> beam.Map(lambda e: ((e.split, e.dose, shard_of(e.key, n)), e.example))
+            | "GroupShards" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(WriteShardFn(self.output, n, self.gzip_level))
+        )
+
+
+def fill_missing_shards(output: str, counts: dict, num_shards: int) -> list[str]:
+    """Write empty (valid) shard files for the shard numbers of non-empty split/dose sets that got no slice."""
+    created = []
+    for split, by_dose in counts.items():
+        for dose, count in by_dose.items():
+            if not count:
+                continue
+            for shard in range(num_shards):
+                path = shard_path(output, split, dose, shard, num_shards)
+                if not FileSystems.exists(path):
+                    tfrecord_sink.write_tfrecord_gzip(path, [])
+                    created.append(path)
+    return created
 
 
 class WriteRejected(beam.PTransform):
