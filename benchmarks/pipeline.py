@@ -164,13 +164,13 @@ def _children_cpu_seconds() -> float:
 def wait_for_quiet(max_wait: float, window: float = 1.0, threshold: float = 0.15) -> Optional[float]:
     """Wait (up to ``max_wait`` s) until other processes use under ``threshold`` CPU over a ``window`` s sample.
 
-    Returns the seconds waited, or None when the machine never went quiet (or /proc/stat is unavailable).
+    Returns the seconds waited (0 where /proc/stat is unavailable), or None when the machine never went quiet.
     """
     start = time.perf_counter()
     while True:
         before, own0 = _machine_cpu_seconds(), _own_cpu_seconds()
         if before is None:
-            return None
+            return 0.0
         time.sleep(window)
         after = _machine_cpu_seconds() or before
         other = after[0] - before[0] - (_own_cpu_seconds() - own0)
@@ -417,7 +417,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "description": "slices per second converting real CT DICOM (Mayo full/quarter dose, 512x512) into "
                        "TFRecord shards with pipelines.dicom_to_tfrecord, against a bare single-process pydicom loop",
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.pipeline " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m benchmarks.pipeline", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine,
         "versions": versions(),
         "parameters": {

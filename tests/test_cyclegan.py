@@ -105,3 +105,21 @@ def test_unknown_loss_weight_is_refused():
 def test_patch_size_must_fit_the_depth():
     with pytest.raises(ValueError, match="multiple of 2\\*\\*model.depth"):
         build_cyclegan(config.load(SMOKE, ["data.patch_size=30"]))
+
+
+@pytest.mark.slow
+def test_mixed_precision_step_with_loss_scaling():
+    """The mixed_float16 path (meant for GPUs) on the CPU: loss-scaled optimizers, float32 outputs, finite losses."""
+    cfg = config.load(SMOKE)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = compile_cyclegan(build_cyclegan(cfg), cfg, loss_scaling=True)
+        assert isinstance(model.generator_optimizer, keras.optimizers.LossScaleOptimizer)
+        low, normal = _batch(seed=3)
+        history = model.fit(tf.data.Dataset.from_tensors((low, normal)).repeat(), epochs=2, steps_per_epoch=1,
+                            verbose=0, shuffle=False).history
+        assert all(np.isfinite(v).all() for v in history.values())
+        assert model(low).dtype == tf.float32
+        assert model.steps_done() >= 1
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -45,6 +45,10 @@ class CycleGAN(keras.Model):
         self.val_trackers = {name: keras.metrics.Mean(name=name) for name in ("psnr", "ssim", "psnr_input",
                                                                                 "ssim_input")}
         self.loss_weights_: dict[str, float] = dict(DEFAULT_LOSS_WEIGHTS)
+        # Steps taken, saved with the weights. Not the optimizers' iteration counts: a loss-scaled (mixed precision)
+        # optimizer skips its update, and its count, on steps with overflowing gradients.
+        self.train_steps = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
+                                           aggregation="only_first_replica", name="train_steps")
         self.built = True  # its four networks are functional models, built at construction
 
     @property
@@ -78,14 +82,9 @@ class CycleGAN(keras.Model):
         for optimizer, network in self._pairs():
             optimizer.build(network.trainable_variables)
 
-    @property
-    def step(self) -> tf.Variable:
-        """Training steps taken (the generator optimizer's iteration count; restored with checkpoints)."""
-        return self.generator_optimizer.iterations
-
     def steps_done(self) -> int:
-        """:attr:`step` as a Python int (works for distributed variables too)."""
-        return int(keras.ops.convert_to_numpy(self.generator_optimizer.iterations.value))
+        """Training steps taken, as a Python int (restored with checkpoints; works for distributed variables)."""
+        return int(keras.ops.convert_to_numpy(self.train_steps.value))
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Nothing to build: the networks are built at construction, the optimizers by :meth:`build_optimizers`, the
@@ -149,6 +148,7 @@ class CycleGAN(keras.Model):
             grads = tape.gradient(scaled[key], variables)
             optimizer.apply_gradients(zip(grads, variables))
         del tape
+        self.train_steps.assign_add(1)
         self._update_trackers(losses)
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
