@@ -258,6 +258,8 @@ def per_slice_work(files: list[Path]) -> dict:
     from ldct_tf import ct, dicom, records
     from pipelines import tfrecord_sink, transforms
 
+    import tensorflow  # noqa: F401  (records.encode imports it on first use: keep the import out of the timings)
+
     totals: dict[str, float] = {}
 
     def timed(key: str, fn: Callable[[], object]) -> object:
