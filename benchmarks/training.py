@@ -13,7 +13,6 @@ into a temporary folder, or from ``--data SHARDS``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -110,15 +109,10 @@ def make_shards(out: Path) -> str:
     data_root = Path(os.environ.get("LDCT_DATA_DIR", REPO.parent / "shared" / "data")) / "mayo_pairs"
     if not (data_root / "pairs.csv").exists():
         raise SystemExit(f"benchmarks.training: {data_root} not found; pass --data SHARDS or set LDCT_DATA_DIR")
-    manifest = out / "doses.csv"
-    with open(data_root / "pairs.csv", newline="") as handle, open(manifest, "w", newline="") as outcsv:
-        writer = csv.writer(outcsv)
-        writer.writerow(["path", "dose", "patient"])
-        for row in csv.DictReader(handle):
-            writer.writerow([str(data_root / row["quarter_dose"]), "low", row["patient"]])
-            writer.writerow([str(data_root / row["full_dose"]), "normal", row["patient"]])
+    from ldct_tf.sample_data import write_mayo_dose_manifest
     from pipelines.dicom_to_tfrecord import run
 
+    manifest = write_mayo_dose_manifest(data_root, out / "doses.csv")
     shards = out / "shards"
     run(["--input", str(data_root / "quarter_dose"), "--input", str(data_root / "full_dose"), "--dose-manifest",
          str(manifest), "--output", str(shards), "--salt", "benchmark", "--splits", "train=1", "--num-shards", "2"])

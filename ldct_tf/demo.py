@@ -8,7 +8,6 @@ them), runs the Beam pipeline on it, and reads the shards back through ``ldct_tf
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -16,17 +15,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _mayo_manifest(mayo: Path, out_csv: Path) -> Path:
-    """Dose manifest for the Mayo pairs folder: quarter dose is low, full dose normal, patient from pairs.csv."""
-    with open(mayo / "pairs.csv", newline="") as handle, open(out_csv, "w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["path", "dose", "patient"])
-        for row in csv.DictReader(handle):
-            writer.writerow([str(mayo / row["quarter_dose"]), "low", row["patient"]])
-            writer.writerow([str(mayo / row["full_dose"]), "normal", row["patient"]])
-    return out_csv
 
 
 def choose_input(args: argparse.Namespace, work: Path) -> tuple[list[str], str, str]:
@@ -38,7 +26,9 @@ def choose_input(args: argparse.Namespace, work: Path) -> tuple[list[str], str, 
     data_dir = os.environ.get("LDCT_DATA_DIR")
     if data_dir and (Path(data_dir) / "mayo_pairs" / "pairs.csv").exists():
         mayo = Path(data_dir).resolve() / "mayo_pairs"
-        manifest = _mayo_manifest(mayo, work / "mayo_doses.csv")
+        from ldct_tf.sample_data import write_mayo_dose_manifest
+
+        manifest = write_mayo_dose_manifest(mayo, work / "mayo_doses.csv")
         return [str(mayo / "quarter_dose"), str(mayo / "full_dose")], str(manifest), \
             "real AAPM-Mayo quarter/full-dose pairs from $LDCT_DATA_DIR/mayo_pairs"
     from ldct_tf import sample_data

@@ -190,3 +190,17 @@ def write_sample_dataset(root: os.PathLike | str, n_patients: int = 4, slices_pe
         writer.writerow(["path", "dose"])
         writer.writerows(rows)
     return SampleDataset(root, manifest, identities, files, hu_by_file)
+
+
+def write_mayo_dose_manifest(mayo_dir: os.PathLike | str, out_csv: os.PathLike | str) -> Path:
+    """Dose manifest for a Mayo pairs folder (``pairs.csv`` with patient,full_dose,quarter_dose columns): quarter
+    dose is low, full dose normal, and the patient column comes from pairs.csv, because the files' PatientID is the
+    same placeholder ("Anonymous") for every patient."""
+    mayo_dir, out_csv = Path(mayo_dir), Path(out_csv)
+    with open(mayo_dir / "pairs.csv", newline="") as handle, open(out_csv, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["path", "dose", "patient"])
+        for row in csv.DictReader(handle):
+            writer.writerow([str(mayo_dir / row["quarter_dose"]), "low", row["patient"]])
+            writer.writerow([str(mayo_dir / row["full_dose"]), "normal", row["patient"]])
+    return out_csv
