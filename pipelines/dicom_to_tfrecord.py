@@ -188,7 +188,8 @@ def write_manifest(output: str, options: dict, counters: dict[str, int], seconds
     return manifest
 
 
-def print_summary(manifest: dict, output: str, out=sys.stdout) -> None:
+def print_summary(manifest: dict, output: str, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time: notebooks and test runners replace sys.stdout
     print(f"\nConverted {manifest['slices']} slices from {manifest['input_files']} files in "
           f"{manifest['seconds']:.1f} s into {output}", file=out)
     print(f"{'split':<6} {'low':>8} {'normal':>8}   patients (low/normal)", file=out)
