@@ -45,7 +45,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["ldct_tf", "ldct_tf.*", "pipelines", "pipelines.*"]),
-    package_data={"ldct_tf": ["configs/*.yaml"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={

@@ -80,7 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             mean = sum(float(i.mean()) for i in images) / len(images)
             print(f"{split:<6} {dose:<7} {len(images):>6}  {shape:<12} {lo:>7.0f} {hi:>7.0f} {mean:>8.1f}")
     print(f"\nDone in {time.perf_counter() - start:.1f} s. Shards and manifest.json: {shards}")
-    print("The model, export, denoising and evaluation stages come next (see README).")
+    print("Next: train on these shards, e.g. python -m ldct_tf.train --config configs/smoke.yaml "
+          f"--data {shards} --model-dir {work / 'run'}  (export, denoising and evaluation come next, see README)")
     return 0
 
 

@@ -4,7 +4,8 @@ Runs unchanged on the DirectRunner and on Dataflow (or any Beam runner): every o
 passed to Beam's PipelineOptions.  Examples::
 
     python -m pipelines.dicom_to_tfrecord --input /data/ct --dose-manifest doses.csv --output /data/shards \\
-        --salt "$SALT" --runner DirectRunner --direct_num_workers 2 --direct_running_mode multi_processing
+        --salt "$SALT"    # DirectRunner; add --direct_num_workers N --direct_running_mode multi_processing on
+                          # machines with many cores (on 2 cores it is slower: benchmarks/results/pipeline.json)
 
     python -m pipelines.dicom_to_tfrecord --input gs://bucket/ct --dose-manifest gs://bucket/doses.csv \\
         --output gs://bucket/shards --salt "$SALT" --runner DataflowRunner --project P --region R \\
