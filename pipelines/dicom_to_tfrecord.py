@@ -5,7 +5,7 @@ passed to Beam's PipelineOptions.  Examples::
 
     python -m pipelines.dicom_to_tfrecord --input /data/ct --dose-manifest doses.csv --output /data/shards \\
         --salt "$SALT"    # DirectRunner; add --direct_num_workers N --direct_running_mode multi_processing on
-                          # machines with many cores (on 2 cores it is slower: benchmarks/results/pipeline.json)
+                          # machines with many cores (on 2 cores it is no faster: benchmarks/results/pipeline.json)
 
     python -m pipelines.dicom_to_tfrecord --input gs://bucket/ct --dose-manifest gs://bucket/doses.csv \\
         --output gs://bucket/shards --salt "$SALT" --runner DataflowRunner --project P --region R \\
