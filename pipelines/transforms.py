@@ -102,7 +102,8 @@ class ClassifyDoseFn(beam.DoFn):
         dose, patient_key = self.classifier.classify(info.source, info.series_uid, info.series_description, info.ctdivol,
                                         info.exposure_mas)
         if dose is None:
-            detail = (f"not covered by the dose manifest and no dose rule matched "
+            source = "not covered by the dose manifest and " if self.classifier.manifest is not None else ""
+            detail = (f"{source}no dose rule matched "
                       f"(CTDIvol {info.ctdivol:.3g} mGy, exposure {info.exposure_mas:.3g} mAs)")
             yield beam.pvalue.TaggedOutput(REJECTED, rejection(info.source, DOSE_UNKNOWN, detail))
             return

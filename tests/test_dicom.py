@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000Lossless, RLELossless, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import JPEG2000Lossless, RLELossless, SecondaryCaptureImageStorage
 
 from ldct_tf import dicom, sample_data
 from tests.conftest import shared_data_dir

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from ldct_tf import dicom, records
+from ldct_tf import dicom
 from pipelines.dicom_to_tfrecord import run
 from tests.test_pipeline import _all_records
 

@@ -60,9 +60,7 @@ def build_generator(depth: int = 3, base_filters: int = 32, residual_blocks: int
                              dtype="float32", name="noise")(x)
     outputs = layers.Add(dtype="float32", name="denoised")([layers.Activation("linear", dtype="float32")(inputs),
                                                             residual])
-    model = keras.Model(inputs, outputs, name=name)
-    model.size_multiple = 2**depth
-    return model
+    return keras.Model(inputs, outputs, name=name)
 
 
 def size_multiple(depth: int) -> int:
