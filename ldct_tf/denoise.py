@@ -1,0 +1,371 @@
+"""``python -m ldct_tf.denoise INPUT OUTPUT [--model PATH | --server URL]``: DICOM in, denoised DICOM out.
+
+INPUT is a CT file, a series folder or a folder of studies; every CT series found becomes a new *derived* series in
+OUTPUT (``ldct_tf.dicom.derived_dataset``: new Series/SOP Instance UIDs, ImageType DERIVED\\SECONDARY, the input's
+pixel type and rescale, every patient, study and geometry tag kept), so that a PACS viewer shows it beside the
+original.  OUTPUT mirrors INPUT's folder layout and file names; a folder that holds several series gets one
+``series_N`` subfolder per series.
+
+Why the work is split the way it is: the core (:func:`denoise`) takes any *denoiser*, a callable from a float32 HU
+batch ``[N, H, W]`` to a denoised HU batch of the same shape, so that a local SavedModel
+(``ldct_tf.export.SavedModelDenoiser``), a TF Serving endpoint (``ldct_tf.serving.ServingClient``) and the tests'
+plain functions all run through the same code.  Files are read twice (a scan that groups and checks every file, then
+the batch-by-batch pass that denoises and writes), so that bad files are known and reported before anything is
+written and memory stays at one batch of slices however large the input is.
+
+Never writes into INPUT: an OUTPUT inside INPUT is refused, and so is any output file that would replace an input file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ldct_tf import dicom
+
+log = logging.getLogger("ldct_tf.denoise")
+
+#: Float32 HU batch [N, H, W] -> denoised float32 HU batch, same shape.
+Denoiser = Callable[[np.ndarray], np.ndarray]
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "saved_models" / "ldct_denoiser"
+DEFAULT_SERVER_MODEL = "ldct_denoiser"
+DEFAULT_BATCH_SIZE = 8
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("ldct_tf")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that is not installed
+        return "(not installed)"
+
+
+class DenoiseError(Exception):
+    """A problem with the command as a whole (paths, model); reported as one line, exit status 1."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What produced the denoised series, written into every derived file's DerivationDescription."""
+
+    name: str
+    version: str
+    where: str  # "SavedModel" or "TF Serving": how it was run
+
+    def derivation_description(self) -> str:
+        return (f"Low-dose CT denoised by ldct_tf {package_version()} (unpaired CycleGAN generator): model {self.name} "
+                f"version {self.version} via {self.where}")
+
+    def series_suffix(self) -> str:
+        return f" denoised {self.name} v{self.version}"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class SeriesPlan:
+    """One input series: its files in slice order and where each derived file goes."""
+
+    files: list[Path]
+    outputs: list[Path]
+    folder: Path
+
+
+@dataclass
+class DenoiseSummary:
+    series: int = 0
+    slices: int = 0
+    seconds: float = 0.0
+    skipped: list[Skipped] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)  # one output folder per derived series
+
+    @property
+    def slices_per_second(self) -> float:
+        return self.slices / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        text = (f"denoised {self.series} series, {self.slices} slices in {self.seconds:.1f} s "
+                f"({self.slices_per_second:.2f} slices/s)")
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)} file(s)"
+        return text
+
+
+# --------------------------------------------------------------------------------------------------- planning
+
+def list_files(input_path: Path) -> list[Path]:
+    """A file -> [it]; a folder -> every regular file below it, in sorted order (hidden files included: a file that is
+    not DICOM is reported as skipped, never silently ignored)."""
+    if input_path.is_file():
+        return [input_path]
+    if not input_path.is_dir():
+        raise DenoiseError(f"{input_path}: input not found")
+    return sorted(p for p in input_path.rglob("*") if p.is_file())
+
+
+def check_paths(input_path: Path, output: Path) -> None:
+    """Refuse an OUTPUT inside INPUT (or equal to it) and an OUTPUT that is an existing file."""
+    inp, out = input_path.resolve(), output.resolve()
+    if input_path.is_dir() and (out == inp or inp in out.parents):
+        raise DenoiseError(f"{output}: the output folder is inside the input folder {input_path}; choose a folder "
+                           f"outside it (the input is never written to)")
+    if out.exists() and not out.is_dir():
+        raise DenoiseError(f"{output}: exists and is not a folder")
+
+
+def _warn_skipped(skipped: Skipped) -> None:
+    log.warning("skipped %s: %s", skipped.path, skipped.reason)
+
+
+def scan(files: Sequence[Path]) -> tuple[dict[str, list[tuple[dicom.SliceInfo, Path]]], list[Skipped]]:
+    """Read and check every file (the same checks as the pipeline); group usable slices by series."""
+    series: dict[str, list[tuple[dicom.SliceInfo, Path]]] = defaultdict(list)
+    skipped = []
+    for path in tqdm(files, desc="scanning", unit="file", leave=False, disable=None):
+        try:
+            _, _, info = dicom.read_ct_dataset(path)
+        except dicom.NotUsableCT as exc:
+            skipped.append(Skipped(str(path), f"{exc.reason}: {exc.detail}"))
+            _warn_skipped(skipped[-1])
+            continue
+        series[info.series_key].append((info, path))
+    return series, skipped
+
+
+def plan(input_path: Path, output: Path, series: dict[str, list[tuple[dicom.SliceInfo, Path]]]) -> list[SeriesPlan]:
+    """Where each derived series goes: OUTPUT mirrors INPUT's folders; the series' files keep their names (relative
+    to the series' common folder); a folder holding several series gets ``series_1``, ``series_2``... subfolders."""
+    root = input_path if input_path.is_dir() else input_path.parent
+    ordered = []
+    for items in series.values():
+        items = sorted(items, key=lambda item: (item[0].z_mm, item[0].instance, str(item[1])))
+        files = [path for _, path in items]
+        common = Path(os.path.commonpath([str(p.parent) for p in files]))
+        ordered.append((common, files))
+    ordered.sort(key=lambda entry: (str(entry[0]), str(min(entry[1]))))
+    per_folder: dict[Path, int] = defaultdict(int)
+    for common, _ in ordered:
+        per_folder[common] += 1
+    counters: dict[Path, int] = defaultdict(int)
+    plans = []
+    for common, files in ordered:
+        folder = output / common.relative_to(root)
+        if per_folder[common] > 1:
+            counters[common] += 1
+            folder = folder / f"series_{counters[common]}"
+        plans.append(SeriesPlan(files, [folder / p.relative_to(common) for p in files], folder))
+    return plans
+
+
+def check_outputs(plans: Sequence[SeriesPlan], inputs: Sequence[Path], overwrite: bool) -> None:
+    """No output may be an input file; existing outputs need ``overwrite``."""
+    input_set = {p.resolve() for p in inputs}
+    existing = []
+    for item in plans:
+        for out in item.outputs:
+            if out.resolve() in input_set:
+                raise DenoiseError(f"{out}: would overwrite an input file; choose another output folder")
+            if out.exists():
+                existing.append(out)
+    if existing and not overwrite:
+        raise DenoiseError(f"{existing[0]}: already exists ({len(existing)} output file(s) exist); choose an empty "
+                           f"output folder or pass --overwrite")
+
+
+# --------------------------------------------------------------------------------------------------- denoising
+
+def _batches(paths: Sequence[tuple[Path, Path]], batch_size: int):
+    for start in range(0, len(paths), batch_size):
+        yield paths[start:start + batch_size]
+
+
+def _run_denoiser(denoiser: Denoiser, hu: np.ndarray, model: ModelInfo) -> np.ndarray:
+    out = np.asarray(denoiser(hu), dtype=np.float32)
+    if out.shape != hu.shape:
+        raise DenoiseError(f"model {model.name} v{model.version} returned shape {out.shape} for input {hu.shape}")
+    if not np.all(np.isfinite(out)):
+        raise DenoiseError(f"model {model.name} v{model.version} returned NaN or Inf values")
+    return out
+
+
+def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch_size: int,
+                   bar: Optional[tqdm] = None) -> tuple[int, list[Skipped]]:
+    """Denoise and write one series, ``batch_size`` slices per denoiser call; returns (slices written, skipped)."""
+    derived = dicom.DerivedSeries.new(model.derivation_description(), model.series_suffix())
+    written, skipped = 0, []
+    for chunk in _batches(list(zip(item.files, item.outputs)), batch_size):
+        loaded = []
+        for path, out in chunk:
+            try:
+                ds, hu, _ = dicom.read_ct_dataset(path)
+            except dicom.NotUsableCT as exc:  # changed since the scan
+                skipped.append(Skipped(str(path), f"{exc.reason}: {exc.detail}"))
+                _warn_skipped(skipped[-1])
+                continue
+            loaded.append((ds, hu, out))
+        # one denoiser call per run of equal-sized slices (a series may mix sizes, a batch cannot)
+        start = 0
+        while start < len(loaded):
+            end = start + 1
+            while end < len(loaded) and loaded[end][1].shape == loaded[start][1].shape:
+                end += 1
+            group = loaded[start:end]
+            denoised = _run_denoiser(denoiser, np.stack([hu for _, hu, _ in group]).astype(np.float32), model)
+            for (ds, _, out), slice_hu in zip(group, denoised):
+                dicom.write_derived_slice(ds, slice_hu, derived, out)
+                written += 1
+            if bar is not None:
+                bar.update(len(group))
+            start = end
+        if bar is not None and len(loaded) < len(chunk):
+            bar.update(len(chunk) - len(loaded))
+    return written, skipped
+
+
+def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: Denoiser, model: ModelInfo, *,
+            batch_size: int = DEFAULT_BATCH_SIZE, overwrite: bool = False,
+            progress: Optional[bool] = None) -> DenoiseSummary:
+    """Denoise every CT series under ``input_path`` into derived series under ``output``.
+
+    Files that are not usable CT are skipped with a warning naming them (``summary.skipped``); problems with the
+    command as a whole (paths, a model that returns the wrong shape) raise :class:`DenoiseError`.  ``progress``
+    None shows the bar only on a terminal.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    input_path, output = Path(input_path), Path(output)
+    if not input_path.exists():
+        raise DenoiseError(f"{input_path}: input not found")
+    check_paths(input_path, output)
+    started = time.perf_counter()
+    files = list_files(input_path)
+    series, skipped = scan(files)
+    plans = plan(input_path, output, series)
+    check_outputs(plans, files, overwrite)
+    summary = DenoiseSummary(skipped=skipped)
+    total = sum(len(p.files) for p in plans)
+    disable = None if progress is None else not progress
+    with tqdm(total=total, desc="denoising", unit="slice", disable=disable) as bar:
+        for item in plans:
+            written, late = denoise_series(item, denoiser, model, batch_size, bar)
+            summary.skipped.extend(late)
+            if written:
+                summary.series += 1
+                summary.slices += written
+                summary.folders.append(item.folder)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+def load_saved_model(path: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[Denoiser, ModelInfo]:
+    """A local SavedModel: a model folder (newest version) or one version's folder."""
+    path = Path(path)
+    if not path.exists() or not (path.is_dir() and (any(p.name.isdigit() for p in path.iterdir())
+                                                    or (path / "saved_model.pb").exists())):
+        hint = ("export one with `python -m ldct_tf.export --model-dir MODEL_DIR --output saved_models/ldct_denoiser` "
+                "(MODEL_DIR from `python -m ldct_tf.train`), or pass --model PATH or --server URL")
+        raise DenoiseError(f"{path}: no exported model here; {hint}")
+    from ldct_tf.export import SavedModelDenoiser  # TensorFlow is imported only when a local model is used
+
+    try:
+        loaded = SavedModelDenoiser(path, batch_size=batch_size)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DenoiseError(str(exc)) from None
+    return loaded, ModelInfo(str(loaded.name), str(loaded.version), "SavedModel")
+
+
+def connect_server(url: str, model_name: str = DEFAULT_SERVER_MODEL, version: Optional[int] = None,
+                   timeout_s: float = 60.0) -> tuple[Denoiser, ModelInfo]:
+    """A TF Serving endpoint (REST ``http://host:8501`` or gRPC ``host:8500``; see ``ldct_tf.serving``)."""
+    from ldct_tf.serving import ServingClient
+
+    client = ServingClient(url, model=model_name, version=version, timeout_s=timeout_s)
+    shown = str(version) if version is not None else _served_version(client)
+    return client.predict, ModelInfo(model_name, shown, f"TF Serving at {url}")
+
+
+def _served_version(client) -> str:
+    """The version the server will answer with (its newest AVAILABLE one), or "latest" when it cannot say."""
+    status = getattr(client, "status", None) or getattr(client, "model_status", None)
+    if status is None:
+        return "latest"
+    try:
+        versions = [int(v.get("version")) for v in status() if str(v.get("state", "")).upper() == "AVAILABLE"]
+    except Exception:  # status is informative only; the predict calls report real problems
+        return "latest"
+    return str(max(versions)) if versions else "latest"
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ldct_tf.denoise",
+        description="Denoise low-dose CT: each CT series under INPUT becomes a derived DICOM series under OUTPUT.")
+    parser.add_argument("input", help="a CT DICOM file, a series folder, or a folder of studies")
+    parser.add_argument("output", help="output folder (created; must not be inside INPUT)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help=f"SavedModel folder (newest version) or one version's folder "
+                                        f"(default: {DEFAULT_MODEL})")
+    source.add_argument("--server", help="TF Serving URL instead of a local model: http://host:8501 (REST) or "
+                                         "host:8500 / grpc://host:8500 (gRPC)")
+    parser.add_argument("--server-model", default=DEFAULT_SERVER_MODEL, help="model name on the server "
+                                                                           "(default %(default)s)")
+    parser.add_argument("--server-version", type=int, help="model version on the server (default: its newest)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per server request (default 60)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="slices per model call (default %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace files left in OUTPUT by an earlier run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    try:
+        if args.batch_size < 1:
+            raise DenoiseError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_paths(Path(args.input), Path(args.output))  # before loading a model: fail fast on wrong paths
+        if args.server:
+            denoiser, model = connect_server(args.server, args.server_model, args.server_version, args.timeout)
+        else:
+            denoiser, model = load_saved_model(args.model or DEFAULT_MODEL, args.batch_size)
+        print(f"model: {model.name} version {model.version} ({model.where})", flush=True)
+        with logging_redirect_tqdm():
+            summary = denoise(args.input, args.output, denoiser, model, batch_size=args.batch_size,
+                              overwrite=args.overwrite, progress=False if args.no_progress else None)
+    except DenoiseError as exc:
+        print(f"ldct_tf.denoise: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    for folder in summary.folders:
+        print(f"  wrote {folder}")
+    if summary.slices == 0:
+        print(f"ldct_tf.denoise: error: no usable CT slices found in {args.input}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
