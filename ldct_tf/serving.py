@@ -48,7 +48,16 @@ class ServingError(RuntimeError):
     def __init__(self, message: str, code: Optional[str] = None, url: Optional[str] = None):
         self.message, self.code, self.url = message, code, url
         where = f" ({url})" if url else ""
-        super().__init__(f"{code or 'error'}{where}: {message}")
+        super().__init__(f"{code or 'error'}{where}: {_summary(message)}")
+
+
+def _summary(message: str) -> str:
+    """The informative line of a TensorFlow error message (the full text stays in ``ServingError.message``)."""
+    for line in message.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Graph execution error", "Detected at node", "<stack traces", "[[{{")):
+            return line.split("\t [[")[0].strip()
+    return message.strip()
 
 
 def _as_batch(hu):
@@ -119,6 +128,9 @@ class ServingClient:
     def predict(self, hu: np.ndarray) -> np.ndarray:
         """float HU [H,W], [N,H,W] or [N,H,W,1] -> denoised float32 HU of the same shape (batched by batch_size)."""
         batch, restore = _as_batch(hu)
+        if self.encoding == "int16" and not np.isfinite(batch).all():
+            # The server would never see a NaN once it is cast to int16: refuse here instead of a silent wrong answer.
+            raise ValueError("HU input contains NaN or Inf; expected finite HU values")
         outputs = []
         for start in range(0, len(batch), self.batch_size):
             chunk = batch[start:start + self.batch_size]
@@ -220,8 +232,12 @@ class ServingClient:
             except (json.JSONDecodeError, AttributeError):
                 message = text or exc.reason
             raise ServingError(str(message), str(exc.code), url) from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:
+        except (socket.timeout, TimeoutError):
+            raise ServingError(f"no answer within {self.timeout_s} s", "DEADLINE_EXCEEDED", url) from None
+        except (urllib.error.URLError, ConnectionError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise ServingError(f"no answer within {self.timeout_s} s", "DEADLINE_EXCEEDED", url) from None
             raise ServingError(f"cannot reach the server: {reason}", "UNAVAILABLE", url) from None
         try:
             return json.loads(payload)
@@ -295,8 +311,6 @@ class ServingClient:
                     exc.code is not None and exc.code.isdigit() and int(exc.code) in _RETRY_HTTP)
                 if not transient or attempt == self.retries:
                     raise
-                if exc.code in ("UNAVAILABLE",) and self._channel is not None and "reach" in exc.message:
-                    self.close()
                 time.sleep(self.backoff_s * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
