@@ -293,25 +293,33 @@ def load_saved_model(path: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SI
 
 
 def connect_server(url: str, model_name: str = DEFAULT_SERVER_MODEL, version: Optional[int] = None,
-                   timeout_s: float = 60.0) -> tuple[Denoiser, ModelInfo]:
-    """A TF Serving endpoint (REST ``http://host:8501`` or gRPC ``host:8500``; see ``ldct_tf.serving``)."""
-    from ldct_tf.serving import ServingClient
+                   timeout_s: float = 60.0, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[Denoiser, ModelInfo]:
+    """A TF Serving endpoint (REST ``http://host:8501`` or gRPC ``host:8500``; see ``ldct_tf.serving``).
 
-    client = ServingClient(url, model=model_name, version=version, timeout_s=timeout_s)
-    shown = str(version) if version is not None else _served_version(client)
-    return client.predict, ModelInfo(model_name, shown, f"TF Serving at {url}")
+    Asks the server for the model's status first, so that a wrong URL or model name fails before any file is read,
+    and so that the derived series can name the version that actually answers (the newest AVAILABLE one unless
+    ``version`` pins one).
+    """
+    from ldct_tf.serving import ServingClient, ServingError
 
-
-def _served_version(client) -> str:
-    """The version the server will answer with (its newest AVAILABLE one), or "latest" when it cannot say."""
-    status = getattr(client, "status", None) or getattr(client, "model_status", None)
-    if status is None:
-        return "latest"
     try:
-        versions = [int(v.get("version")) for v in status() if str(v.get("state", "")).upper() == "AVAILABLE"]
-    except Exception:  # status is informative only; the predict calls report real problems
-        return "latest"
-    return str(max(versions)) if versions else "latest"
+        client = ServingClient(url, model=model_name, version=version, timeout_s=timeout_s, batch_size=batch_size)
+        status = client.status()
+    except (ValueError, ServingError, OSError) as exc:
+        raise DenoiseError(f"TF Serving at {url}, model {model_name!r}: {exc}") from None
+    available = [int(v["version"]) for v in status.get("versions", []) if v.get("state") == "AVAILABLE"]
+    if not available:
+        raise DenoiseError(f"TF Serving at {url}: model {model_name!r} has no AVAILABLE version "
+                           f"({status.get('versions')})")
+    shown = str(version) if version is not None else str(max(available))
+
+    def predict(hu: np.ndarray) -> np.ndarray:
+        try:
+            return client.predict(hu)
+        except ServingError as exc:
+            raise DenoiseError(f"TF Serving at {url}: {exc}") from None
+
+    return predict, ModelInfo(model_name, shown, "TF Serving")
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -348,7 +356,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise DenoiseError(f"--batch-size must be >= 1, got {args.batch_size}")
         check_paths(Path(args.input), Path(args.output))  # before loading a model: fail fast on wrong paths
         if args.server:
-            denoiser, model = connect_server(args.server, args.server_model, args.server_version, args.timeout)
+            denoiser, model = connect_server(args.server, args.server_model, args.server_version, args.timeout,
+                                              args.batch_size)
         else:
             denoiser, model = load_saved_model(args.model or DEFAULT_MODEL, args.batch_size)
         print(f"model: {model.name} version {model.version} ({model.where})", flush=True)

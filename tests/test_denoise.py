@@ -282,6 +282,7 @@ def model_denoiser(saved_model):
     return SavedModelDenoiser(saved_model)
 
 
+@pytest.mark.slow
 @needs_dciodvfy
 def test_cli_with_saved_model(ct_small_series, saved_model, model_denoiser, tmp_path, capsys):
     out = tmp_path / "out"
@@ -303,6 +304,34 @@ def test_cli_with_saved_model(ct_small_series, saved_model, model_denoiser, tmp_
         assert dciodvfy_errors(path) == set(), path
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_cli_with_tf_serving(ct_small_series, saved_model, model_denoiser, tmp_path, capsys, protocol):
+    """--server: the same files as with the local model, through TF Serving's REST and gRPC APIs (served on loopback
+    by the test fixture, which runs the real PredictionService)."""
+    from tests.serving_fixture import serve
+
+    with serve(saved_model.parent, saved_model.name) as (rest_url, grpc_target):
+        url = rest_url if protocol == "rest" else f"grpc://{grpc_target}"
+        out = tmp_path / "out"
+        assert denoise.main([str(ct_small_series), str(out), "--server", url, "--no-progress"]) == 0
+        assert denoise.main([str(ct_small_series), str(tmp_path / "x"), "--server", url, "--server-model", "nope",
+                             "--no-progress"]) == 1
+    printed = capsys.readouterr()
+    assert "denoised 1 series, 3 slices" in printed.out
+    assert "model 'nope'" in printed.err and not (tmp_path / "x").exists()
+    outputs = sorted(out.rglob("*.dcm"))
+    assert len(outputs) == 3
+    for path in outputs:
+        source = ct_small_series / path.relative_to(out)
+        hu_in, _ = dicom.read_slice(source)
+        hu_out, _ = dicom.read_slice(path)
+        assert np.abs(hu_out - expected_hu(source, model_denoiser(hu_in))).max() <= 1.0
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert "version 1 via TF Serving" in ds.DerivationDescription
+
+
+@pytest.mark.slow
 def test_358x512_slice(tmp_path, model_denoiser):
     """A height that is not a multiple of the network's 2**depth: padded and cropped back inside the SavedModel."""
     base = sample_data.ct_small_hu()
