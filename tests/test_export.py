@@ -1,0 +1,226 @@
+"""``python -m ldct_tf.export``: TF Serving layout, signatures, in-graph validation, warm-up, models.config, loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ldct_tf import config as config_lib
+from ldct_tf import ct, export
+from tests.conftest import REPO
+from tests.serving_fixture import LoopbackModelServer, smoke_generator
+
+TRAIN_STEP = 7
+
+
+def keras_reference(generator, hu: np.ndarray, multiple: int) -> np.ndarray:
+    """What the SavedModel must compute, done outside the graph: HU -> model scale, pad bottom/right with air to the
+    multiple, generator, crop, model scale -> HU."""
+    h, w = hu.shape[1:3]
+    x = np.pad(ct.to_model(hu), ((0, 0), (0, -h % multiple), (0, -w % multiple)), constant_values=-1.0)
+    y = np.asarray(generator(x[..., None], training=False))[:, :h, :w, 0]
+    return ct.from_model(y)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A training run folder laid out as ldct_tf.train writes it, exported with the CLI."""
+    run = tmp_path_factory.mktemp("run")
+    generator = smoke_generator()
+    cfg = config_lib.load(REPO / "configs" / "smoke.yaml")
+    generator.save(run / "generator.keras")
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / "training_summary.json").write_text(json.dumps({
+        "steps": TRAIN_STEP, "seconds": 1.0, "strategy": "MirroredStrategy", "replicas": 1,
+        "data": {"counts": {"train": {"low": 3, "normal": 3}}, "patients": {"train": {"low": 1, "normal": 1}}}}))
+    root = tmp_path_factory.mktemp("saved_models")
+    code = export.main(["--model-dir", str(run), "--output", str(root / "ldct_denoiser"), "--warmup-size", "64"])
+    assert code == 0
+    return generator, root, root / "ldct_denoiser" / "1", run
+
+
+def test_layout_metadata_and_config_files(exported):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    _, root, version_dir, _ = exported
+    assert (version_dir / "saved_model.pb").exists() and (version_dir / "variables").is_dir()
+    meta = json.loads((version_dir / "metadata.json").read_text())
+    assert meta["name"] == "ldct_denoiser" and meta["version"] == 1
+    assert meta["training"]["step"] == TRAIN_STEP
+    assert meta["config"]["model"]["depth"] == 2 and meta["size_multiple"] == 4
+    assert meta["data"]["counts"]["train"]["low"] == 3
+    assert meta["tensorflow_version"] == tf.__version__ and "ldct_tf_version" in meta
+    assert set(meta["signatures"]) == {"serving_default", "denoise_bytes"}
+    # No half-written temporary folder is left beside the version.
+    assert [p.name for p in (root / "ldct_denoiser").iterdir()] == ["1"]
+
+    config = text_format.Parse((root / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    entries = list(config.model_config_list.config)
+    assert [(e.name, e.base_path, e.model_platform) for e in entries] == [
+        ("ldct_denoiser", "/models/ldct_denoiser", "tensorflow")]
+    batching = (root / "batching_parameters.txt").read_text()
+    for key in ("max_batch_size", "batch_timeout_micros", "num_batch_threads", "max_enqueued_batches"):
+        assert f"{key} {{ value: " in batching
+
+
+def test_saved_model_matches_the_generator_on_any_size(exported):
+    generator, _, version_dir, _ = exported
+    denoiser = export.SavedModelDenoiser(version_dir.parent, batch_size=2)
+    assert (denoiser.name, denoiser.version, denoiser.path) == ("ldct_denoiser", 1, version_dir)
+    assert denoiser.metadata["training"]["step"] == TRAIN_STEP
+    rng = np.random.default_rng(1)
+    for shape in [(3, 37, 50), (1, 64, 64)]:  # not a multiple of 4 (padded and cropped inside), and one that is
+        hu = rng.normal(40, 60, shape).astype(np.float32)
+        hu[:, :4] = -1000.0  # air at the top
+        out = denoiser(hu)
+        assert out.shape == shape and out.dtype == np.float32
+        np.testing.assert_allclose(out, keras_reference(generator, hu, 4), atol=0.05)
+        # The network does something (an identity export would pass the comparison above only if it were skipped).
+        assert np.abs(out - hu).mean() > 5.0
+    single = rng.normal(0, 50, (37, 50)).astype(np.float32)
+    np.testing.assert_allclose(denoiser(single), denoiser(single[None, ..., None])[0, ..., 0], atol=1e-4)
+    assert denoiser(single[None]).shape == (1, 37, 50)
+
+
+def test_bad_input_is_an_invalid_argument_inside_the_graph(exported):
+    _, _, version_dir, _ = exported
+    serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    cases = {
+        "NaN or Inf": np.array([[[[np.nan]], [[0.0]]]], np.float32),
+        "exactly 1 channel": np.zeros((1, 4, 4, 2), np.float32),
+        "shape [batch, height, width, 1]": np.zeros((4, 4), np.float32),
+    }
+    infinite = np.zeros((1, 4, 4, 1), np.float32)
+    infinite[0, 1, 1, 0] = np.inf
+    cases["NaN or Inf "] = infinite
+    for expected, value in cases.items():
+        with pytest.raises(tf.errors.InvalidArgumentError, match=expected.strip().replace("[", r"\[")):
+            serve(hu=tf.constant(value))
+    denoiser = export.SavedModelDenoiser(version_dir)
+    with pytest.raises(ValueError, match="NaN or Inf") as info:
+        denoiser(np.full((8, 8), np.nan, np.float32))
+    assert str(version_dir) in str(info.value)
+    with pytest.raises(ValueError, match=r"\[H, W\], \[N, H, W\] or \[N, H, W, 1\]"):
+        denoiser(np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_bytes_signature_raw_int16_and_16bit_png(exported):
+    _, _, version_dir, _ = exported
+    loaded = tf.saved_model.load(str(version_dir))
+    denoise_bytes = loaded.signatures["denoise_bytes"]
+    hu = np.rint(np.random.default_rng(2).normal(30, 80, (2, 37, 50))).astype(np.float32)
+    expected = loaded.signatures["serving_default"](hu=tf.constant(hu[..., None]))["denoised_hu"].numpy()[..., 0]
+
+    raw = [image.astype("<i2").tobytes() for image in hu]
+    out = denoise_bytes(image_bytes=tf.constant(raw), height=tf.constant([37, 37]), width=tf.constant([50, 50]))
+    got = np.stack([np.frombuffer(b, "<i2").reshape(37, 50) for b in out["denoised_bytes"].numpy()])
+    assert np.abs(got - expected).max() <= 0.5 + 1e-3  # rounding only
+
+    pngs = [tf.io.encode_png((image + export.PNG_HU_OFFSET).astype(np.uint16)[..., None]).numpy() for image in hu]
+    out = denoise_bytes(image_bytes=tf.constant(pngs), height=tf.constant([0, 37]), width=tf.constant([0, 50]))
+    decoded = [tf.io.decode_png(b, dtype=tf.uint16).numpy()[..., 0] for b in out["denoised_bytes"].numpy()]
+    got = np.stack(decoded).astype(np.float32) - export.PNG_HU_OFFSET
+    assert np.abs(got - expected).max() <= 0.5 + 1e-3
+
+    bad = {
+        "2\\*height\\*width bytes": dict(image_bytes=[raw[0][:-2]], height=[37], width=[50]),
+        "16-bit greyscale PNG": dict(image_bytes=[tf.io.encode_png(np.zeros((4, 4, 1), np.uint8)).numpy()],
+                                     height=[0], width=[0]),
+        "PNG height": dict(image_bytes=[pngs[0]], height=[36], width=[50]),
+        "same batch size": dict(image_bytes=raw, height=[37], width=[50, 50]),
+    }
+    for message, args in bad.items():
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            denoise_bytes(image_bytes=tf.constant(args["image_bytes"]), height=tf.constant(args["height"]),
+                          width=tf.constant(args["width"]))
+
+
+def test_warmup_requests_replay_against_the_model(exported):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    _, root, version_dir, _ = exported
+    path = version_dir / "assets.extra" / "tf_serving_warmup_requests"
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+    assert [log.predict_log.request.model_spec.signature_name for log in logs] == ["serving_default",
+                                                                                    "denoise_bytes"]
+    server = LoopbackModelServer(root, "ldct_denoiser")
+    for log in logs:
+        request = log.predict_log.request
+        inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
+        _, outputs = server.predict(request.model_spec.name, None, request.model_spec.signature_name, inputs)
+        assert all(value.shape[0] == 1 for value in outputs.values())
+
+
+def test_saved_model_cli_shows_both_signatures(exported):
+    _, _, version_dir, _ = exported
+    cli = Path(sys.executable).parent / "saved_model_cli"
+    if not cli.exists():
+        pytest.skip(f"{cli} not installed")
+    done = subprocess.run([str(cli), "show", "--all", "--dir", str(version_dir)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stdout
+    for needle in ("signature_def['serving_default']", "inputs['hu']", "outputs['denoised_hu']",
+                   "signature_def['denoise_bytes']", "inputs['image_bytes']", "inputs['height']",
+                   "outputs['denoised_bytes']", "DT_STRING", "DT_FLOAT", "DT_INT32"):
+        assert needle in text, needle
+
+
+def test_versions_float16_weights_and_resolution(exported, tmp_path):
+    generator, root, version_dir, run = exported
+    model_folder = version_dir.parent
+    # An explicit version that exists is refused (never overwritten).
+    assert export.main(["--model-dir", str(run), "--output", str(model_folder), "--version", "1",
+                        "--warmup-size", "0"]) == 1
+    # Next free version; float16 weights halve the variables and stay within a few HU of float32.
+    second = export.export_generator(generator, model_folder, metadata={"note": "half"}, float16_weights=True,
+                                     warmup_size=0)
+    try:
+        assert second == model_folder / "2"
+        assert export.resolve_version_dir(model_folder) == second
+        assert export.resolve_version_dir(version_dir) == version_dir
+
+        def size(folder: Path) -> int:
+            return sum(p.stat().st_size for p in (folder / "variables").iterdir())
+
+        assert size(second) < 0.6 * size(version_dir)
+        hu = np.random.default_rng(3).normal(0, 60, (1, 32, 40)).astype(np.float32)
+        half, full = export.SavedModelDenoiser(second), export.SavedModelDenoiser(version_dir)
+        assert half.version == 2 and half.metadata["float16_weights"] and half.metadata["note"] == "half"
+        assert np.abs(half(hu) - full(hu)).max() < 5.0
+    finally:
+        shutil.rmtree(second, ignore_errors=True)  # keep the module's model folder at one version
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=str(empty)):
+        export.resolve_version_dir(empty)
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        export.resolve_version_dir(tmp_path / "missing")
+
+
+def test_cli_reports_a_run_without_a_generator(tmp_path, capsys):
+    assert export.main(["--model-dir", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
+    assert "generator.keras" in capsys.readouterr().err
+
+
+def test_real_ct_slice(exported, shared_data):
+    from ldct_tf import dicom
+
+    generator, _, version_dir, _ = exported
+    pairs = (shared_data / "mayo_pairs" / "pairs.csv").read_text().splitlines()
+    header = pairs[0].split(",")
+    row = dict(zip(header, pairs[1].split(",")))
+    hu, _ = dicom.read_slice(shared_data / "mayo_pairs" / row["quarter_dose"])
+    out = export.SavedModelDenoiser(version_dir)(hu)
+    assert out.shape == hu.shape == (512, 512)
+    np.testing.assert_allclose(out, keras_reference(generator, hu[None], 4)[0], atol=0.05)
