@@ -190,6 +190,20 @@ def find_flat_rois(reference: np.ndarray, tissue: str = "soft_tissue", size: int
     return chosen
 
 
+def mask_tiles(image: np.ndarray, mask: np.ndarray, size: int, stride: Optional[int] = None) -> np.ndarray:
+    """All ``size`` x ``size`` squares of ``image`` on a ``stride`` grid (default ``size // 2``) that lie wholly inside
+    ``mask``, as a stack ``[n, size, size]`` - e.g. crops of a difference image inside the body for :func:`nps_2d`."""
+    image, mask = np.asarray(image), np.asarray(mask, dtype=bool)
+    if image.shape != mask.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+    stride = stride or max(1, size // 2)
+    tiles = [image[r:r + size, c:c + size]
+             for r in range(0, image.shape[0] - size + 1, stride)
+             for c in range(0, image.shape[1] - size + 1, stride)
+             if mask[r:r + size, c:c + size].all()]
+    return np.stack(tiles) if tiles else np.zeros((0, size, size), image.dtype)
+
+
 def noise_sd(hu: np.ndarray, roi: Union[Roi, Sequence[Roi]]) -> float:
     """Noise SD (HU) in one ROI, or the root-mean-square of the per-ROI SDs for several (pooled variance).
 
@@ -262,14 +276,16 @@ def radial_average(fy: np.ndarray, fx: np.ndarray, nps: np.ndarray,
                    n_bins: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """Average a centred 2-D NPS over rings of radial frequency, up to the lower Nyquist frequency.
 
-    Returns ``(f, nps_r)``: ring centres in cycles/mm and the mean NPS in each ring (empty rings are dropped).
+    The zero-frequency sample is left out: detrending sets it to about 0, which says nothing about the noise (and
+    would dominate a log plot).  Returns ``(f, nps_r)``: ring centres in cycles/mm and the mean NPS in each ring
+    (empty rings are dropped).
     """
     fr = np.hypot(*np.meshgrid(fy, fx, indexing="ij"))
     f_max = min(np.abs(fy).max(), np.abs(fx).max())
     n_bins = n_bins or max(4, min(nps.shape) // 2)
     edges = np.linspace(0.0, f_max, n_bins + 1)
     idx = np.digitize(fr.ravel(), edges) - 1
-    keep = (idx >= 0) & (idx < n_bins)
+    keep = (idx >= 0) & (idx < n_bins) & (fr.ravel() > 0)
     sums = np.bincount(idx[keep], weights=nps.ravel()[keep], minlength=n_bins)
     counts = np.bincount(idx[keep], minlength=n_bins)
     centres = (edges[:-1] + edges[1:]) / 2.0
