@@ -40,6 +40,8 @@ class ModelConfig:
     disc_filters: int = 64
     disc_layers: int = 3  # 3 strided layers: 70x70 receptive field
     spectral_norm: bool = False
+    disc_norm: Optional[str] = None  # critic normalisation; None: same as ``norm``
+    disc_input: str = "image"  # image | highpass | both (models/discriminator.py, HighPass)
 
 
 @dataclass

@@ -17,6 +17,8 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from ldct_tf.records import SPLITS
+
 DOSES = ("low", "normal")
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
@@ -40,6 +42,7 @@ def normalise_path(path: str) -> str:
 class ManifestEntry:
     dose: str
     patient: Optional[str] = None  # optional grouping key that replaces PatientID (e.g. for anonymised archives)
+    split: Optional[str] = None  # optional fixed split (e.g. a hold-out patient named by a study protocol)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class DoseManifest:
     Precedence for one slice: an entry naming its file exactly, then one naming its SeriesInstanceUID, then the
     longest folder entry that contains it.  The optional ``patient`` column exists because anonymised archives often
     set every PatientID to the same placeholder (the Mayo data says "Anonymous" for all patients), which would put
-    every patient in one split.
+    every patient in one split.  The optional ``split`` column fixes an entry's split (train/val/test) instead of
+    deriving it from the patient pseudonym, for studies whose protocol names the hold-out patients.
     """
 
     by_path: dict[str, ManifestEntry] = field(default_factory=dict)
@@ -70,7 +74,7 @@ class DoseManifest:
 
     @classmethod
     def load(cls, csv_path: str) -> "DoseManifest":
-        """Read a ``path,dose[,patient]`` CSV; relative paths are relative to the CSV's folder."""
+        """Read a ``path,dose[,patient][,split]`` CSV; relative paths are relative to the CSV's folder."""
         try:
             with FileSystems.open(csv_path) as handle:
                 text = handle.read().decode("utf-8-sig")
@@ -79,8 +83,9 @@ class DoseManifest:
         base = os.path.dirname(csv_path) if not is_remote(csv_path) else csv_path.rsplit("/", 1)[0]
         reader = csv.DictReader(io.StringIO(text))
         header = [f.strip().lower() for f in (reader.fieldnames or [])]
-        if header[:2] != ["path", "dose"] or not set(header) <= {"path", "dose", "patient"}:
-            raise DoseManifestError(f"{csv_path}: header must be 'path,dose' (optionally ',patient'), got {header}")
+        if header[:2] != ["path", "dose"] or not set(header) <= {"path", "dose", "patient", "split"}:
+            raise DoseManifestError(f"{csv_path}: header must be 'path,dose' (optionally ',patient' and ',split'), "
+                                    f"got {header}")
         reader.fieldnames = header
         by_path: dict[str, ManifestEntry] = {}
         by_series: dict[str, ManifestEntry] = {}
@@ -91,7 +96,10 @@ class DoseManifest:
                 raise DoseManifestError(f"{csv_path}:{line}: empty path")
             if dose not in DOSES:
                 raise DoseManifestError(f"{csv_path}:{line}: dose must be 'low' or 'normal', got {dose!r}")
-            entry = ManifestEntry(dose, (row.get("patient") or "").strip() or None)
+            split = (row.get("split") or "").strip().lower() or None
+            if split is not None and split not in SPLITS:
+                raise DoseManifestError(f"{csv_path}:{line}: split must be one of {SPLITS} or empty, got {split!r}")
+            entry = ManifestEntry(dose, (row.get("patient") or "").strip() or None, split)
             resolved = raw_path if (is_remote(raw_path) or os.path.isabs(raw_path)) else f"{base}/{raw_path}"
             if _UID_RE.match(raw_path) and not FileSystems.exists(resolved):
                 target, key = by_series, raw_path
@@ -171,3 +179,8 @@ class DoseClassifier:
         if entry is not None:
             return entry.dose, entry.patient
         return self.rules.classify(series_description, ctdivol, exposure_mas), None
+
+    def fixed_split(self, path: str, series_uid: str) -> Optional[str]:
+        """The manifest's ``split`` for this slice, if it names one."""
+        entry = self.manifest.lookup(path, series_uid) if self.manifest is not None else None
+        return entry.split if entry is not None else None

@@ -46,6 +46,7 @@ class Slice:
     patient: Optional[str] = None
     series: Optional[str] = None
     patient_key: Optional[str] = None  # the dose manifest's patient column, when given: replaces PatientID
+    fixed_split: Optional[str] = None  # the dose manifest's split column, when given: replaces the derived split
 
 
 
@@ -108,7 +109,8 @@ class ClassifyDoseFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REJECTED, rejection(info.source, DOSE_UNKNOWN, detail))
             return
         Metrics.counter(NAMESPACE, f"dose_{dose}").inc()
-        yield dataclasses.replace(item, dose=dose, patient_key=patient_key)
+        yield dataclasses.replace(item, dose=dose, patient_key=patient_key,
+                                  fixed_split=self.classifier.fixed_split(info.source, info.series_uid))
 
 
 class ClassifyDose(beam.PTransform):
@@ -173,7 +175,8 @@ class AssignSplitFn(beam.DoFn):
             Metrics.counter(NAMESPACE, "patient_id_missing_used_" + patient_key.split(":", 1)[0]).inc()
         patient = records.pseudonym(patient_key, self.salt, "patient")
         series = records.pseudonym(info.series_key, self.salt, "series")
-        yield dataclasses.replace(item, patient=patient, series=series, split=split_for(patient, self.fractions))
+        split = item.fixed_split or split_for(patient, self.fractions)
+        yield dataclasses.replace(item, patient=patient, series=series, split=split)
 
 
 class AssignSplit(beam.PTransform):

@@ -76,3 +76,13 @@ def test_classifier_manifest_then_rules(tree):
     assert c.classify(str(tree / "a/low/x.dcm"), "", "", 20.0, 0) == ("low", None)
     assert c.classify(str(tree / "b/w.dcm"), "", "", 20.0, 0) == ("normal", None)
     assert c.classify(str(tree / "b/w.dcm"), "", "", 2.0, 0) == (None, None)
+
+
+def test_manifest_split_column_fixes_the_split(tree):
+    m = _manifest(tree, "path,dose,patient,split\na/low,low,P1,test\nb,normal,P2,\n")
+    c = DoseClassifier(m)
+    assert c.fixed_split(str(tree / "a/low/x.dcm"), "") == "test"
+    assert c.fixed_split(str(tree / "b/w.dcm"), "") is None  # empty: derived from the pseudonym as usual
+    assert DoseClassifier().fixed_split(str(tree / "b/w.dcm"), "") is None
+    with pytest.raises(DoseManifestError, match="split must be one of"):
+        _manifest(tree, "path,dose,split\na/low,low,holdout\n")

@@ -73,6 +73,13 @@ def test_manifest_patient_column_replaces_patient_id(one_series):
     assert out[0].patient == records.pseudonym("manifest:L096", "salt", "patient")
 
 
+def test_manifest_split_column_overrides_the_derived_split(one_series):
+    _, files, _ = one_series
+    item = dataclasses.replace(_slice(files[0]), dose="low", patient_key="L286", fixed_split="test")
+    out = list(transforms.AssignSplitFn("salt", {"train": 1.0}).process(item))
+    assert out[0].split == "test"  # although the fractions put every derived split in train
+
+
 def test_split_fractions_are_respected_over_many_patients():
     fractions = transforms.parse_splits("train=0.8,val=0.1,test=0.1")
     splits = [transforms.split_for(records.pseudonym(f"P{i}", "s", "patient"), fractions) for i in range(4000)]

@@ -25,7 +25,8 @@ def build_cyclegan(config: Config) -> CycleGAN:
         return build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm, name=name)
 
     def critic(name: str) -> keras.Model:
-        return build_discriminator(m.disc_filters, m.disc_layers, m.norm, m.spectral_norm, name=name)
+        return build_discriminator(m.disc_filters, m.disc_layers, m.disc_norm or m.norm, m.spectral_norm, name=name,
+                                   critic_input=m.disc_input)
 
     perceptual = None
     if loss.perceptual > 0:
