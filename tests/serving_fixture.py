@@ -310,11 +310,14 @@ class _RestHandler(BaseHTTPRequestHandler):
 
     def _answer(self, status: int, body: dict) -> None:
         payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): nothing to answer
+            self.close_connection = True
 
     def _route(self):
         match = _ROUTE.match(self.path)
@@ -353,6 +356,8 @@ class _RestHandler(BaseHTTPRequestHandler):
                             f"Malformed request: {method} {self.path}")
         except Fault as fault:
             self._answer(HTTP_STATUS.get(fault.code, 500), {"error": fault.message})
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
         except Exception as exc:  # a bug here must still answer, as a server would
             self._answer(500, {"error": f"{type(exc).__name__}: {exc}"})
 
