@@ -133,11 +133,13 @@ def _warn_skipped(skipped: Skipped) -> None:
     log.warning("skipped %s: %s", skipped.path, skipped.reason)
 
 
-def scan(files: Sequence[Path]) -> tuple[dict[str, list[tuple[dicom.SliceInfo, Path]]], list[Skipped]]:
+def scan(files: Sequence[Path], progress: Optional[bool] = None
+         ) -> tuple[dict[str, list[tuple[dicom.SliceInfo, Path]]], list[Skipped]]:
     """Read and check every file (the same checks as the pipeline); group usable slices by series."""
     series: dict[str, list[tuple[dicom.SliceInfo, Path]]] = defaultdict(list)
     skipped = []
-    for path in tqdm(files, desc="scanning", unit="file", leave=False, disable=None):
+    disable = None if progress is None else not progress  # None: a bar only on a terminal
+    for path in tqdm(files, desc="scanning", unit="file", leave=False, disable=disable):
         try:
             _, _, info = dicom.read_ct_dataset(path)
         except dicom.NotUsableCT as exc:
@@ -255,7 +257,7 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
     check_paths(input_path, output)
     started = time.perf_counter()
     files = list_files(input_path)
-    series, skipped = scan(files)
+    series, skipped = scan(files, progress)
     plans = plan(input_path, output, series)
     check_outputs(plans, files, overwrite)
     summary = DenoiseSummary(skipped=skipped)
