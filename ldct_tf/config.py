@@ -71,6 +71,7 @@ class TrainConfig:
     mixed_precision: bool = False
     jit_compile: bool = False  # XLA: 4x slower steps and 2.5x longer tracing on the 2-core CPU (measured), try on GPU
     seed: int = 0
+    time_limit_minutes: float = 0.0  # > 0: stop (validate, checkpoint, save) at the first step past this budget
 
 
 @dataclass

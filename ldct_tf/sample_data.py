@@ -204,3 +204,57 @@ def write_mayo_dose_manifest(mayo_dir: os.PathLike | str, out_csv: os.PathLike |
             writer.writerow([str(mayo_dir / row["quarter_dose"]), "low", row["patient"]])
             writer.writerow([str(mayo_dir / row["full_dose"]), "normal", row["patient"]])
     return out_csv
+
+
+def simulated_low_dose_hu(hu: np.ndarray, dose_fraction: float = 0.25, seed: int = 0,
+                          pixel_spacing_mm: float = 0.7) -> np.ndarray:
+    """``hu`` plus the noise that ``ldct_tf.simulate`` adds when the dose drops to ``dose_fraction``.
+
+    Only the simulated noise (simulated low minus the reference reconstructed through the same projector) is added
+    to the original slice, the way Mayo's quarter-dose data was made: the result keeps the original's sharpness and
+    differs from it only by noise, so ``(result, hu)`` is a clean evaluation pair.  Non-square slices are padded with
+    air to a square for the projector and cropped back.
+    """
+    from ldct_tf import simulate
+
+    hu = np.asarray(hu, np.float32)
+    h, w = hu.shape
+    n = max(h, w)
+    square = np.full((n, n), ct.AIR_HU, np.float32)
+    top, left = (n - h) // 2, (n - w) // 2
+    square[top:top + h, left:left + w] = hu
+    low, reference = simulate.simulate_low_dose(square, dose_fraction, seed=seed, pixel_spacing_mm=pixel_spacing_mm)
+    noise = (low - reference)[top:top + h, left:left + w]
+    return hu + noise
+
+
+def write_simulated_series(sources: Sequence[os.PathLike | str], out_dir: os.PathLike | str,
+                           dose_fraction: float = 0.25, seed: int = 0, progress: bool = False) -> list[Path]:
+    """Write a simulated ``dose_fraction`` dose copy of each source CT slice as one derived DICOM series.
+
+    Every header stays as in the source except the derived-series attributes (new UIDs, ImageType DERIVED,
+    a SeriesDescription suffix and a DerivationDescription saying it is simulated), so it can stand in for a real
+    low-dose series in the pipeline, the denoise CLI and evaluation.  Returns the written paths, in source order.
+    """
+    from ldct_tf import dicom
+
+    out_dir = Path(out_dir)
+    percent = f"{100 * dose_fraction:g}%"
+    series = dicom.DerivedSeries.new(
+        f"Simulated {percent} dose: projection-domain Poisson and electronic noise added by ldct_tf.simulate",
+        description_suffix=f" simulated {percent} dose")
+    paths = []
+    items = list(sources)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"simulating {percent} dose", unit="slice")
+    for index, source in enumerate(items):
+        ds = dicom.read_dataset(source)
+        hu, info = dicom.read_slice(source)
+        spacing = float(np.mean(info.pixel_spacing_mm)) if info.pixel_spacing_mm else 0.7
+        low = simulated_low_dose_hu(hu, dose_fraction, seed=seed + index, pixel_spacing_mm=spacing)
+        path = out_dir / f"sim{index:04d}.dcm"
+        dicom.write_derived_slice(ds, low, series, path)
+        paths.append(path)
+    return paths

@@ -165,12 +165,14 @@ def make_step_functions(model, strategy):
 
 
 def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_epoch: int, log_every: int,
-             model_dir: str, sample_low: np.ndarray, verbose: int = 1) -> dict:
+             model_dir: str, sample_low: np.ndarray, verbose: int = 1,
+             time_limit_s: Optional[float] = None) -> dict:
     """The training loop: ``strategy.run(model.train_step)`` per step, validation, checkpoint and images per epoch.
 
     A custom loop rather than ``fit``: Keras 3's ``fit`` does not work under MultiWorkerMirroredStrategy
     (keras-team/keras#20585), and one loop for every strategy keeps single-GPU, multi-GPU and multi-worker runs
-    identical.  Returns the last training and validation metrics.
+    identical.  ``time_limit_s`` ends training early (validation, checkpoint and images still happen) after the first
+    step past the limit.  Returns the last training and validation metrics.
     """
     log_dir = os.path.join(model_dir, "logs") if is_chief() else tempfile.mkdtemp(prefix="ldct_logs_")
     train_writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
@@ -183,7 +185,9 @@ def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_e
     train_metrics: dict = {}
     val_metrics: dict = {}
     step = model.steps_done()
-    while step < total_steps:
+    deadline = time.perf_counter() + time_limit_s if time_limit_s else None
+    out_of_time = False
+    while step < total_steps and not out_of_time:
         epoch = step // steps_per_epoch
         epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
         model.reset_metrics()
@@ -201,6 +205,13 @@ def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_e
                 train_metrics = read_metrics(model.trackers)
                 write_scalars(train_writer, train_metrics, step)
                 bar.update(done_in_epoch, values=list(train_metrics.items()))
+            if deadline is not None and time.perf_counter() > deadline:
+                out_of_time = True
+                train_metrics = read_metrics(model.trackers)
+                write_scalars(train_writer, train_metrics, step)
+                if verbose and is_chief():
+                    print(f"\nTime limit reached at step {step}: validating, saving and stopping", flush=True)
+                break
         if val_ds is not None:
             model.reset_metrics()
             for batch in strategy.experimental_distribute_dataset(val_ds):
@@ -279,15 +290,21 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         sample = next(iter(train_ds))[0].numpy()[:4]
 
+    time_limit = t.time_limit_minutes * 60 if t.time_limit_minutes > 0 else None
+    if time_limit and is_multi_worker():
+        print("train.time_limit_minutes is ignored under MultiWorkerMirroredStrategy: every worker must run the same "
+              "number of steps, and their clocks do not agree", flush=True)
+        time_limit = None
     started = time.perf_counter()
     metrics = run_loop(model, strategy, train_ds, val_ds, total_steps=t.steps, steps_per_epoch=steps_per_epoch,
                        log_every=max(1, t.log_every), model_dir=args.model_dir, sample_low=sample,
-                       verbose=args.verbose)
+                       verbose=args.verbose, time_limit_s=time_limit)
     seconds = time.perf_counter() - started
     final_step = model.steps_done()
 
     summary = {
-        "steps": final_step, "resumed_from_step": start_step, "seconds": round(seconds, 1),
+        "steps": final_step, "steps_requested": t.steps, "stopped_by_time_limit": final_step < t.steps,
+        "resumed_from_step": start_step, "seconds": round(seconds, 1),
         "steps_per_second": round((final_step - start_step) / seconds, 3) if seconds > 0 else None,
         "strategy": strategy_name, "replicas": replicas, "mixed_precision": mixed,
         "validation": {"slices": len(val_pairs), "paired": paired},

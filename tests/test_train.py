@@ -43,6 +43,19 @@ def test_cli_trains_checkpoints_logs_and_saves(sample_run, tmp_path):
     assert more["resumed_from_step"] == 3 and more["steps"] == 4
 
 
+def test_time_limit_stops_early_and_still_saves(sample_run, tmp_path):
+    from ldct_tf.train import train
+
+    shards, _ = sample_run
+    run = tmp_path / "run"
+    # A budget of 6 ms: the first step already exceeds it, so training stops after one step of 100.
+    summary = train(["--config", str(REPO / "configs" / "smoke.yaml"), "--data", str(shards), "--model-dir", str(run),
+                     "--verbose", "0", "train.steps=100", "train.steps_per_epoch=50", "train.time_limit_minutes=0.0001"])
+    assert summary["steps"] == 1 and summary["stopped_by_time_limit"]
+    assert json.loads((run / "checkpoints" / "checkpoint.json").read_text())["step"] == 1
+    assert (run / "generator.keras").exists() and (run / "training_summary.json").exists()
+
+
 def _checkpoint_step(path) -> int:
     """The step stored in a checkpoint file itself: the CycleGAN's own step counter (its only variable)."""
     with h5py.File(path, "r") as handle:
