@@ -168,18 +168,27 @@ def _var_name(variable) -> str:
 
 
 def validate_hu(hu: tf.Tensor) -> tf.Tensor:
-    """In-graph checks: rank 4, one channel, finite values; each failure is an InvalidArgument saying what was wanted."""
-    rank_ok = tf.debugging.assert_rank(
-        hu, 4, message="input 'hu' must be float32 HU of shape [batch, height, width, 1]; got a different rank")
-    with tf.control_dependencies([rank_ok]):
-        shape = tf.shape(hu)
-        channel_ok = tf.debugging.assert_equal(
-            shape[3], 1, message="input 'hu' must have exactly 1 channel (shape [batch, height, width, 1])")
-        size_ok = tf.debugging.assert_positive(
-            shape[1:3], message="input 'hu' must have height and width >= 1")
-    with tf.control_dependencies([channel_ok, size_ok]):
-        return tf.debugging.assert_all_finite(
-            hu, message="input 'hu' contains NaN or Inf; expected finite HU values")
+    """In-graph checks: rank 4, one channel, finite values; each failure is an InvalidArgument saying what was
+    expected."""
+    # Every check reads a padded copy of the shape, so none can fail on an out-of-range index before the rank check
+    # has reported (the graph may run independent checks in any order).
+    shape = tf.shape(hu)
+    rank = tf.size(shape)
+    dims = tf.concat([shape, tf.ones([4], tf.int32)], axis=0)
+    checks = [
+        tf.debugging.Assert(tf.equal(rank, 4), ["input 'hu' must be float32 HU of shape [batch, height, width, 1]; "
+                                                "got shape", shape]),
+        tf.debugging.Assert(tf.logical_or(tf.not_equal(rank, 4), tf.equal(dims[3], 1)),
+                            ["input 'hu' must have exactly 1 channel (shape [batch, height, width, 1]); got shape",
+                             shape]),
+        tf.debugging.Assert(tf.logical_or(tf.not_equal(rank, 4), tf.reduce_all(dims[1:3] > 0)),
+                            ["input 'hu' must have height and width >= 1; got shape", shape]),
+    ]
+    with tf.control_dependencies(checks):
+        hu = tf.identity(hu)
+    hu = tf.debugging.assert_all_finite(hu, message="input 'hu' contains NaN or Inf; expected finite HU values")
+    # Checked above, so this never fails; it gives the output a static [?, ?, ?, 1] shape in the signature.
+    return tf.ensure_shape(hu, [None, None, None, 1])
 
 
 def _png_header_int(data: tf.Tensor, offset: int) -> tf.Tensor:
@@ -431,17 +440,19 @@ def write_models_config(root: str | Path, serving_base: str = "/models") -> Path
 
 
 def write_batching_parameters(path: str | Path, max_batch_size: int = 8, batch_timeout_micros: int = 5000,
-                              num_batch_threads: Optional[int] = None) -> Path:
+                              num_batch_threads: int = 4) -> Path:
     """A ``--batching_parameters_file`` for ``--enable_batching`` (TF Serving's ``BatchingParameters``, text format).
 
     Server-side batching merges requests along the batch axis, so it only helps when clients send slices of one size
-    (512x512 for most CT); requests of other sizes should not be mixed into the same batches.
+    (512x512 for most CT); requests of other sizes should not be mixed into the same batches.  ``num_batch_threads``
+    should match the serving machine's cores (not the exporting machine's, hence a fixed default).
     """
-    threads = num_batch_threads or max(1, os.cpu_count() or 1)
+    threads = num_batch_threads
     path = Path(path)
     path.write_text(
         "# TF Serving batching parameters written by ldct_tf.export (use with --enable_batching).\n"
         "# Batches merge requests along the batch axis: send slices of one size (e.g. 512x512).\n"
+        "# Set num_batch_threads to the serving machine's number of cores.\n"
         f"max_batch_size {{ value: {max_batch_size} }}\n"
         f"batch_timeout_micros {{ value: {batch_timeout_micros} }}\n"
         f"num_batch_threads {{ value: {threads} }}\n"

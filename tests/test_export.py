@@ -98,6 +98,8 @@ def test_bad_input_is_an_invalid_argument_inside_the_graph(exported):
         "NaN or Inf": np.array([[[[np.nan]], [[0.0]]]], np.float32),
         "exactly 1 channel": np.zeros((1, 4, 4, 2), np.float32),
         "shape [batch, height, width, 1]": np.zeros((4, 4), np.float32),
+        "must be float32 HU of shape": np.zeros((1, 4, 4, 1, 1), np.float32),
+        "height and width >= 1": np.zeros((1, 0, 4, 1), np.float32),
     }
     infinite = np.zeros((1, 4, 4, 1), np.float32)
     infinite[0, 1, 1, 0] = np.inf
@@ -173,6 +175,8 @@ def test_saved_model_cli_shows_both_signatures(exported):
                    "signature_def['denoise_bytes']", "inputs['image_bytes']", "inputs['height']",
                    "outputs['denoised_bytes']", "DT_STRING", "DT_FLOAT", "DT_INT32"):
         assert needle in text, needle
+    served = text.split("signature_def['serving_default']")[1].split("Method name")[0]
+    assert "shape: (-1, -1, -1, 1)" in served  # denoised_hu: [batch, height, width, 1]
 
 
 def test_versions_float16_weights_and_resolution(exported, tmp_path):
