@@ -109,8 +109,8 @@ class ServingClient:
             self._channel = None  # opened on first use
 
     def __repr__(self) -> str:
-        return (f"ServingClient({self.url!r}, model={self.model!r}, version={self.version}, protocol={self.protocol!r}, "
-                f"encoding={self.encoding!r})")
+        return (f"ServingClient({self.url!r}, model={self.model!r}, version={self.version}, "
+                f"protocol={self.protocol!r}, encoding={self.encoding!r})")
 
     def close(self) -> None:
         if self._channel is not None:

@@ -133,8 +133,9 @@ class LoopbackModelServer:
         function = self.signature(name, version, signature)
         specs = self.input_specs(function)
         if set(inputs) != set(specs):
+            got, want = ",".join(sorted(inputs)), ",".join(sorted(specs))
             raise Fault("INVALID_ARGUMENT", f"input size does not match signature: {len(inputs)}!={len(specs)} "
-                                            f"len({{{','.join(sorted(inputs))}}}) != len({{{','.join(sorted(specs))}}})")
+                                            f"len({{{got}}}) != len({{{want}}})")
         tensors = {}
         for key, value in inputs.items():
             try:
