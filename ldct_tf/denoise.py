@@ -198,7 +198,10 @@ def _batches(paths: Sequence[tuple[Path, Path]], batch_size: int):
 
 
 def _run_denoiser(denoiser: Denoiser, hu: np.ndarray, model: ModelInfo) -> np.ndarray:
-    out = np.asarray(denoiser(hu), dtype=np.float32)
+    try:
+        out = np.asarray(denoiser(hu), dtype=np.float32)
+    except ValueError as exc:  # SavedModelDenoiser reports the graph's InvalidArgument errors this way
+        raise DenoiseError(f"model {model.name} v{model.version}: {exc}") from None
     if out.shape != hu.shape:
         raise DenoiseError(f"model {model.name} v{model.version} returned shape {out.shape} for input {hu.shape}")
     if not np.all(np.isfinite(out)):
