@@ -82,8 +82,14 @@ def load_pair(low_path: str | Path, normal_path: str | Path, name: Optional[str]
     return Pair(name or Path(low_path).stem, low, normal, tuple(low_info.pixel_spacing_mm))
 
 
-def read_pairs_csv(path: str | Path, patients: Optional[Iterable[str]] = None) -> list[tuple[Path, Path]]:
-    """``(low, normal)`` paths from a pairs CSV (see the module docstring), optionally only some patients."""
+def _label(cell: str) -> str:
+    """A slice's name: the low-dose path as written in the CSV, without its suffix (just the stem if absolute)."""
+    p = Path(cell)
+    return p.stem if p.is_absolute() else p.with_suffix("").as_posix()
+
+
+def read_pairs_csv(path: str | Path, patients: Optional[Iterable[str]] = None) -> list[tuple[Path, Path, str]]:
+    """``(low, normal, name)`` from a pairs CSV (see the module docstring), optionally only some patients."""
     path = Path(path)
     try:
         with open(path, newline="") as f:
@@ -100,7 +106,7 @@ def read_pairs_csv(path: str | Path, patients: Optional[Iterable[str]] = None) -
     if wanted and "patient" not in header:
         raise ValueError(f"{path}: --patients needs a 'patient' column")
     base = path.parent
-    out = [((base / r[low_col]).resolve(), (base / r[normal_col]).resolve()) for r in rows
+    out = [((base / r[low_col]).resolve(), (base / r[normal_col]).resolve(), _label(r[low_col])) for r in rows
            if wanted is None or r["patient"] in wanted]
     if not out:
         raise ValueError(f"{path}: no pairs for patients {sorted(wanted or [])}")
@@ -108,7 +114,7 @@ def read_pairs_csv(path: str | Path, patients: Optional[Iterable[str]] = None) -
 
 
 def load_pairs_csv(path: str | Path, patients: Optional[Iterable[str]] = None) -> list[Pair]:
-    return [load_pair(lo, no) for lo, no in read_pairs_csv(path, patients)]
+    return [load_pair(lo, no, name) for lo, no, name in read_pairs_csv(path, patients)]
 
 
 def _dicom_files(folder: Path) -> list[Path]:
@@ -128,7 +134,8 @@ def load_pair_dirs(low_dir: str | Path, normal_dir: str | Path) -> list[Pair]:
     if len(lows) != len(normals):
         raise ValueError(f"{low_dir} has {len(lows)} files but {normal_dir} has {len(normals)}: "
                          f"--low/--normal are matched by position and need equal counts")
-    return [load_pair(lo, no) for lo, no in zip(lows, normals)]
+    low_root = Path(low_dir) if Path(low_dir).is_dir() else Path(low_dir).parent
+    return [load_pair(lo, no, lo.relative_to(low_root).with_suffix("").as_posix()) for lo, no in zip(lows, normals)]
 
 
 def simulated_pairs(normal_paths: Iterable[str | Path], dose_fraction: float, seed: int = 0,
@@ -253,14 +260,26 @@ def count_wins(rows: Sequence[dict], names: Sequence[str]) -> dict[str, dict[str
     return wins
 
 
+def _unique_names(pairs: Sequence[Pair]) -> list[str]:
+    """Slice names as given, with ``#2``, ``#3`` ... appended to repeats, so per-slice rows never merge."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in pairs:
+        seen[p.name] = seen.get(p.name, 0) + 1
+        names.append(p.name if seen[p.name] == 1 else f"{p.name}#{seen[p.name]}")
+    return names
+
+
 def evaluate(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], out_dir: Optional[str | Path] = None,
-             *, figures: bool = True, progress: bool = True, panel_slices: int = 3) -> dict:
+             *, figures: bool = True, progress: bool = True, panel_slices: int = 3,
+             info: Optional[dict] = None) -> dict:
     """Run every denoiser on every pair and score it; returns the summary dict (also written to ``out_dir``).
 
     Summary keys: ``slices``, ``denoisers`` (names in order), ``metrics`` (``{denoiser: {metric: interval95}}``),
     ``wins`` (:func:`count_wins`), ``reference`` (the normal-dose slices' own noise SD, CNR and NPS mean frequency),
     ``nps_mean_freq_distance_to_reference`` (per denoiser: mean |f_denoiser - f_reference| over slices), ``rows``
-    (per slice and denoiser) and ``files`` (what was written).  ``out_dir=None`` computes without writing.
+    (per slice and denoiser), ``info`` (``info`` as given: e.g. the input and the denoisers' parameters) and
+    ``files`` (what was written).  ``out_dir=None`` computes without writing.
     """
     if not pairs:
         raise ValueError("evaluate() needs at least one pair")
@@ -276,11 +295,13 @@ def evaluate(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], out_
         from tqdm import tqdm
 
         iterator = tqdm(pairs, desc="evaluate", unit="slice")
+    slice_names = _unique_names(pairs)
     for i, pair in enumerate(iterator):
+        label = slice_names[i]
         rois = choose_rois(pair.normal)
         ref_fig = noise_figures(pair.normal, rois, pair.pixel_spacing_mm)
         curves[REFERENCE].append(ref_fig.pop("_nps"))
-        ref_rows.append({"slice": pair.name, **ref_fig})
+        ref_rows.append({"slice": label, **ref_fig})
         outputs = {}
         for name, fn in denoisers.items():
             start = time.perf_counter()
@@ -288,7 +309,7 @@ def evaluate(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], out_
             seconds = time.perf_counter() - start
             if out.shape != pair.low.shape:
                 raise ValueError(f"denoiser {name!r} returned shape {out.shape} for a {pair.low.shape} slice")
-            row = {"slice": pair.name, "denoiser": name, **score_slice(out, pair, rois), "seconds": seconds}
+            row = {"slice": label, "denoiser": name, **score_slice(out, pair, rois), "seconds": seconds}
             curves[name].append(row.pop("_nps"))
             rows.append(row)
             outputs[name] = out
@@ -308,6 +329,7 @@ def evaluate(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], out_
         "reference_rows": ref_rows,
         "roi_rule": "ldct_tf.metrics.find_flat_rois on the normal-dose slice: soft tissue 0..150 HU (noise SD, NPS), "
                     "fat -150..-50 HU (CNR soft tissue vs fat); lowest-SD squares first",
+        "info": dict(info or {}),
         "files": {},
     }
     if out_dir is not None:
@@ -650,7 +672,7 @@ def _pairs_from_args(args: argparse.Namespace) -> list[Pair]:
     patients = [s.strip() for s in args.patients.split(",")] if args.patients else None
     if args.simulate is not None:
         if args.pairs:
-            normals = [no for _, no in read_pairs_csv(args.pairs, patients)]
+            normals = [no for _, no, _ in read_pairs_csv(args.pairs, patients)]
         elif args.normal:
             normals = _dicom_files(Path(args.normal))
         else:
@@ -690,8 +712,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "tuning.json").write_text(json.dumps(results, indent=1) + "\n")
             return 0
-        denoisers = make_denoisers(args.denoiser or ["none", "gaussian", "nlm", "tv"])
-        summary = evaluate(pairs, denoisers, args.out, figures=not args.no_figures, panel_slices=args.panels)
+        specs = args.denoiser or ["none", "gaussian", "nlm", "tv"]
+        denoisers = make_denoisers(specs)
+        info = {"input": {k: getattr(args, k) for k in ("pairs", "low", "normal", "simulate", "patients", "seed")
+                          if getattr(args, k) is not None},
+                "denoiser_params": {s: baselines.DEFAULTS.get(s, {}) for s in specs if not s.startswith("model:")}}
+        print("denoisers: " + ", ".join(f"{s} {info['denoiser_params'].get(s, '')}".strip() for s in specs))
+        summary = evaluate(pairs, denoisers, args.out, figures=not args.no_figures, panel_slices=args.panels,
+                           info=info)
         print((Path(args.out) / "report.md").read_text())
         if args.reader_study:
             kit = write_reader_study(pairs, denoisers, args.reader_study, Path(args.out) / "reader_study",

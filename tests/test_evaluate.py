@@ -70,7 +70,8 @@ def test_cli_writes_the_output_contract(cli_run, sample):
 
 def test_none_row_equals_the_metrics_functions(cli_run, sample):
     pair = evaluate.load_pair(sample.files["low"][0], sample.files["normal"][0])
-    row = next(r for r in _read_csv(cli_run / "metrics.csv") if r["denoiser"] == "none" and r["slice"] == pair.name)
+    name = sample.files["low"][0].relative_to(sample.root).with_suffix("").as_posix()  # as written in the CSV
+    row = next(r for r in _read_csv(cli_run / "metrics.csv") if r["denoiser"] == "none" and r["slice"] == name)
     assert float(row["psnr_abdomen"]) == pytest.approx(metrics.psnr(pair.low, pair.normal), rel=1e-5)
     assert float(row["ssim_wide"]) == pytest.approx(metrics.ssim(pair.low, pair.normal, "wide"), rel=1e-5)
     assert float(row["rmse_hu"]) == pytest.approx(metrics.rmse_hu(pair.low, pair.normal), rel=1e-5)
@@ -148,7 +149,7 @@ def test_low_normal_folders_match_by_position(sample, tmp_path):
     low_dir = sample.files["low"][0].parent
     normal_dir = sample.files["normal"][0].parent
     pairs = evaluate.load_pair_dirs(low_dir, normal_dir)
-    assert len(pairs) == 3
+    assert [p.name for p in pairs] == ["IM0001", "IM0002", "IM0003"]
     np.testing.assert_array_equal(pairs[1].normal, evaluate.load_pair(sample.files["low"][1],
                                                                       sample.files["normal"][1]).normal)
     with pytest.raises(ValueError, match="equal counts"):
@@ -177,6 +178,8 @@ def test_core_function_without_output_folder():
     assert summary["files"] == {} and len(summary["rows"]) == 4
     assert summary["metrics"]["smooth"]["noise_sd_hu"]["mean"] < summary["metrics"]["none"]["noise_sd_hu"]["mean"]
     assert summary["wins"]["smooth"]["psnr_abdomen"] == 2
+    twins = evaluate.evaluate([pairs[0], pairs[0]], {"none": baselines.get("none")}, None, progress=False)
+    assert [r["slice"] for r in twins["rows"]] == ["s0", "s0#2"]  # repeated names never merge rows
     with pytest.raises(ValueError, match="returned shape"):
         evaluate.evaluate(pairs, {"bad": lambda hu: hu[:10]}, None, progress=False)
 
@@ -200,8 +203,9 @@ def test_mayo_pairs_csv_with_patient_filter(shared_data, tmp_path):
                         "--denoiser", "none", "--out", str(out), "--no-figures"])
     assert rc == 0
     rows = _read_csv(out / "metrics.csv")
-    assert len(rows) == 4 and all(r["slice"].startswith("L286") for r in rows)
+    assert [r["slice"] for r in rows] == [f"quarter_dose/L286_D45f_{i}" for i in range(14, 18)]
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["info"]["input"]["patients"] == "L286" and summary["info"]["denoiser_params"] == {"none": {}}
     assert summary["reference"]["noise_sd_hu"]["mean"] < summary["metrics"]["none"]["noise_sd_hu"]["mean"]
 
 
@@ -238,5 +242,15 @@ def test_model_denoiser_from_a_saved_model(saved_model, sample, tmp_path):
     pair = evaluate.load_pair(sample.files["low"][0], sample.files["normal"][0])
     direct = SavedModelDenoiser(saved_model)(pair.low)
     assert np.abs(direct - pair.low).mean() > 1.0  # the network really changes the slice
-    row = next(r for r in rows if r["denoiser"] == spec and r["slice"] == pair.name)
+    row = next(r for r in rows if r["denoiser"] == spec and r["slice"].endswith(pair.name))
     assert float(row["rmse_hu"]) == pytest.approx(metrics.rmse_hu(direct, pair.normal), rel=1e-4)
+
+
+def test_tune_mode_writes_the_grid(sample, tmp_path):
+    out = tmp_path / "tuning"
+    assert evaluate.main(["--pairs", str(_write_pairs_csv(sample, 2)), "--tune", "gaussian", "--out", str(out)]) == 0
+    result = json.loads((out / "tuning.json").read_text())["gaussian"]
+    assert result["slices"] == 2 and result["parameter"] == "sigma"
+    assert len(result["grid"]) == len(baselines.GRIDS["gaussian"][1])
+    best = max(result["grid"], key=lambda g: g["psnr_mean"])
+    assert result["best"] == best["value"] > baselines.GRIDS["gaussian"][1][0]  # 40 HU noise: some smoothing wins

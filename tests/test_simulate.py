@@ -111,3 +111,18 @@ def test_simulated_quarter_dose_against_the_real_one(shared_data):
     assert res["tiles"] >= 10
     assert 1 / 3 < res["sd_ratio"] < 3
     assert res["nps_mean_freq_sim"] == pytest.approx(res["nps_mean_freq_real"], rel=0.35)
+
+
+def test_compare_with_real_recovers_its_own_noise():
+    """Plumbing check of the validation helper: a "real" low dose made of the same simulated noise gives ratio 1."""
+    img = _phantom()
+    kw = dict(pixel_spacing_mm=3.0, n_angles=144)
+    low, ref = S.simulate_low_dose(img, 0.25, seed=7, **kw)
+    fake_real = img + (low.astype(np.float64) - ref)
+    res = S.compare_with_real(img, fake_real, 0.25, (3.0, 3.0), tile=16, seed=7, n_angles=144)
+    assert res["tiles"] >= 4
+    assert res["sd_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert res["nps_mean_freq_sim"] == pytest.approx(res["nps_mean_freq_real"], abs=1e-9)
+    doubled = S.compare_with_real(img, img + 2 * (low.astype(np.float64) - ref), 0.25, (3.0, 3.0), tile=16, seed=7,
+                                  n_angles=144)
+    assert doubled["sd_ratio"] == pytest.approx(0.5, abs=1e-6)
