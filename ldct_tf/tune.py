@@ -28,9 +28,10 @@ Resuming: run the same command again with the same ``--dir``: finished trials ar
 the search stopped is run again from its start (``--overwrite`` starts over).
 
 Distributed: Keras Tuner's chief/worker mode.  Start one chief (``KERASTUNER_TUNER_ID=chief``) and any number of
-workers (``KERASTUNER_TUNER_ID=tuner0``, ``tuner1``, ...), all with ``KERASTUNER_ORACLE_IP`` / ``KERASTUNER_ORACLE_PORT``
-naming the chief and the same arguments; ``--dir`` should be storage they share (Hyperband continues one worker's
-trial on another).  The chief runs only the oracle, and writes the results and ``best.yaml`` when the workers finish.
+workers (``KERASTUNER_TUNER_ID=tuner0``, ``tuner1``, ...), all with ``KERASTUNER_ORACLE_IP`` and
+``KERASTUNER_ORACLE_PORT`` naming the chief, and the same arguments; ``--dir`` should be storage they share
+(Hyperband continues one worker's trial on another).  The chief runs only the oracle; it writes the results and
+``best.yaml`` when the workers have finished.  Each worker runs its trials under its own local strategy.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ import keras  # noqa: E402
 import keras_tuner  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import yaml  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from ldct_tf import config as config_lib  # noqa: E402
@@ -81,7 +81,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "model.norm": ["instance", "batch"],
 }
 
-#: Every ``tuning`` key and its default (``configs/tuning_example.yaml`` shows them commented).
+#: Every ``tuning`` key and its default (``configs/tuning_example.yaml`` lists them with comments).
 TUNING_DEFAULTS: dict[str, Any] = {
     "objective": "auto",  # auto | psnr | ssim | unpaired
     "max_trials": 10,  # random and bayesian; --max-trials overrides
@@ -93,7 +93,7 @@ TUNING_DEFAULTS: dict[str, Any] = {
     "bayesian": {"num_initial_points": None},
 }
 
-_SPEC_KEYS = {"min", "max", "step", "sampling", "values", "default"}
+_SPEC_KEYS = {"min", "max", "step", "sampling", "values"}
 
 
 class TuningError(ValueError):
@@ -415,6 +415,7 @@ class CycleGANHyperModel(keras_tuner.HyperModel):
             raise keras_tuner.errors.FailedTrialError(
                 f"train.batch_size {cfg.train.batch_size} is not divisible by the "
                 f"{self.strategy.num_replicas_in_sync} replicas")
+        keras.utils.set_random_seed(cfg.train.seed)  # every trial starts from the same initial weights' seed
         scope = self.strategy.scope() if not tf.distribute.has_strategy() else contextlib.nullcontext()
         with scope:
             try:
@@ -433,7 +434,6 @@ class CycleGANHyperModel(keras_tuner.HyperModel):
         epochs = int(epochs or self.epochs)
         verbose = self.verbose if verbose is None else verbose
         steps_per_epoch = max(1, t.steps_per_epoch)
-        keras.utils.set_random_seed(t.seed)
         started = time.perf_counter()
         train_ds = self.training_dataset(cfg)
         train_step, _ = train_lib.make_step_functions(model, self.strategy)
@@ -472,7 +472,10 @@ class CycleGANHyperModel(keras_tuner.HyperModel):
 
 
 def _trial_writer(callbacks) -> Optional[Any]:
-    """A TensorBoard writer in the trial's folder (found from the tuner's checkpoint callback), or None."""
+    """A TensorBoard writer in the trial's folder (found from the tuner's checkpoint callback), or None (also on
+    the non-chief workers of a multi-worker strategy)."""
+    if not train_lib.is_chief():
+        return None
     for callback in callbacks or []:
         path = getattr(callback, "filepath", None)
         if isinstance(path, str) and os.path.basename(os.path.dirname(path)).startswith("trial_"):
@@ -493,8 +496,8 @@ def make_tuner(kind: str, hypermodel: CycleGANHyperModel, objective: keras_tuner
         try:
             import sklearn  # noqa: F401  (Keras Tuner's Gaussian process)
         except ImportError:
-            raise TuningError("--tuner bayesian needs scikit-learn: pip install 'ldct_tf[tune]' (or "
-                              "'keras-tuner[bayesian]')") from None
+            raise TuningError("--tuner bayesian needs scikit-learn (Keras Tuner's Gaussian process): "
+                              "pip install scikit-learn==1.9.1") from None
         return keras_tuner.BayesianOptimization(max_trials=max_trials,
                                                 num_initial_points=settings["bayesian"]["num_initial_points"],
                                                 **common)
@@ -641,23 +644,25 @@ def tune(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"Strategy {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)", flush=True)
 
     tf.io.gfile.makedirs(args.dir)
+    is_worker = _is_tuner_worker()
+    overwrite = args.overwrite and not is_worker  # the chief alone may clear a folder the workers share
     record = {"tuner": args.tuner, "objective": objective.name, "space": [d.describe() for d in space],
               "paired_validation": validation.paired, "input_scores": baseline}
-    try:
-        _check_resume(args.dir, record, args.overwrite)
-    except TuningError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    if not is_worker:
+        try:
+            _check_resume(args.dir, record, overwrite)
+        except TuningError as exc:
+            raise SystemExit(f"error: {exc}") from None
     hypermodel = CycleGANHyperModel(cfg, space, args.data, validation, strategy, objective, settings["epochs"],
                                     args.verbose)
     try:
         tuner = make_tuner(args.tuner, hypermodel, objective, settings, args.dir, max_trials, cfg.train.seed + 1,
-                           args.overwrite)
+                           overwrite)
     except TuningError as exc:
         raise SystemExit(f"error: {exc}") from None
     except keras_tuner.errors.FailedTrialError as exc:  # Keras Tuner builds the default values' model first
         raise SystemExit(f"error: the search space's default values do not build a model: {exc}") from None
     oracle = tuner.oracle
-    is_worker = _is_tuner_worker()
     before = {tid: t.status for tid, t in getattr(oracle, "trials", {}).items()} if not is_worker else {}
     if before:
         done = sum(s in _STATUS_DONE for s in before.values())

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from scipy import ndimage
 
 from ldct_tf import config, ct
 from ldct_tf import tune
 from tests.conftest import REPO
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 # The smallest CycleGAN the code builds (tracing its training step costs about 10 s of CPU instead of 30 s for the smoke
@@ -132,6 +140,17 @@ def test_validation_psnr_is_abdomen_window_psnr_of_the_cropped_output():
     assert 0 < scores["val_ssim"] < 1
 
 
+def test_unpaired_validation_scores_the_denoised_slices_without_references():
+    rng = np.random.default_rng(2)
+    low = [_phantom(64) + rng.normal(0, 40, (64, 64))]
+    validation = tune.Validation(low, [], paired=False)
+    identity = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Identity()])
+    scores = validation.score(identity, multiple=4)
+    assert set(scores) == {"val_noise_hu", "val_residual_hu", "val_unpaired"}
+    assert scores["val_residual_hu"] == pytest.approx(0, abs=0.05)  # float32 round trip through the model scale
+    assert scores["val_unpaired"] == pytest.approx(validation.input_scores()["val_unpaired"], abs=0.05)
+
+
 def test_objective_follows_the_validation_split():
     assert tune.choose_objective("auto", paired=True).name == "val_psnr"
     auto_unpaired = tune.choose_objective("auto", paired=False)
@@ -150,21 +169,63 @@ def no_training_steps(monkeypatch):
     monkeypatch.setattr(tune.train_lib, "make_step_functions", lambda model, strategy: (lambda it: None, None))
 
 
-@pytest.mark.parametrize("kind, extra", [
-    ("hyperband", ["tuning.hyperband.max_epochs=2", "tuning.hyperband.factor=2"]),
-    ("bayesian", ["tuning.bayesian.num_initial_points=2"]),
-])
-def test_hyperband_and_bayesian_searches_score_every_trial(paired_shards, tmp_path, no_training_steps, kind, extra):
-    if kind == "bayesian":
-        pytest.importorskip("sklearn", reason="BayesianOptimization needs scikit-learn (keras-tuner[bayesian])")
-    summary = tune.tune(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--tuner", kind,
-                         "--max-trials", "3", "--verbose", "0", *TINY, *extra])
+def test_hyperband_search_continues_trials_from_their_checkpoints(paired_shards, tmp_path, no_training_steps):
+    summary = tune.tune(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--tuner", "hyperband",
+                         "--verbose", "0", *TINY, "tuning.hyperband.max_epochs=2", "tuning.hyperband.factor=2"])
     assert summary["objective"] == "val_psnr" and summary["paired"]
-    assert len(summary["trials"]) >= 3
-    assert all(row["status"] == "COMPLETED" and np.isfinite(row["val_psnr"]) for row in summary["trials"])
-    if kind == "hyperband":  # a trial continued from an earlier one's checkpoint, for more epochs
-        assert any(row.get("epochs") == 2 for row in summary["trials"])
+    rows = summary["trials"]
+    assert len(rows) >= 3
+    assert all(row["status"] == "COMPLETED" and np.isfinite(row["val_psnr"]) for row in rows)
+    continued = [t for t in (tmp_path / "search").glob("trial_*/trial.json")
+                 if "tuner/trial_id" in json.loads(t.read_text())["hyperparameters"]["values"]]
+    assert continued  # a trial that went on from an earlier trial's weights, for more epochs
     assert config.load(summary["best_config"]).model.depth == 1
+
+
+def test_bayesian_tuner_gets_its_settings_and_the_space(tmp_path):
+    pytest.importorskip("sklearn", reason="BayesianOptimization needs scikit-learn (keras-tuner[bayesian])")
+    import keras_tuner
+
+    cfg = config.load(SMOKE, [*TINY, "tuning.bayesian.num_initial_points=2"])
+    objective = tune.choose_objective("auto", paired=True)
+    hypermodel = tune.CycleGANHyperModel(cfg, tune.search_space(cfg), "unused", tune.Validation([], [], True),
+                                         tf.distribute.get_strategy(), objective, epochs=1)
+    tuner = tune.make_tuner("bayesian", hypermodel, objective, tune.tuning_settings(cfg), str(tmp_path), 3, seed=1,
+                            overwrite=False)
+    assert isinstance(tuner, keras_tuner.BayesianOptimization)
+    assert (tuner.oracle.num_initial_points, tuner.oracle.max_trials) == (2, 3)
+    assert {hp.name for hp in tuner.oracle.get_space().space} == {"train.generator_lr", "loss.cycle"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_chief_and_worker_run_one_search(paired_shards, tmp_path, no_training_steps, monkeypatch):
+    """Keras Tuner's distributed mode: a chief process runs the oracle, a worker (this process) runs the trials."""
+    argv = ["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path / "search"), "--max-trials", "2",
+            "--verbose", "0", *TINY]
+    cluster = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(_free_port())}
+    chief = subprocess.Popen([sys.executable, "-m", "ldct_tf.tune", *argv], cwd=REPO, text=True,
+                             env={**ENV, **cluster, "KERASTUNER_TUNER_ID": "chief"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for name, value in {**cluster, "KERASTUNER_TUNER_ID": "tuner0"}.items():
+            monkeypatch.setenv(name, value)
+        assert tune.tune(argv) == {"worker": True}
+        output, _ = chief.communicate(timeout=300)
+    finally:
+        if chief.poll() is None:
+            chief.kill()
+            chief.wait()
+    assert chief.returncode == 0, output[-3000:]
+    assert "Best: trial" in output
+    with open(tmp_path / "search" / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["COMPLETED", "COMPLETED"] and all(r["val_psnr"] for r in rows)
+    assert config.load(tmp_path / "search" / "best.yaml").model.depth == 1
 
 
 def test_a_search_where_every_trial_fails_says_so(paired_shards, tmp_path, no_training_steps, monkeypatch):
