@@ -1,87 +1,197 @@
-"""``python -m ldct_tf.demo`` (``make demo``): the data path end to end on CT that every machine has.
+"""``python -m ldct_tf.demo`` (``make demo``): the shipped model on real CT, DICOM in, DICOM out, scored.
 
-Until a trained model ships, the demo shows the first stage: it writes a small multi-patient DICOM archive from
-pydicom's bundled real CT slice (or uses real low/normal-dose pairs when ``LDCT_DATA_DIR`` or ``--input`` points at
-them), runs the Beam pipeline on it, and reads the shards back through ``ldct_tf.data``.
+1. Input.  By default real CT that ships inside PyPI packages, so every fresh machine has it: pydicom's bundled
+   ``CT_small.dcm`` and, when the ``pydicom-data`` package is installed (``make demo`` installs it), its head CT
+   (``693_UNCI.dcm``) and the two frames of its enhanced abdominal CT (``eCT_Supplemental.dcm``).  Each slice is
+   turned into a quarter-dose slice with ``ldct_tf.simulate`` (projection-domain Poisson and electronic noise) and
+   written as a low-dose DICOM series; the original is the normal-dose reference.  With ``LDCT_DATA_DIR`` pointing
+   at the shared data, the held-out Mayo patient's real quarter-dose slices are used instead (their full-dose
+   slices are the reference); ``--input DIR [--reference DIR]`` takes your own low-dose series.
+2. Denoise: ``ldct_tf.denoise`` with the shipped SavedModel (``saved_models/ldct_denoiser``) writes a derived
+   DICOM series per input series.
+3. Evaluate: ``ldct_tf.evaluate`` scores the model beside BM3D (or non-local means when the optional ``bm3d``
+   package is missing) and the low-dose input itself, and writes ``report.md`` with figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import importlib.util
 import os
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "saved_models" / "ldct_denoiser"
+HELD_OUT_PATIENT = "L286"  # never used to train the shipped model (saved_models/ldct_denoiser/README.md)
+DOSE_FRACTION = 0.25
 
-def choose_input(args: argparse.Namespace, work: Path) -> tuple[list[str], str, str]:
-    """(inputs, dose manifest, description) from --input, LDCT_DATA_DIR, or sample data written now."""
-    if args.input:
-        if not args.dose_manifest:
-            raise SystemExit("error: --input needs --dose-manifest (CSV with header path,dose)")
-        return [args.input], args.dose_manifest, f"your data in {args.input}"
-    data_dir = os.environ.get("LDCT_DATA_DIR")
-    if data_dir and (Path(data_dir) / "mayo_pairs" / "pairs.csv").exists():
-        mayo = Path(data_dir).resolve() / "mayo_pairs"
-        from ldct_tf.sample_data import write_mayo_dose_manifest
 
-        manifest = write_mayo_dose_manifest(mayo, work / "mayo_doses.csv")
-        return [str(mayo / "quarter_dose"), str(mayo / "full_dose")], str(manifest), \
-            "real AAPM-Mayo quarter/full-dose pairs from $LDCT_DATA_DIR/mayo_pairs"
-    from ldct_tf import sample_data
+@dataclass
+class SampleSlice:
+    name: str
+    hu: np.ndarray
+    pixel_spacing_mm: tuple[float, float]
 
-    print("Writing a sample archive: 4 patients x (normal-dose, low-dose) series from pydicom's bundled CT_small.dcm")
-    sample = sample_data.write_sample_dataset(work / "sample_dicom", n_patients=4, slices_per_series=3)
-    return [str(sample.root)], str(sample.dose_manifest), \
-        "sample DICOM written from pydicom's CT_small.dcm (image-domain noise stands in for low dose)"
+
+def packaged_ct() -> list[SampleSlice]:
+    """Real CT slices that come with installed packages (no download, no shared data)."""
+    from pydicom.data import get_testdata_file
+
+    from ldct_tf import dicom
+
+    found = []
+    candidates = [("CT_small", get_testdata_file("CT_small.dcm"))]
+    # pydicom-data installs as the module ``data_store``, which pydicom's data manager searches; without it
+    # get_testdata_file would try to download, so look for the package first.
+    if importlib.util.find_spec("data_store") is not None:
+        candidates += [("head_693", get_testdata_file("693_UNCI.dcm")),
+                       ("abdomen_eCT", get_testdata_file("eCT_Supplemental.dcm"))]
+    else:
+        print("  (pydicom-data is not installed: only CT_small.dcm is used; `pip install pydicom-data` adds 3 slices)")
+    for name, path in candidates:
+        if not path:
+            continue
+        for index, (hu, info) in enumerate(dicom.read_slices(path)):
+            label = name if index == 0 else f"{name}_{index + 1}"
+            # Some scanners store values below air outside the reconstruction circle (-3995 HU in 693_UNCI).
+            found.append(SampleSlice(label, np.maximum(hu, -1024.0), tuple(info.pixel_spacing_mm)))
+    return found
+
+
+def simulated_input(work: Path, max_slices: Optional[int] = None) -> tuple[Path, list]:
+    """Write simulated quarter-dose DICOM of the packaged CT; returns the folder and the evaluation pairs."""
+    from ldct_tf import evaluate, sample_data
+
+    identity = sample_data.Identity("DEMO-0001", "Demo^Patient")
+    low_dir, normal_dir = work / "low_dose_dicom", work / "normal_dose_dicom"
+    pairs = []
+    slices = packaged_ct()[:max_slices]
+    from tqdm import tqdm
+
+    for i, item in enumerate(tqdm(slices, desc=f"simulating {DOSE_FRACTION:.0%} dose", unit="slice")):
+        low = sample_data.simulated_low_dose_hu(item.hu, DOSE_FRACTION, seed=i,
+                                                pixel_spacing_mm=float(np.mean(item.pixel_spacing_mm)))
+        sample_data.write_series(low_dir / item.name, [low], identity, series_description=f"{item.name} quarter dose",
+                                 ctdivol=3.0, pixel_spacing_mm=item.pixel_spacing_mm, signed=True)
+        sample_data.write_series(normal_dir / item.name, [item.hu], identity,
+                                 series_description=f"{item.name} normal dose", pixel_spacing_mm=item.pixel_spacing_mm,
+                                 signed=True)
+        # The pair as stored in DICOM (integer HU), so the scores describe exactly the files written.
+        pairs.append(evaluate.Pair(item.name, np.round(low).astype(np.float32), np.round(item.hu).astype(np.float32),
+                                   item.pixel_spacing_mm))
+    return low_dir, pairs
+
+
+def mayo_input(data_dir: Path, work: Path) -> tuple[Path, list]:
+    """The held-out Mayo patient's real quarter-dose slices (linked into one folder) and their full-dose pairs."""
+    from ldct_tf import evaluate
+
+    mayo = data_dir / "mayo_pairs"
+    low_dir = work / "low_dose_dicom" / HELD_OUT_PATIENT
+    low_dir.mkdir(parents=True, exist_ok=True)
+    with open(mayo / "pairs.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["patient"] == HELD_OUT_PATIENT]
+    for row in rows:
+        target = low_dir / Path(row["quarter_dose"]).name
+        if not target.exists():
+            os.symlink((mayo / row["quarter_dose"]).resolve(), target)
+    pairs = evaluate.load_pairs_csv(mayo / "pairs.csv", patients=[HELD_OUT_PATIENT])
+    return low_dir, pairs
+
+
+def print_table(summary: dict) -> None:
+    columns = [("psnr_abdomen", "PSNR abd dB", 2), ("ssim_abdomen", "SSIM abd", 3), ("psnr_wide", "PSNR wide dB", 2),
+               ("rmse_hu", "RMSE HU", 1), ("noise_sd_hu", "noise SD HU", 1), ("seconds", "s/slice", 2)]
+    print(f"{'denoiser':<14}" + "".join(f"{title:>14}" for _, title, _ in columns))
+    for name in summary["denoisers"]:
+        figures = summary["metrics"][name]
+        cells = []
+        for key, _, digits in columns:
+            mean = figures[key]["mean"]
+            cells.append(f"{mean:>14.{digits}f}" if mean is not None else f"{'-':>14}")
+        print(f"{name:<14}" + "".join(cells))
+    reference = summary["reference"]["noise_sd_hu"]["mean"]
+    if reference is not None:
+        print(f"{'(normal dose)':<14}" + f"{'':>14}" * 4 + f"{reference:>14.1f}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ldct_tf.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_output", help="work folder (default %(default)s; replaced each run)")
-    parser.add_argument("--input", help="a folder of your own DICOM (needs --dose-manifest)")
-    parser.add_argument("--dose-manifest", help="path,dose[,patient] CSV for --input")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="SavedModel folder (default: the shipped model)")
+    parser.add_argument("--input", help="a folder of your own low-dose CT DICOM instead of the sample")
+    parser.add_argument("--reference", help="with --input: normal-dose DICOM of the same slices, matched by position, "
+                                            "to score against (without it, only denoising runs)")
+    parser.add_argument("--baseline", default=None, help="classical denoiser to compare (default bm3d, or nlm "
+                                                         "when bm3d is not installed)")
+    parser.add_argument("--max-slices", type=int, help="use only the first N packaged sample slices")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     work = Path(args.out).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    inputs, manifest_csv, description = choose_input(args, work)
-    print(f"Input: {description}")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
 
-    from pipelines import dicom_to_tfrecord
+    from ldct_tf import baselines, denoise, evaluate
 
-    shards = work / "shards"
-    print(f"Step 1/2: Beam pipeline (DirectRunner) -> {shards}")
-    pipeline_args = [a for i in inputs for a in ("--input", i)]
-    pipeline_args += ["--dose-manifest", manifest_csv, "--output", str(shards), "--salt", "ldct-demo",
-                      "--splits", "train=0.5,val=0.25,test=0.25", "--num-shards", "1", "--overwrite"]
     try:
-        manifest = dicom_to_tfrecord.run(pipeline_args)
-    except dicom_to_tfrecord.UsageError as exc:
+        model_fn, model_info = denoise.load_saved_model(args.model)
+    except denoise.DenoiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    dicom_to_tfrecord.print_summary(manifest, str(shards))
 
-    from ldct_tf import data, records
+    data_dir = os.environ.get("LDCT_DATA_DIR")
+    pairs: list = []
+    print("Step 1/3: input")
+    if args.input:
+        low_dir = Path(args.input).resolve()
+        if args.reference:
+            pairs = evaluate.load_pair_dirs(low_dir, Path(args.reference).resolve())
+        print(f"  your low-dose DICOM in {low_dir}")
+    elif data_dir and (Path(data_dir) / "mayo_pairs" / "pairs.csv").exists():
+        low_dir, pairs = mayo_input(Path(data_dir).resolve(), work)
+        print(f"  real AAPM-Mayo quarter-dose slices of patient {HELD_OUT_PATIENT} (held out from training), "
+              f"full dose as the reference: {len(pairs)} slices")
+    else:
+        low_dir, pairs = simulated_input(work, args.max_slices)
+        print(f"  {len(pairs)} real CT slices from installed packages, {DOSE_FRACTION:.0%} dose simulated by "
+              f"ldct_tf.simulate, written as DICOM to {low_dir}")
 
-    print("\nStep 2/2: reading the shards back with ldct_tf.data")
-    print(f"{'split':<6} {'dose':<7} {'slices':>6}  {'shape':<12} {'HU min':>7} {'HU max':>7} {'HU mean':>8}")
-    for split in records.SPLITS:
-        for dose in records.DOSES:
-            if not manifest["counts"][split][dose]:
-                continue
-            images = [hu.numpy() for hu, _ in data.slice_dataset(str(shards), split, dose)]
-            shape = "x".join(str(s) for s in images[0].shape[:2])
-            lo = min(float(i.min()) for i in images)
-            hi = max(float(i.max()) for i in images)
-            mean = sum(float(i.mean()) for i in images) / len(images)
-            print(f"{split:<6} {dose:<7} {len(images):>6}  {shape:<12} {lo:>7.0f} {hi:>7.0f} {mean:>8.1f}")
-    print(f"\nDone in {time.perf_counter() - start:.1f} s. Shards and manifest.json: {shards}")
-    print("Next: train on these shards, e.g. python -m ldct_tf.train --config configs/smoke.yaml "
-          f"--data {shards} --model-dir {work / 'run'}  (export, denoising and evaluation come next, see README)")
+    print(f"Step 2/3: denoising with {model_info.name} version {model_info.version} (DICOM in, DICOM out)")
+    denoised_dir = work / "denoised_dicom"
+    summary_d = denoise.denoise(low_dir, denoised_dir, model_fn, model_info, progress=True)
+    print("  " + summary_d.line())
+
+    report = None
+    if pairs:
+        baseline = args.baseline or ("bm3d" if baselines.bm3d_available() else "nlm")
+        print(f"Step 3/3: evaluating {model_info.name} against {baseline} and the low-dose input")
+        denoisers = {"ldct_tf": lambda hu: np.asarray(model_fn(hu), np.float32), baseline: baselines.get(baseline),
+                     "none": baselines.get("none")}
+        summary = evaluate.evaluate(pairs, denoisers, work / "evaluation",
+                                    info={"model": f"{model_info.name} v{model_info.version}", "input": str(low_dir)})
+        print()
+        print_table(summary)
+        report = summary["files"]["report"]
+    else:
+        print("Step 3/3: skipped (no reference images to score against; give --reference)")
+
+    print(f"\nDone in {time.perf_counter() - start:.0f} s.")
+    print(f"  low-dose input DICOM:  {low_dir}")
+    print(f"  denoised DICOM series: {denoised_dir}")
+    if report:
+        print(f"  report and figures:    {report}  ({work / 'evaluation' / 'figures'})")
+    print("Research use only: not a medical device.")
     return 0
 
 
