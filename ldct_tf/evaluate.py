@@ -341,21 +341,25 @@ def evaluate(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], out_
         summary["files"]["report"] = str(out / "report.md")
         summary["files"]["summary"] = str(out / "summary.json")
         (out / "report.md").write_text(report_markdown(summary, out))
-        (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1, allow_nan=False) + "\n")
+        (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1, allow_nan=False) + "\n")
     return summary
 
 
-def _jsonable(value):
-    """Non-finite floats -> None, numpy scalars -> Python, recursively (strict JSON for summary.json)."""
+def jsonable(value):
+    """Non-finite floats -> None, numpy scalars -> Python, recursively (strict JSON for summary.json and callers
+    that store the summary, such as the quality benchmark)."""
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return float(value) if np.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+_jsonable = jsonable  # the name benchmarks/quality.py first used
 
 
 def write_metrics_csv(rows: Sequence[dict], path: Path) -> Path:
@@ -692,7 +696,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result = summarise_scores(args.score_sheet, args.key)
             out = Path(args.out or Path(args.score_sheet[0]).parent)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "reader_scores.json").write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+            (out / "reader_scores.json").write_text(json.dumps(jsonable(result), indent=1) + "\n")
             text = score_report_markdown(result)
             (out / "reader_scores.md").write_text(text)
             print(text)
