@@ -489,8 +489,8 @@ def write_figures(summary: dict, panels, curves, folder: Path) -> list[Path]:
         series = [(f, v) for f, v in series if len(f)]
         if not series:
             continue
-        f_max = min(f.max() for f, _ in series)
-        grid = np.linspace(0.0, f_max, 48)
+        f_min, f_max = max(f.min() for f, _ in series), min(f.max() for f, _ in series)
+        grid = np.linspace(f_min, f_max, 48)  # only where every slice has data (pixel spacings differ)
         mean_curve = np.mean([np.interp(grid, f, v) for f, v in series], axis=0)
         ax.plot(grid, mean_curve, label=n if n != REFERENCE else "normal dose (reference)",
                 linestyle="--" if n == REFERENCE else "-")
