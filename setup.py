@@ -26,6 +26,7 @@ CORE = [
     "scipy==1.17.1",
     "PyYAML>=6.0,<7",
     "tqdm>=4.66,<5",
+    "matplotlib==3.10.8",  # evaluation figures (PNG panels, metric bars, NPS curves)
 ]
 
 EXTRAS = {
@@ -33,7 +34,11 @@ EXTRAS = {
     "dataflow": ["apache-beam[gcp,tfrecord]==2.77.0"],
     # BM3D is free for non-commercial use only: an opt-in evaluation baseline, never a core dependency.
     "baselines": ["bm3d==4.0.3"],
-    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+    # Real CT slices (head, enhanced abdomen) that the demo turns into a simulated low-dose series. MIT licensed.
+    "demo": ["pydicom-data==1.0.0"],
+    # Runs notebooks/quickstart.ipynb headless (the tests execute it).
+    "notebook": ["nbclient==0.10.2", "nbformat==5.10.4", "ipykernel==6.29.5"],
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient==0.10.2", "nbformat==5.10.4", "ipykernel==6.29.5"],
 }
 
 setup(

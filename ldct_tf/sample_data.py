@@ -206,8 +206,14 @@ def write_mayo_dose_manifest(mayo_dir: os.PathLike | str, out_csv: os.PathLike |
     return out_csv
 
 
+#: Incident photons per ray at full dose that make ``ldct_tf.simulate``'s quarter dose as noisy as the real Mayo
+#: quarter-dose data: at i0 = 1e5 the simulated added noise SD was 2.28x the real one on the 5 D45f slices checked
+#: (``simulate.compare_with_real``, see simulate.py), and noise SD scales as 1/sqrt(i0): 1e5 * 2.28**2 ~ 5e5.
+MAYO_CALIBRATED_I0 = 5e5
+
+
 def simulated_low_dose_hu(hu: np.ndarray, dose_fraction: float = 0.25, seed: int = 0,
-                          pixel_spacing_mm: float = 0.7) -> np.ndarray:
+                          pixel_spacing_mm: float = 0.7, i0: float = MAYO_CALIBRATED_I0) -> np.ndarray:
     """``hu`` plus the noise that ``ldct_tf.simulate`` adds when the dose drops to ``dose_fraction``.
 
     Only the simulated noise (simulated low minus the reference reconstructed through the same projector) is added
@@ -223,7 +229,8 @@ def simulated_low_dose_hu(hu: np.ndarray, dose_fraction: float = 0.25, seed: int
     square = np.full((n, n), ct.AIR_HU, np.float32)
     top, left = (n - h) // 2, (n - w) // 2
     square[top:top + h, left:left + w] = hu
-    low, reference = simulate.simulate_low_dose(square, dose_fraction, seed=seed, pixel_spacing_mm=pixel_spacing_mm)
+    low, reference = simulate.simulate_low_dose(square, dose_fraction, i0=i0, seed=seed,
+                                                pixel_spacing_mm=pixel_spacing_mm)
     noise = (low - reference)[top:top + h, left:left + w]
     return hu + noise
 
