@@ -13,6 +13,7 @@ CORE = [
     "keras==3.15.1",
     "keras-tuner==1.4.8",
     "tensorboard==2.21.0",  # keras-tuner fails every trial silently without it
+    "scikit-learn==1.9.1",  # keras-tuner's BayesianOptimization (python -m ldct_tf.tune --tuner bayesian)
     "apache-beam[tfrecord]==2.77.0",
     "google-crc32c==1.9.0",
     "pydicom==3.0.2",
@@ -55,6 +56,11 @@ setup(
     entry_points={
         "console_scripts": [
             "ldct-pipeline=pipelines.dicom_to_tfrecord:main",
+            "ldct-train=ldct_tf.train:main",
+            "ldct-export=ldct_tf.export:main",
+            "ldct-denoise=ldct_tf.denoise:main",
+            "ldct-evaluate=ldct_tf.evaluate:main",
+            "ldct-tune=ldct_tf.tune:main",
             "ldct-demo=ldct_tf.demo:main",
         ]
     },
