@@ -16,6 +16,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REQUIRED = ["slice", "denoiser", "psnr_abdomen", "ssim_abdomen", "psnr_wide", "ssim_wide", "rmse_hu", "noise_sd_hu"]
 
 
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """This module's own sample archive: the pairs CSVs written into it must not reach the session-wide archive that
+    the pipeline tests count files in."""
+    from ldct_tf import sample_data
+
+    return sample_data.write_sample_dataset(tmp_path_factory.mktemp("evaluate_sample"), n_patients=4,
+                                            slices_per_series=3)
+
+
 def _write_pairs_csv(sample, n: int) -> Path:
     """pairs.csv in the sample root with paths relative to it (the CLI must resolve them against the CSV's folder)."""
     path = sample.root / f"pairs_{n}.csv"
