@@ -160,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "report": str(report_dir / "report.md"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(evaluate._jsonable(result), indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(evaluate.jsonable(result), indent=1) + "\n")
     print(json.dumps({"metrics_mean": {n: {m: round(v["mean"], 4) for m, v in f.items() if v["mean"] is not None}
                                        for n, f in summary["metrics"].items()},
                       "targets": {k: v["met"] for k, v in result["targets"].items()}}, indent=1))
