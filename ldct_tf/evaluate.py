@@ -359,7 +359,7 @@ def jsonable(value):
     return value
 
 
-_jsonable = jsonable  # the name benchmarks/quality.py first used
+
 
 
 def write_metrics_csv(rows: Sequence[dict], path: Path) -> Path:
