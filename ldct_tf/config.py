@@ -40,8 +40,19 @@ class ModelConfig:
     disc_filters: int = 64
     disc_layers: int = 3  # 3 strided layers: 70x70 receptive field
     spectral_norm: bool = False
-    disc_norm: Optional[str] = None  # critic normalisation; None: same as ``norm``
+    # Critic normalisation: same (as ``norm``) | instance | batch | none.  A string, not Optional: YAML's ``none`` must
+    # mean "no normalisation", not "unset" (v1's critics silently got instance norm that way).
+    disc_norm: str = "same"
     disc_input: str = "image"  # image | highpass | both (models/discriminator.py, HighPass)
+
+    @property
+    def size_multiple(self) -> int:
+        """Slice height and width must be multiples of this (each encoder level halves them)."""
+        return 2**self.depth
+
+    @property
+    def critic_norm(self) -> str:
+        return self.norm if self.disc_norm == "same" else self.disc_norm
 
 
 @dataclass
@@ -57,6 +68,10 @@ class LossConfig:
     perceptual_window: str = "abdomen"
     vgg_weights: str = "imagenet"  # imagenet | none
     vgg_weights_path: Optional[str] = None
+    # Pixel loss of the denoiser on simulated pairs (pipelines.simulate_pairs): the physics noise prior.  0 = the pure
+    # CycleGAN; with every other weight 0 the run is supervised on simulated pairs alone.
+    simulated: float = 0.0
+    simulated_loss: str = "mse"  # mse | l1
 
 
 @dataclass
@@ -72,6 +87,9 @@ class TrainConfig:
     jit_compile: bool = False  # XLA: 4x slower steps and 2.5x longer tracing on the 2-core CPU (measured), try on GPU
     seed: int = 0
     time_limit_minutes: float = 0.0  # > 0: stop (validate, checkpoint, save) at the first step past this budget
+    cpu_limit_minutes: float = 0.0  # > 0: the same for this process's CPU time (equal budgets on a busy machine)
+    simulated_batch_size: int = 0  # batch of the simulated-pair stream; 0: train.batch_size
+    init_from: Optional[str] = None  # warm start: a run folder (or .keras file) whose generator the denoiser copies
 
 
 @dataclass
@@ -189,6 +207,55 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
     return config
 
 
+NORMS = ("instance", "batch", "none")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> Config:
+    """Range checks at load, so that a bad value is one clear line before any work (a negative learning rate would
+    train by gradient ascent, ``train.steps=-5`` would save an untrained model, ``batch_size=0`` fails deep in TF)."""
+    d, m, loss, t = config.data, config.model, config.loss, config.train
+    for key in ("steps", "batch_size", "steps_per_epoch", "log_every"):
+        _check(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)!r}")
+    for key in ("generator_lr", "discriminator_lr"):
+        _check(getattr(t, key) > 0, f"train.{key} must be > 0, got {getattr(t, key)!r}")
+    _check(0 <= t.beta_1 < 1, f"train.beta_1 must be in [0, 1), got {t.beta_1!r}")
+    for key in ("time_limit_minutes", "cpu_limit_minutes"):
+        _check(getattr(t, key) >= 0, f"train.{key} must be >= 0 (0 = no limit), got {getattr(t, key)!r}")
+    _check(t.simulated_batch_size >= 0, f"train.simulated_batch_size must be >= 0, got {t.simulated_batch_size!r}")
+    for key in ("adversarial", "cycle", "identity", "perceptual", "simulated"):
+        _check(getattr(loss, key) >= 0, f"loss.{key} must be >= 0, got {getattr(loss, key)!r}")
+    _check(loss.simulated_loss in ("mse", "l1"), f"loss.simulated_loss must be mse or l1, got {loss.simulated_loss!r}")
+    _check(m.depth >= 1 and m.base_filters >= 1 and m.residual_blocks >= 0 and m.disc_filters >= 1
+           and m.disc_layers >= 1, f"model sizes must be positive: depth {m.depth}, base_filters {m.base_filters}, "
+           f"residual_blocks {m.residual_blocks}, disc_filters {m.disc_filters}, disc_layers {m.disc_layers}")
+    _check(m.norm in NORMS, f"model.norm must be one of {NORMS}, got {m.norm!r}")
+    _check(m.disc_norm in NORMS + ("same",), f"model.disc_norm must be one of {NORMS + ('same',)}, got {m.disc_norm!r}")
+    _check(d.patch_size >= m.size_multiple and d.patch_size % m.size_multiple == 0,
+           f"data.patch_size {d.patch_size} must be a positive multiple of 2**model.depth = {m.size_multiple}")
+    _check(0 <= d.min_tissue_fraction <= 1, f"data.min_tissue_fraction must be in [0, 1], got {d.min_tissue_fraction!r}")
+    _check(d.shuffle_buffer >= 1 and d.val_max_slices >= 0,
+           f"data.shuffle_buffer must be >= 1 and data.val_max_slices >= 0")
+    return config
+
+
+def mixed_precision_policy(requested: bool) -> bool:
+    """Set Keras' global dtype policy for a run; returns whether mixed precision is on.  Only on a GPU: float16 is
+    slower than float32 on a CPU."""
+    import keras
+    import tensorflow as tf
+
+    on = requested and bool(tf.config.list_physical_devices("GPU"))
+    if requested and not on:
+        print("train.mixed_precision ignored: no GPU (float16 is slower than float32 on a CPU)", flush=True)
+    keras.mixed_precision.set_global_policy("mixed_float16" if on else "float32")
+    return on
+
+
 def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file (if any), then the overrides."""
     values: dict = {}
@@ -206,4 +273,11 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
         config = from_dict(values)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
-    return apply_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
+    # Configs written before disc_norm was a string say ``null`` for "same as norm".
+    if config.model.disc_norm in ("None", "null"):
+        config.model.disc_norm = "same"
+    try:
+        return validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None

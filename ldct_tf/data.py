@@ -144,6 +144,62 @@ def unpaired_training_dataset(data_dir: str, patch_size: int, batch_size: int, s
     return tf.data.Dataset.zip((low, normal)).prefetch(tf.data.AUTOTUNE)
 
 
+def simulated_pair_count(manifest: dict, split: str = "train") -> int:
+    """Simulated pairs that ``pipelines.simulate_pairs`` wrote for ``split`` (0 when it has not run)."""
+    return int(manifest.get("simulated", {}).get(split, {}).get("pairs", 0))
+
+
+def simulated_pair_stream(data_dir: str, patch_size: int, batch_size: int, min_tissue_fraction: float = 0.5,
+                          augment: bool = True, shuffle_buffer: int = 256, cache: bool = True,
+                          seed: Optional[int] = None, split: str = "train") -> tf.data.Dataset:
+    """Endless batches ``(simulated_low, reference)`` ``[batch, patch, patch, 1]`` (model scale): the same random
+    crop, flip and rotation of a simulated low-dose realisation and its noiseless reference (they are cropped as
+    one two-channel image, so they stay aligned); tissue is judged on the reference."""
+    files = sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{split}/simulated-*{SHARD_SUFFIX}"))
+    if not files:
+        raise ValueError(f"{data_dir}: split {split!r} has no simulated pairs; run python -m pipelines.simulate_pairs")
+    pairs = (tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
+             .interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+                         cycle_length=min(len(files), 8), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+             .map(lambda x: records.parse_simulated(x)[0], num_parallel_calls=tf.data.AUTOTUNE))
+    if cache:
+        pairs = pairs.cache()
+
+    def candidates(pair):
+        pair = tf.concat([_pad_at_least(pair[..., :1], patch_size), _pad_at_least(pair[..., 1:], patch_size)], -1)
+        return tf.stack([tf.image.random_crop(pair, [patch_size, patch_size, 2]) for _ in range(_CANDIDATES_PER_SLICE)])
+
+    patches = (pairs.shuffle(shuffle_buffer, seed=seed).repeat()
+               .map(candidates, num_parallel_calls=tf.data.AUTOTUNE)
+               .unbatch()
+               .filter(lambda p: tf.reduce_mean(tf.cast(p[..., 1] > TISSUE_HU, tf.float32)) >= min_tissue_fraction))
+    if augment:
+        patches = patches.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return (patches.map(lambda p: (ct.to_model(p[..., :1]), ct.to_model(p[..., 1:])),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+            .shuffle(shuffle_buffer, seed=seed)
+            .batch(batch_size, drop_remainder=True)
+            .with_options(options))
+
+
+def training_dataset(data_dir: str, cfg, seed: Optional[int] = None) -> tf.data.Dataset:
+    """The training input of a config: ``(low, normal)`` unpaired batches, plus ``(simulated_low, reference)`` when
+    ``loss.simulated`` > 0 (batch ``train.simulated_batch_size``, default the same)."""
+    d, t = cfg.data, cfg.train
+    common = dict(min_tissue_fraction=d.min_tissue_fraction, augment=d.augment, shuffle_buffer=d.shuffle_buffer,
+                  cache=d.cache)
+    unpaired = unpaired_training_dataset(data_dir, d.patch_size, t.batch_size, seed=seed, **common)
+    if cfg.loss.simulated <= 0:
+        return unpaired
+    simulated = simulated_pair_stream(data_dir, d.patch_size, t.simulated_batch_size or t.batch_size,
+                                      seed=None if seed is None else seed + 2, **common)
+    return (tf.data.Dataset.zip((unpaired, simulated))
+            .map(lambda real, sim: (real[0], real[1], sim[0], sim[1]))
+            .prefetch(tf.data.AUTOTUNE))
+
+
 def validation_examples(data_dir: str, max_slices: int, split: str = "val") -> tuple[list, bool]:
     """Whole validation slices as ``[(low_hu, normal_hu)]`` numpy pairs, and whether they are true pairs.
 

@@ -36,6 +36,11 @@ def l1_loss(a, b) -> tf.Tensor:
     return tf.reduce_mean(tf.abs(_f32(a) - _f32(b)))
 
 
+def mse_loss(a, b) -> tf.Tensor:
+    """Mean squared difference (the simulated-pair pixel loss: what PSNR measures)."""
+    return tf.reduce_mean(tf.square(_f32(a) - _f32(b)))
+
+
 def vgg19_weights(weights: str, weights_path: Optional[str]) -> Optional[str]:
     """What to pass as ``keras.applications.VGG19(weights=...)``.
 

@@ -171,3 +171,79 @@ def decode_numpy(serialized: bytes) -> dict:
     out.update({name: feat[name].bytes_list.value[0].decode("utf-8") for name in STRING_FEATURES})
     out.update({name: feat[name].float_list.value[0] for name in FLOAT_FEATURES})
     return out
+
+
+# --- the simulated-pair stream ------------------------------------------------------------------------------------
+#: Version of the simulated-pair Example; independent of the slice schema, which it does not change.
+SIMULATED_SCHEMA_VERSION = 1
+SIMULATED_STRING_FEATURES = ("patient", "kernel", "filter_name", "split")
+SIMULATED_FLOAT_FEATURES = ("i0", "dose_fraction")
+
+
+@dataclass(frozen=True)
+class SimulatedPairRecord:
+    """One simulated low-dose realisation of a normal-dose slice and that slice through the same projector without
+    noise: the two differ only by noise, which is what a pixel loss needs.  Both int16 HU."""
+
+    low: np.ndarray
+    reference: np.ndarray
+    patient: str
+    kernel: str
+    split: str
+    realisation: int
+    i0: float
+    dose_fraction: float
+    filter_name: str
+    pixel_spacing_mm: tuple[float, float]
+
+
+def encode_simulated(record: SimulatedPairRecord) -> bytes:
+    """Serialise a :class:`SimulatedPairRecord` (same wire-format writer as :func:`encode`)."""
+    low, reference = np.asarray(record.low), np.asarray(record.reference)
+    for name, image in (("low", low), ("reference", reference)):
+        if image.dtype != np.int16 or image.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D int16 HU array, got {image.dtype} with shape {image.shape}")
+    if low.shape != reference.shape:
+        raise ValueError(f"low {low.shape} and reference {reference.shape} differ in shape")
+    features = {
+        "schema_version": _int64_feature(SIMULATED_SCHEMA_VERSION),
+        "low": _bytes_feature(low.astype("<i2").tobytes(order="C")),
+        "reference": _bytes_feature(reference.astype("<i2").tobytes(order="C")),
+        "height": _int64_feature(low.shape[0]),
+        "width": _int64_feature(low.shape[1]),
+        "realisation": _int64_feature(int(record.realisation)),
+        "pixel_spacing_mm": _float_feature(*record.pixel_spacing_mm),
+    }
+    for name in SIMULATED_STRING_FEATURES:
+        features[name] = _bytes_feature(str(getattr(record, name)).encode("utf-8"))
+    for name in SIMULATED_FLOAT_FEATURES:
+        features[name] = _float_feature(float(getattr(record, name)))
+    entries = b"".join(_field(1, _field(1, key.encode("utf-8")) + _field(2, value)) for key, value in features.items())
+    return _field(1, entries)
+
+
+def parse_simulated(serialized) -> tuple:
+    """Parse a simulated-pair Example into ``(pair, metadata)``: ``pair`` float32 HU ``[height, width, 2]`` with the
+    simulated low dose in channel 0 and the noiseless reference in channel 1 (one tensor, so crops and flips keep
+    the two aligned)."""
+    import tensorflow as tf
+
+    spec = {
+        "schema_version": tf.io.FixedLenFeature([], tf.int64),
+        "low": tf.io.FixedLenFeature([], tf.string),
+        "reference": tf.io.FixedLenFeature([], tf.string),
+        "height": tf.io.FixedLenFeature([], tf.int64),
+        "width": tf.io.FixedLenFeature([], tf.int64),
+        "realisation": tf.io.FixedLenFeature([], tf.int64),
+        "pixel_spacing_mm": tf.io.FixedLenFeature([2], tf.float32),
+    }
+    spec.update({name: tf.io.FixedLenFeature([], tf.string) for name in SIMULATED_STRING_FEATURES})
+    spec.update({name: tf.io.FixedLenFeature([], tf.float32) for name in SIMULATED_FLOAT_FEATURES})
+    features = tf.io.parse_single_example(serialized, spec)
+    tf.debugging.assert_equal(features.pop("schema_version"), tf.constant(SIMULATED_SCHEMA_VERSION, tf.int64),
+                              message="simulated-pair schema_version differs from this ldct_tf's; re-run "
+                                      "pipelines.simulate_pairs")
+    shape = tf.stack([features["height"], features["width"]])
+    images = [tf.cast(tf.reshape(tf.io.decode_raw(features.pop(k), tf.int16, little_endian=True), shape), tf.float32)
+              for k in ("low", "reference")]
+    return tf.stack(images, axis=-1), features

@@ -8,6 +8,9 @@ Reads like the method (Zhu et al. 2017, as applied to LDCT by Kang et al. 2019 a
 * one ``train_step`` on an unpaired batch ``(low, normal)``: LSGAN adversarial terms, cycle consistency
   ``F(G(low)) ~ low`` and ``G(F(normal)) ~ normal``, identity ``G(normal) ~ normal`` and ``F(low) ~ low`` (a denoiser
   must leave clean images alone), and a VGG19 perceptual distance on the cycle reconstructions; then both critics;
+* the physics noise prior: with a batch ``(low, normal, simulated_low, simulated_reference)`` and a ``simulated``
+  weight, a pixel loss (MSE or L1) of G on simulated pairs (``pipelines.simulate_pairs``) joins the unpaired terms;
+  with every unpaired weight 0 only G and that loss are computed (supervised pretraining on simulated pairs);
 * ``call`` runs G, so the trained model can be saved and used as a denoiser.
 
 Every loss is a mean over the replica's batch divided by the number of replicas, because Keras 3 optimizers sum
@@ -22,10 +25,13 @@ import keras
 import tensorflow as tf
 
 from ldct_tf import ct
-from ldct_tf.losses import PerceptualLoss, l1_loss, lsgan_discriminator_loss, lsgan_generator_loss
+from ldct_tf.config import LossConfig
+from ldct_tf.losses import PerceptualLoss, l1_loss, lsgan_discriminator_loss, lsgan_generator_loss, mse_loss
 
-LOSS_TERMS = ("adversarial", "cycle", "identity", "perceptual")
-DEFAULT_LOSS_WEIGHTS = {"adversarial": 1.0, "cycle": 10.0, "identity": 5.0, "perceptual": 0.1}
+UNPAIRED_TERMS = ("adversarial", "cycle", "identity", "perceptual")
+LOSS_TERMS = UNPAIRED_TERMS + ("simulated",)
+#: The defaults live in the config (one place); the model reads them from there.
+DEFAULT_LOSS_WEIGHTS = {term: getattr(LossConfig(), term) for term in LOSS_TERMS}
 
 
 @keras.saving.register_keras_serializable(package="ldct_tf")
@@ -40,7 +46,7 @@ class CycleGAN(keras.Model):
         # Set around Keras' attribute tracking: the frozen VGG19 must not be tracked, saved or checkpointed.
         object.__setattr__(self, "_perceptual_loss", perceptual)
         names = ["generator_loss", "adversarial_loss", "cycle_loss", "identity_loss", "perceptual_loss",
-                 "normal_critic_loss", "low_critic_loss"]
+                 "simulated_loss", "normal_critic_loss", "low_critic_loss"]
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
         self.val_trackers = {name: keras.metrics.Mean(name=name) for name in ("psnr", "ssim", "psnr_input",
                                                                                 "ssim_input")}
@@ -56,9 +62,11 @@ class CycleGAN(keras.Model):
         return self._perceptual_loss
 
     def compile(self, generator_optimizer, inverse_generator_optimizer, normal_critic_optimizer,
-                low_critic_optimizer, loss_weights: Optional[dict] = None, score_window: str = "abdomen", **kwargs):
-        """Four optimizers (one per network) and the loss weights (``adversarial``, ``cycle``, ``identity``,
-        ``perceptual``); paired validation slices are scored in ``score_window``."""
+                low_critic_optimizer, loss_weights: Optional[dict] = None, score_window: str = "abdomen",
+                simulated_loss: str = "mse", **kwargs):
+        """Four optimizers (one per network), the loss weights (``adversarial``, ``cycle``, ``identity``,
+        ``perceptual``, ``simulated``) and the simulated-pair pixel loss (``mse`` or ``l1``); paired validation
+        slices are scored in ``score_window``."""
         super().compile(**kwargs)
         self.generator_optimizer = generator_optimizer
         self.inverse_generator_optimizer = inverse_generator_optimizer
@@ -70,7 +78,15 @@ class CycleGAN(keras.Model):
                 raise ValueError(f"unknown loss weight {key!r}; known: {LOSS_TERMS}")
             weights[key] = float(value)
         self.loss_weights_ = weights
+        if simulated_loss not in ("mse", "l1"):
+            raise ValueError(f"simulated_loss must be mse or l1, got {simulated_loss!r}")
+        self.simulated_loss = simulated_loss
         self.score_window = ct.window(score_window)
+
+    @property
+    def supervised_only(self) -> bool:
+        """True when every unpaired weight is 0: only the denoiser and the simulated-pair loss are computed."""
+        return all(self.loss_weights_[t] == 0 for t in UNPAIRED_TERMS)
 
     def _pairs(self):
         return [(self.generator_optimizer, self.low_to_normal), (self.inverse_generator_optimizer, self.normal_to_low),
@@ -99,7 +115,22 @@ class CycleGAN(keras.Model):
     def call(self, inputs, training=False):
         return self.low_to_normal(inputs, training=training)
 
-    def _loss_terms(self, low, normal, training: bool) -> dict:
+    def _simulated_term(self, simulated_low, simulated_reference, training: bool):
+        denoised = self.low_to_normal(simulated_low, training=training)
+        if self.simulated_loss == "l1":
+            return l1_loss(simulated_reference, denoised)
+        return mse_loss(simulated_reference, denoised)
+
+    def _loss_terms(self, low, normal, training: bool, simulated: Optional[tuple] = None) -> dict:
+        """Every loss term of one batch; ``simulated`` = ``(simulated_low, simulated_reference)`` or None."""
+        zero = tf.constant(0.0)
+        sim = (self._simulated_term(*simulated, training=training)
+               if simulated is not None and self.loss_weights_["simulated"] > 0 else zero)
+        if self.supervised_only and training:
+            out = {term: zero for term in UNPAIRED_TERMS}
+            out.update(simulated=sim, generator=self.loss_weights_["simulated"] * sim, normal_critic=zero,
+                       low_critic=zero)
+            return out
         G, F = self.low_to_normal, self.normal_to_low
         fake_normal = G(low, training=training)
         fake_low = F(normal, training=training)
@@ -117,6 +148,7 @@ class CycleGAN(keras.Model):
                            if self.perceptual is not None and self.loss_weights_["perceptual"] > 0
                            else tf.constant(0.0)),
         }
+        out["simulated"] = sim
         out["generator"] = tf.add_n([self.loss_weights_[k] * out[k] for k in LOSS_TERMS])
         # The critics' losses reuse the scores of the generated images: their gradients are taken only with
         # respect to the critics' own variables, so the generators are not updated through them.
@@ -133,10 +165,14 @@ class CycleGAN(keras.Model):
         self.trackers["low_critic_loss"].update_state(losses["low_critic"])
 
     def train_step(self, data):
+        """One step on ``(low, normal)`` or ``(low, normal, simulated_low, simulated_reference)``."""
         low, normal = data[0], data[1]
+        simulated = (data[2], data[3]) if len(data) > 3 else None
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if self.supervised_only:
+            return self._supervised_step(simulated, replicas)
         with tf.GradientTape(persistent=True) as tape:
-            losses = self._loss_terms(low, normal, training=True)
+            losses = self._loss_terms(low, normal, training=True, simulated=simulated)
             # Keras 3 optimizers sum gradients over replicas: divide so the step equals a global-batch mean.
             scaled = {key: losses[key] / replicas for key in ("generator", "normal_critic", "low_critic")}
             scaled = {key: opt.scale_loss(scaled[key]) for key, opt in
@@ -148,6 +184,20 @@ class CycleGAN(keras.Model):
             grads = tape.gradient(scaled[key], variables)
             optimizer.apply_gradients(zip(grads, variables))
         del tape
+        self.train_steps.assign_add(1)
+        self._update_trackers(losses)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def _supervised_step(self, simulated, replicas):
+        """Only the denoiser, only the simulated-pair loss: the other networks and optimizers stay untouched."""
+        if simulated is None:
+            raise ValueError("every unpaired loss weight is 0, so training needs simulated pairs (loss.simulated > 0 "
+                             "and a simulated stream)")
+        with tf.GradientTape() as tape:
+            losses = self._loss_terms(None, None, training=True, simulated=simulated)
+            scaled = self.generator_optimizer.scale_loss(losses["generator"] / replicas)
+        variables = self.low_to_normal.trainable_variables
+        self.generator_optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         self.train_steps.assign_add(1)
         self._update_trackers(losses)
         return {name: tracker.result() for name, tracker in self.trackers.items()}

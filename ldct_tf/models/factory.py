@@ -6,7 +6,7 @@ import keras
 
 from ldct_tf.config import Config
 from ldct_tf.losses import PerceptualLoss
-from ldct_tf.models.cyclegan import CycleGAN
+from ldct_tf.models.cyclegan import LOSS_TERMS, CycleGAN
 from ldct_tf.models.discriminator import build_discriminator
 from ldct_tf.models.generator import build_generator
 
@@ -17,15 +17,15 @@ def build_cyclegan(config: Config) -> CycleGAN:
     Call inside ``strategy.scope()`` when training distributed.
     """
     m, loss = config.model, config.loss
-    if config.data.patch_size % (2**m.depth):
+    if config.data.patch_size % m.size_multiple:
         raise ValueError(f"data.patch_size {config.data.patch_size} must be a multiple of 2**model.depth = "
-                         f"{2**m.depth}")
+                         f"{m.size_multiple}")
 
     def generator(name: str) -> keras.Model:
         return build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm, name=name)
 
     def critic(name: str) -> keras.Model:
-        return build_discriminator(m.disc_filters, m.disc_layers, m.disc_norm or m.norm, m.spectral_norm, name=name,
+        return build_discriminator(m.disc_filters, m.disc_layers, m.critic_norm, m.spectral_norm, name=name,
                                    critic_input=m.disc_input)
 
     perceptual = None
@@ -46,8 +46,8 @@ def compile_cyclegan(model: CycleGAN, config: Config, loss_scaling: bool = False
         return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scaling else optimizer
 
     model.compile(adam(t.generator_lr), adam(t.generator_lr), adam(t.discriminator_lr), adam(t.discriminator_lr),
-                  loss_weights={"adversarial": config.loss.adversarial, "cycle": config.loss.cycle,
-                                "identity": config.loss.identity, "perceptual": config.loss.perceptual},
+                  loss_weights={term: getattr(config.loss, term) for term in LOSS_TERMS},
+                  simulated_loss=config.loss.simulated_loss,
                   jit_compile=t.jit_compile)
     model.build_optimizers()
     return model

@@ -1,0 +1,252 @@
+"""Ablation of the physics noise prior, and the choice of model v2: ``python -m benchmarks.ablation``.
+
+    python -m benchmarks.ablation [--cpu-minutes 40] [--work DIR] [--ship saved_models/ldct_denoiser/2]
+
+On the development split of ``benchmarks.mayo_data`` (real low stream L143, normal stream and simulation source L096,
+each patient on one side only; validation = unseen slices of those two; test = L286), in one run:
+
+1. calibrates the simulator from the unpaired train split (``ldct_tf.calibration``), writes
+   ``configs/calibration_aapm_mayo.json``, and checks it against the pair-based ``simulate.compare_with_real`` on the
+   training-side pairs (L096, L143; their pairs are used only for this check, never for training);
+2. writes the simulated-pair stream (``pipelines.simulate_pairs``) and records its cost per slice;
+3. trains three recipes with EQUAL CPU budgets (process CPU time, so that other work on the machine does not tilt it):
+   ``cyclegan_v1_recipe`` (configs/pretrained.yaml, the critics now really without normalisation),
+   ``simulated_only`` (configs/v2_simulated.yaml) and ``hybrid`` (configs/v2_hybrid.yaml warm-started from
+   ``simulated_only`` at half its budget, then half a budget of CycleGAN + simulated term);
+4. exports each as a SavedModel and scores it beside BM3D, NLM and the input on the validation slices (per kernel)
+   and on the test patient;
+5. chooses the recipe on VALIDATION only: the highest mean abdomen PSNR among the recipes whose validation edge
+   sharpness is >= 0.95 (all recipes if none is); the test figures are reported, never used to choose.
+
+Writes ``benchmarks/results/ablation.json``; ``--ship`` exports the chosen recipe's generator there (model v2).
+Finished stages are kept in ``--work`` and not redone, so an interrupted run continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from benchmarks import mayo_data
+
+REPO = mayo_data.REPO
+RESULTS = REPO / "benchmarks" / "results"
+CALIBRATION_FILE = REPO / "configs" / "calibration_aapm_mayo.json"
+BASELINES = ("bm3d", "nlm", "none")
+ARMS = ("cyclegan_v1_recipe", "simulated_only", "hybrid")
+MIN_EDGE_SHARPNESS = 0.95
+
+
+def _done(model_dir: Path) -> Optional[dict]:
+    marker = model_dir / "arm_done.json"
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def _train(config_path: Path, shards: Path, model_dir: Path, cpu_minutes: float, overrides: Sequence[str] = ()) -> dict:
+    from ldct_tf import config as config_lib
+    from ldct_tf import train
+
+    cfg = config_lib.load(config_path, [f"train.cpu_limit_minutes={cpu_minutes}", *overrides])
+    return train.run(cfg, str(shards), str(model_dir), verbose=2)
+
+
+def train_arms(shards: Path, work: Path, cpu_minutes: float) -> dict:
+    """The three recipes at equal CPU budgets; returns each arm's training record."""
+    out = {}
+    configs = REPO / "configs"
+    v1 = work / "cyclegan_v1_recipe"
+    if not _done(v1):
+        summary = _train(configs / "pretrained.yaml", shards, v1, cpu_minutes, ["train.steps=100000",
+                                                                               "train.time_limit_minutes=0"])
+        (v1 / "arm_done.json").write_text(json.dumps({"stages": [summary]}))
+    sim, half = work / "simulated_only", work / "simulated_only_half"
+    if not _done(sim):
+        first = (json.loads((half / "training_summary.json").read_text()) if (half / "generator.keras").exists()
+                 else _train(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2))
+        if not (half / "generator.keras").exists():
+            half.mkdir(parents=True, exist_ok=True)
+            for name in ("generator.keras", "config.yaml", "training_summary.json"):
+                shutil.copy(sim / name, half / name)
+        second = _train(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2)
+        (sim / "arm_done.json").write_text(json.dumps({"stages": [first, second]}))
+    hybrid = work / "hybrid"
+    if not _done(hybrid):
+        first = json.loads((half / "training_summary.json").read_text())
+        second = _train(configs / "v2_hybrid.yaml", shards, hybrid, cpu_minutes / 2, [f"train.init_from={half}"])
+        (hybrid / "arm_done.json").write_text(json.dumps({"stages": [first, second]}))
+    for arm in ARMS:
+        stages = _done(work / arm)["stages"]
+        out[arm] = {"cpu_seconds": round(sum(s["cpu_seconds"] for s in stages), 1),
+                    "wall_seconds": round(sum(s["seconds"] for s in stages), 1),
+                    "steps_per_stage": [s["steps"] - s["resumed_from_step"] for s in stages],
+                    "final_validation": stages[-1]["final_metrics"].get("validation")}
+    return out
+
+
+def calibration_check(root: Path, calibration: dict) -> dict:
+    """Pair-based check of the unpaired calibration: simulated vs real ADDED noise on each training-side pair of a
+    calibrated kernel (``simulate.compare_with_real``)."""
+    import numpy as np
+
+    from ldct_tf import calibration as calibration_lib
+    from ldct_tf import evaluate, simulate
+
+    rows = []
+    for row in mayo_data.pair_rows(root):
+        if row["patient"] == mayo_data.TEST_PATIENT or row["kernel"] not in calibration["kernels"]:
+            continue
+        pair = evaluate.load_pair(root / "mayo_pairs" / row["quarter_dose"], root / "mayo_pairs" / row["full_dose"])
+        params = calibration_lib.simulation_parameters(calibration, row["kernel"])
+        params.pop("i0_range")
+        check = simulate.compare_with_real(pair.normal, pair.low, pixel_spacing_mm=pair.pixel_spacing_mm, **params)
+        rows.append({"patient": row["patient"], "kernel": row["kernel"], "sd_ratio": check["sd_ratio"],
+                     "nps_mean_freq_sim": check["nps_mean_freq_sim"], "nps_mean_freq_real": check["nps_mean_freq_real"]})
+    ratios = np.array([r["sd_ratio"] for r in rows])
+    return {"pairs": rows, "sd_ratio_median": float(np.median(ratios)),
+            "sd_ratio_range": [float(ratios.min()), float(ratios.max())],
+            "median_abs_log_sd_error": float(np.median(np.abs(np.log(ratios))))}
+
+
+def score(arms: dict, root: Path, work: Path) -> dict:
+    """Export every arm and score it with the baselines on the validation slices (all and per kernel) and on the
+    test patient."""
+    from ldct_tf import config as config_lib
+    from ldct_tf import evaluate
+    from ldct_tf.export import SavedModelDenoiser, export_generator, load_generator
+
+    denoisers = {}
+    for arm in arms:
+        model_dir = work / arm
+        version = work / "export" / arm / "1"
+        if not version.exists():
+            version = export_generator(load_generator(model_dir, config_lib.load(model_dir / "config.yaml")),
+                                       work / "export" / arm)
+        denoisers[arm] = SavedModelDenoiser(version)
+    denoisers.update(evaluate.make_denoisers(list(BASELINES)))
+    scored = {}
+    for split in ("val", "test"):
+        rows = mayo_data.pairs_of(root, split)
+        groups = {"all": rows}
+        if split == "val":
+            groups.update({k: [r for r in rows if r["kernel"] == k] for k in sorted({r["kernel"] for r in rows})})
+        scored[split] = {}
+        for group, members in groups.items():
+            pairs = [evaluate.load_pair(root / "mayo_pairs" / r["quarter_dose"], root / "mayo_pairs" / r["full_dose"],
+                                        name=Path(r["full_dose"]).stem) for r in members]
+            out_dir = work / "reports" / f"{split}_{group}"
+            if out_dir.exists():
+                shutil.rmtree(out_dir)  # this benchmark's own report folder
+            summary = evaluate.evaluate(pairs, {n: (lambda d: lambda hu: d(hu))(d) for n, d in denoisers.items()},
+                                        out_dir, info={"split": split, "group": group})
+            scored[split][group] = {
+                "slices": len(pairs),
+                "mean": {n: {m: v["mean"] for m, v in f.items()} for n, f in summary["metrics"].items()},
+                "nps_mean_freq_distance_to_reference": {n: v["mean"] for n, v in
+                                                        summary["nps_mean_freq_distance_to_reference"].items()},
+            }
+    return scored
+
+
+def choose(validation: dict) -> dict:
+    """The rule of the module docstring, applied to the validation figures only."""
+    mean = validation["all"]["mean"]
+    sharp = [a for a in ARMS if (mean[a]["edge_sharpness"] or 0) >= MIN_EDGE_SHARPNESS]
+    pool = sharp or list(ARMS)
+    best = max(pool, key=lambda a: mean[a]["psnr_abdomen"])
+    return {"chosen": best, "rule": f"highest validation abdomen PSNR among recipes with validation edge sharpness "
+                                     f">= {MIN_EDGE_SHARPNESS} (all recipes if none)",
+            "eligible": pool, "validation_psnr_abdomen": {a: mean[a]["psnr_abdomen"] for a in ARMS}}
+
+
+def test_targets(test: dict, arm: str) -> dict:
+    mean, distance = test["all"]["mean"], test["all"]["nps_mean_freq_distance_to_reference"]
+    beats = {m: mean[arm][m] > mean["bm3d"][m] for m in ("psnr_abdomen", "ssim_abdomen", "psnr_wide", "ssim_wide")}
+    return {"beats_bm3d_psnr_ssim_both_windows": {"met": all(beats.values()), "per_metric": beats},
+            "edge_sharpness_at_least_0.95": {"met": mean[arm]["edge_sharpness"] >= 0.95,
+                                              "value": mean[arm]["edge_sharpness"],
+                                              "bm3d": mean["bm3d"]["edge_sharpness"]},
+            "nps_mean_frequency_closer_to_normal_dose_than_bm3d": {"met": distance[arm] < distance["bm3d"],
+                                                                  "model": distance[arm], "bm3d": distance["bm3d"]}}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-minutes", type=float, default=40.0, help="CPU budget per recipe (process CPU time)")
+    parser.add_argument("--work", default="/tmp/ldct_ablation", help="stages are kept here and not redone")
+    parser.add_argument("--realisations", type=int, default=8)
+    parser.add_argument("--ship", help="export the chosen recipe here (e.g. saved_models/ldct_denoiser/2)")
+    parser.add_argument("--out", default=str(RESULTS / "ablation.json"))
+    args = parser.parse_args(argv)
+    root = mayo_data.data_root()
+    if not (root / "mayo_pairs" / "pairs.csv").exists():
+        print(f"SKIPPED: no Mayo pairs under {root} (set LDCT_DATA_DIR to the shared data folder)")
+        return 0
+    from benchmarks.pipeline import machine_info, versions
+    from ldct_tf import calibration as calibration_lib
+    from ldct_tf import data as data_lib
+    from pipelines import simulate_pairs
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    shards = work / "shards" if (work / "shards" / "manifest.json").exists() else mayo_data.make_shards(root, work)
+    if not CALIBRATION_FILE.exists():
+        calibration_lib.save({**calibration_lib.calibrate_shards(str(shards), "train", max_slices=7),
+                              "provenance": "python -m benchmarks.ablation: L143 quarter dose (low) vs L096 full "
+                                            "dose (normal), train split of benchmarks.mayo_data"}, CALIBRATION_FILE)
+    calibration = calibration_lib.load(CALIBRATION_FILE)
+    if not data_lib.simulated_pair_count(data_lib.read_manifest(str(shards))):
+        simulate_pairs.run(["--data", str(shards), "--calibration", str(CALIBRATION_FILE),
+                            "--realisations", str(args.realisations)])
+    manifest = data_lib.read_manifest(str(shards))
+    training = train_arms(shards, work, args.cpu_minutes)
+    check = calibration_check(root, calibration)
+    scored = score(ARMS, root, work)
+    choice = choose(scored["val"])
+    result = {
+        "benchmark": "ablation", "machine": machine_info(), "versions": versions(),
+        "data": {"low_stream": f"{mayo_data.LOW_PATIENT} quarter dose", "normal_stream_and_simulation_source":
+                 f"{mayo_data.NORMAL_PATIENT} full dose", "each_patient_on_one_side_only": True,
+                 "validation": "L096 slices 07-09 (D45f) and L143 slices 22-24 (B30f), both doses, never trained on",
+                 "test": f"{mayo_data.TEST_PATIENT} (4 D45f pairs)", "pairs_used_as_pairs_in_training": 0,
+                 "counts": manifest["counts"]},
+        "calibration": {k: {key: v[key] for key in ("i0", "i0_range", "filter_name", "dose_fraction")}
+                        for k, v in calibration["kernels"].items()},
+        "calibration_not_done": calibration.get("not_calibrated"),
+        "calibration_check_against_pairs": check,
+        "simulation_cost": manifest["simulated"]["train"],
+        "cpu_minutes_per_recipe": args.cpu_minutes,
+        "training": training,
+        "validation": scored["val"], "test": scored["test"],
+        "choice": choice,
+        "test_targets_of_chosen": test_targets(scored["test"], choice["chosen"]),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if args.ship:
+        from ldct_tf import config as config_lib
+        from ldct_tf.export import export_generator, load_generator
+
+        ship = Path(args.ship)
+        model_dir = work / choice["chosen"]
+        export_generator(load_generator(model_dir, config_lib.load(model_dir / "config.yaml")), ship.parent,
+                         version=int(ship.name), metadata={
+                             "recipe": choice["chosen"], "choice": choice, "calibration": result["calibration"],
+                             "data": result["data"], "training": training[choice["chosen"]],
+                             "benchmark": "python -m benchmarks.ablation"})
+        result["shipped"] = str(ship)
+    from ldct_tf import evaluate
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(evaluate.jsonable(result), indent=1) + "\n")
+    print(json.dumps({"choice": choice, "test_targets": result["test_targets_of_chosen"]}, indent=1, default=str))
+    print(f"Wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
