@@ -16,7 +16,8 @@ import tensorflow as tf
 from ldct_tf import config as config_lib
 from ldct_tf import ct, export
 from tests.conftest import REPO
-from tests.serving_fixture import LoopbackModelServer, smoke_generator
+from ldct_tf.testing.model_server import LoopbackModelServer
+from ldct_tf.testing.models import smoke_generator
 
 TRAIN_STEP = 7
 

@@ -13,7 +13,8 @@ from tensorflow_serving.apis import predict_pb2
 
 from ldct_tf.export import SavedModelDenoiser
 from ldct_tf.serving import ServingClient, ServingError, make_ndarray, make_tensor_proto
-from tests.serving_fixture import export_test_model, serve
+from ldct_tf.testing.model_server import serve
+from ldct_tf.testing.models import export_test_model
 
 
 @pytest.fixture(scope="module")
