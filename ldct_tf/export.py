@@ -44,7 +44,7 @@ import tensorflow as tf  # noqa: E402
 
 from ldct_tf import ct, saved_model  # noqa: E402
 from ldct_tf.saved_model import (BYTES_SIGNATURE, DEFAULT_SIGNATURE, METADATA_FILE,  # noqa: E402,F401 (re-exported)
-                                 PNG_HU_OFFSET, SavedModelDenoiser, resolve_version_dir)
+                                 SavedModelDenoiser, resolve_version_dir)
 from ldct_tf.serving_graph import DenoiserModule, infer_size_multiple, min_input_size  # noqa: E402
 
 if TYPE_CHECKING:  # keras is only needed to export, not to run a SavedModel

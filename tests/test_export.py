@@ -128,10 +128,11 @@ def test_bytes_signature_raw_int16_and_16bit_png(exported):
     got = np.stack([np.frombuffer(b, "<i2").reshape(37, 50) for b in out["denoised_bytes"].numpy()])
     assert np.abs(got - expected).max() <= 0.5 + 1e-3  # rounding only
 
-    pngs = [tf.io.encode_png((image + export.PNG_HU_OFFSET).astype(np.uint16)[..., None]).numpy() for image in hu]
+    pngs = [tf.io.encode_png((image + saved_model.PNG_HU_OFFSET).astype(np.uint16)[..., None]).numpy()
+            for image in hu]
     out = denoise_bytes(image_bytes=tf.constant(pngs), height=tf.constant([0, 37]), width=tf.constant([0, 50]))
     decoded = [tf.io.decode_png(b, dtype=tf.uint16).numpy()[..., 0] for b in out["denoised_bytes"].numpy()]
-    got = np.stack(decoded).astype(np.float32) - export.PNG_HU_OFFSET
+    got = np.stack(decoded).astype(np.float32) - saved_model.PNG_HU_OFFSET
     assert np.abs(got - expected).max() <= 0.5 + 1e-3
 
     bad = {
