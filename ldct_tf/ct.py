@@ -116,3 +116,32 @@ def hu_to_int16(hu: np.ndarray) -> np.ndarray:
     if hu.dtype == np.int16:
         return hu
     return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+
+
+def padded_size(size, multiple: int):
+    """The smallest multiple of ``multiple`` that is >= ``size`` (a Python int or an integer tensor)."""
+    return size + (-size) % multiple
+
+
+def pad_to_multiple(image, multiple: int, value: float = AIR_HU, axes: tuple[int, int] = (0, 1)):
+    """Pad ``image`` at the bottom and right of ``axes`` with ``value`` (air) up to the next multiple of ``multiple``.
+
+    The generator only takes sizes divisible by ``2**depth``; padding at the far edges (not centred) means the result
+    is cropped back with a plain ``[:height, :width]``.  Works on numpy arrays and tensors (the serving graph uses it
+    with ``value=to_model(AIR_HU)`` on the model scale); a tensor's rank must be known.
+    """
+    if isinstance(image, np.ndarray):
+        widths = [(0, 0)] * image.ndim
+        for axis in axes:
+            widths[axis] = (0, padded_size(image.shape[axis], multiple) - image.shape[axis])
+        return np.pad(image, widths, constant_values=value)
+    import tensorflow as tf
+
+    rank = image.shape.rank
+    if rank is None:
+        raise ValueError("pad_to_multiple needs a tensor of known rank")
+    shape = tf.shape(image)
+    paddings = [[0, 0]] * rank
+    for axis in axes:
+        paddings[axis % rank] = [0, (-shape[axis]) % multiple]
+    return tf.pad(image, paddings, constant_values=value)

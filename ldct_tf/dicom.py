@@ -26,16 +26,13 @@ from typing import BinaryIO, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pydicom
-import pydicom.config
 import pydicom.errors
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ldct_tf import ct
+from ldct_tf import ct, keras_compat
 
-# Invalid values are common in clinical files and harmless to us; pydicom's validation warnings would also print the
-# offending value, which can be a patient name, into logs.  Decoding errors still raise.
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+keras_compat.quiet_pydicom_validation()  # its warnings would print identifiers into logs
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")

@@ -18,7 +18,8 @@ Wire formats (TF Serving's documented ones):
 
 Transient failures (connection refused or reset, HTTP 502/503/504/429, gRPC UNAVAILABLE, DEADLINE_EXCEEDED,
 RESOURCE_EXHAUSTED) are retried ``retries`` times with exponential backoff; anything else raises
-:class:`ServingError` at once, carrying the server's own message.
+:class:`ServingError` at once, carrying the server's own message.  Names, encodings and accepted shapes are the
+model's contract in :mod:`ldct_tf.saved_model` (imported, not copied).
 """
 
 from __future__ import annotations
@@ -34,36 +35,25 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-DEFAULT_SIGNATURE = "serving_default"  # kept equal to ldct_tf.export's names (not imported: export needs keras)
-BYTES_SIGNATURE = "denoise_bytes"
+from ldct_tf.saved_model import (BYTES_INPUT, BYTES_OUTPUT, BYTES_SIGNATURE, DEFAULT_SIGNATURE, HEIGHT_INPUT,
+                                 HU_INPUT, HU_OUTPUT, WIDTH_INPUT, as_batch, from_int16_bytes, graph_error_message,
+                                 int16_bytes)
+
 ENCODINGS = ("float32", "int16")
 _RETRY_HTTP = {429, 502, 503, 504}
 _MAX_MESSAGE = 1 << 30  # gRPC default is 4 MB: one batch of 512x512 float32 slices is 1 MB per slice
 
 
 class ServingError(RuntimeError):
-    """A request the server refused or could not answer; ``message`` is the server's own text, ``code`` its status
-    (gRPC status name, or the HTTP status as a string), ``url`` what was called."""
+    """A request the server refused or could not answer.  ``message`` is the sentence of the server's answer that
+    says what went wrong (node names and TensorFlow's preamble dropped), ``details`` the server's full text, ``code``
+    its status (gRPC status name, or the HTTP status as a string), ``url`` what was called."""
 
     def __init__(self, message: str, code: Optional[str] = None, url: Optional[str] = None):
-        self.message, self.code, self.url = message, code, url
+        self.details, self.code, self.url = message, code, url
+        self.message = graph_error_message(message)
         where = f" ({url})" if url else ""
-        super().__init__(f"{code or 'error'}{where}: {_summary(message)}")
-
-
-def _summary(message: str) -> str:
-    """The informative line of a TensorFlow error message (the full text stays in ``ServingError.message``)."""
-    for line in message.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("Graph execution error", "Detected at node", "<stack traces", "[[{{")):
-            return line.split("\t [[")[0].strip()
-    return message.strip()
-
-
-def _as_batch(hu):
-    from ldct_tf.export import as_batch  # one definition of the accepted shapes, shared with SavedModelDenoiser
-
-    return as_batch(hu)
+        super().__init__(f"{code or 'error'}{where}: {self.message}")
 
 
 class ServingClient:
@@ -127,7 +117,7 @@ class ServingClient:
 
     def predict(self, hu: np.ndarray) -> np.ndarray:
         """float HU [H,W], [N,H,W] or [N,H,W,1] -> denoised float32 HU of the same shape (batched by batch_size)."""
-        batch, restore = _as_batch(hu)
+        batch, restore = as_batch(hu)
         if self.encoding == "int16" and not np.isfinite(batch).all():
             # The server would never see a NaN once it is cast to int16: refuse here instead of a silent wrong answer.
             raise ValueError("HU input contains NaN or Inf; expected finite HU values")
@@ -192,29 +182,29 @@ class ServingClient:
 
     def _predict_rest(self, batch: np.ndarray) -> np.ndarray:
         if self.encoding == "float32":
-            body = {"signature_name": DEFAULT_SIGNATURE, "inputs": {"hu": batch.tolist()}}
+            body = {"signature_name": DEFAULT_SIGNATURE, "inputs": {HU_INPUT: batch.tolist()}}
             answer = self._http("POST", self._model_path() + ":predict", body)
             if "outputs" not in answer:
                 raise ServingError(f"response has no 'outputs': keys {sorted(answer)}", "BAD_RESPONSE", self.url)
             outputs = answer["outputs"]
             if isinstance(outputs, dict):  # several outputs: keyed by name
-                outputs = outputs["denoised_hu"]
+                outputs = outputs[HU_OUTPUT]
             return np.asarray(outputs, np.float32)
         _, height, width, _ = batch.shape
-        instances = [{"image_bytes": {"b64": base64.b64encode(_int16_bytes(image)).decode("ascii")},
-                      "height": int(height), "width": int(width)} for image in batch[..., 0]]
+        instances = [{BYTES_INPUT: {"b64": base64.b64encode(int16_bytes(image)).decode("ascii")},
+                      HEIGHT_INPUT: int(height), WIDTH_INPUT: int(width)} for image in batch[..., 0]]
         answer = self._http("POST", self._model_path() + ":predict",
                             {"signature_name": BYTES_SIGNATURE, "instances": instances})
         if "predictions" not in answer:
             raise ServingError(f"response has no 'predictions': keys {sorted(answer)}", "BAD_RESPONSE", self.url)
         images = []
         for item in answer["predictions"]:
-            if isinstance(item, dict) and "denoised_bytes" in item:
-                item = item["denoised_bytes"]
+            if isinstance(item, dict) and BYTES_OUTPUT in item:
+                item = item[BYTES_OUTPUT]
             if not (isinstance(item, dict) and "b64" in item):
                 raise ServingError("expected {'b64': ...} predictions from the denoise_bytes signature",
                                    "BAD_RESPONSE", self.url)
-            images.append(_from_int16_bytes(base64.b64decode(item["b64"]), height, width))
+            images.append(self._from_int16_bytes(base64.b64decode(item["b64"]), height, width))
         return np.stack(images)[..., np.newaxis]
 
     def _http(self, method: str, path: str, body: Optional[dict] = None) -> dict:
@@ -282,23 +272,29 @@ class ServingClient:
         _, height, width, _ = batch.shape
         if self.encoding == "float32":
             self._fill_spec(request.model_spec, DEFAULT_SIGNATURE)
-            request.inputs["hu"].CopyFrom(make_tensor_proto(batch))
-            request.output_filter.append("denoised_hu")
+            request.inputs[HU_INPUT].CopyFrom(make_tensor_proto(batch))
+            request.output_filter.append(HU_OUTPUT)
         else:
             self._fill_spec(request.model_spec, BYTES_SIGNATURE)
-            request.inputs["image_bytes"].CopyFrom(
-                make_tensor_proto([_int16_bytes(image) for image in batch[..., 0]]))
-            request.inputs["height"].CopyFrom(make_tensor_proto(np.full(len(batch), height, np.int32)))
-            request.inputs["width"].CopyFrom(make_tensor_proto(np.full(len(batch), width, np.int32)))
+            request.inputs[BYTES_INPUT].CopyFrom(
+                make_tensor_proto([int16_bytes(image) for image in batch[..., 0]]))
+            request.inputs[HEIGHT_INPUT].CopyFrom(make_tensor_proto(np.full(len(batch), height, np.int32)))
+            request.inputs[WIDTH_INPUT].CopyFrom(make_tensor_proto(np.full(len(batch), width, np.int32)))
         stub = prediction_service_pb2_grpc.PredictionServiceStub(self._grpc_channel())
         response = self._grpc_call(stub.Predict, request)
         if self.encoding == "float32":
-            if "denoised_hu" not in response.outputs:
-                raise ServingError(f"response has no 'denoised_hu': {sorted(response.outputs)}", "BAD_RESPONSE",
+            if HU_OUTPUT not in response.outputs:
+                raise ServingError(f"response has no {HU_OUTPUT!r}: {sorted(response.outputs)}", "BAD_RESPONSE",
                                    f"grpc://{self._base}")
-            return make_ndarray(response.outputs["denoised_hu"]).astype(np.float32)
-        strings = make_ndarray(response.outputs["denoised_bytes"])
-        return np.stack([_from_int16_bytes(s, height, width) for s in strings])[..., np.newaxis]
+            return make_ndarray(response.outputs[HU_OUTPUT]).astype(np.float32)
+        strings = make_ndarray(response.outputs[BYTES_OUTPUT])
+        return np.stack([self._from_int16_bytes(s, height, width) for s in strings])[..., np.newaxis]
+
+    def _from_int16_bytes(self, data: bytes, height: int, width: int) -> np.ndarray:
+        try:
+            return from_int16_bytes(data, height, width)
+        except ValueError as exc:
+            raise ServingError(str(exc), "BAD_RESPONSE", self.url) from None
 
     # --- retries --------------------------------------------------------------------------------------------------
 
@@ -374,18 +370,6 @@ def make_ndarray(proto) -> np.ndarray:
     if values.size != count:
         raise ServingError(f"tensor has {values.size} values for shape {shape}", "BAD_RESPONSE")
     return values.reshape(shape)
-
-
-def _int16_bytes(image: np.ndarray) -> bytes:
-    """float HU [H, W] -> raw little-endian int16 (rounded, clipped to the int16 range)."""
-    return np.clip(np.rint(image), -32768, 32767).astype("<i2").tobytes()
-
-
-def _from_int16_bytes(data: bytes, height: int, width: int) -> np.ndarray:
-    if len(data) != 2 * height * width:
-        raise ServingError(f"expected {2 * height * width} bytes of int16 for {height}x{width}, got {len(data)}",
-                           "BAD_RESPONSE")
-    return np.frombuffer(data, "<i2").reshape(height, width).astype(np.float32)
 
 
 def _grpc_code_name(code: int) -> str:

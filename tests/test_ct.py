@@ -50,3 +50,20 @@ def test_hu_to_int16_rounds_and_clips():
     out = ct.hu_to_int16(np.array([-0.6, 0.4, 1.5, 40000.0, -40000.0]))
     assert out.dtype == np.int16
     np.testing.assert_array_equal(out, [-1, 0, 2, 32767, -32768])
+
+
+def test_pad_to_multiple_numpy_and_tensorflow_agree():
+    import tensorflow as tf
+
+    assert [ct.padded_size(n, 8) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 24]
+    image = np.arange(5 * 6, dtype=np.float32).reshape(5, 6)
+    padded = ct.pad_to_multiple(image, 4)
+    assert padded.shape == (8, 8) and padded.dtype == np.float32
+    np.testing.assert_array_equal(padded[:5, :6], image)  # bottom/right padding: a plain crop gives it back
+    assert (padded[5:] == ct.AIR_HU).all() and (padded[:, 6:] == ct.AIR_HU).all()
+    batch = np.stack([image, image + 1])[..., None]  # [N, H, W, 1]
+    expected = ct.pad_to_multiple(batch, 4, value=-1.0, axes=(1, 2))
+    assert expected.shape == (2, 8, 8, 1)
+    got = ct.pad_to_multiple(tf.constant(batch), 4, value=-1.0, axes=(1, 2))
+    np.testing.assert_array_equal(got.numpy(), expected)
+    assert ct.pad_to_multiple(image[:4, :4], 4).shape == (4, 4)  # already a multiple: unchanged

@@ -8,7 +8,7 @@ import pytest
 
 from ldct_tf import demo
 from tests.conftest import REPO
-from tests.serving_fixture import export_test_model
+from ldct_tf.testing.models import export_test_model
 
 
 @pytest.fixture(scope="module")

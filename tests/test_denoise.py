@@ -309,7 +309,7 @@ def test_cli_with_saved_model(ct_small_series, saved_model, model_denoiser, tmp_
 def test_cli_with_tf_serving(ct_small_series, saved_model, model_denoiser, tmp_path, capsys, protocol):
     """--server: the same files as with the local model, through TF Serving's REST and gRPC APIs (served on loopback
     by the test fixture, which runs the real PredictionService)."""
-    from tests.serving_fixture import serve
+    from ldct_tf.testing.model_server import serve
 
     with serve(saved_model.parent, saved_model.name) as (rest_url, grpc_target):
         url = rest_url if protocol == "rest" else f"grpc://{grpc_target}"

@@ -14,9 +14,10 @@ import pytest
 import tensorflow as tf
 
 from ldct_tf import config as config_lib
-from ldct_tf import ct, export
+from ldct_tf import ct, export, saved_model
 from tests.conftest import REPO
-from tests.serving_fixture import LoopbackModelServer, smoke_generator
+from ldct_tf.testing.model_server import LoopbackModelServer
+from ldct_tf.testing.models import smoke_generator
 
 TRAIN_STEP = 7
 
@@ -127,10 +128,11 @@ def test_bytes_signature_raw_int16_and_16bit_png(exported):
     got = np.stack([np.frombuffer(b, "<i2").reshape(37, 50) for b in out["denoised_bytes"].numpy()])
     assert np.abs(got - expected).max() <= 0.5 + 1e-3  # rounding only
 
-    pngs = [tf.io.encode_png((image + export.PNG_HU_OFFSET).astype(np.uint16)[..., None]).numpy() for image in hu]
+    pngs = [tf.io.encode_png((image + saved_model.PNG_HU_OFFSET).astype(np.uint16)[..., None]).numpy()
+            for image in hu]
     out = denoise_bytes(image_bytes=tf.constant(pngs), height=tf.constant([0, 37]), width=tf.constant([0, 50]))
     decoded = [tf.io.decode_png(b, dtype=tf.uint16).numpy()[..., 0] for b in out["denoised_bytes"].numpy()]
-    got = np.stack(decoded).astype(np.float32) - export.PNG_HU_OFFSET
+    got = np.stack(decoded).astype(np.float32) - saved_model.PNG_HU_OFFSET
     assert np.abs(got - expected).max() <= 0.5 + 1e-3
 
     bad = {
@@ -228,3 +230,47 @@ def test_real_ct_slice(exported, shared_data):
     out = export.SavedModelDenoiser(version_dir)(hu)
     assert out.shape == hu.shape == (512, 512)
     np.testing.assert_allclose(out, keras_reference(generator, hu[None], 4)[0], atol=0.05)
+
+
+def test_inputs_below_the_minimum_size_are_refused_in_both_signatures(exported):
+    _, _, version_dir, _ = exported
+    meta = json.loads((version_dir / "metadata.json").read_text())
+    assert meta["min_size"] == 8 == 2 * meta["size_multiple"]
+    loaded = tf.saved_model.load(str(version_dir))
+    serve, denoise_bytes = loaded.signatures["serving_default"], loaded.signatures["denoise_bytes"]
+    for shape in [(1, 3, 3, 1), (1, 1, 1, 1), (2, 7, 40, 1), (1, 40, 7, 1)]:
+        with pytest.raises(tf.errors.InvalidArgumentError) as info:
+            serve(hu=tf.zeros(shape))
+        assert saved_model.graph_error_message(info.value.message) == (
+            "input 'hu' is smaller than the model's minimum of 8x8 pixels (height and width must be >= 8; send whole "
+            f"slices); got shape [{' '.join(map(str, shape))}]")
+    assert serve(hu=tf.zeros((1, 8, 8, 1)))["denoised_hu"].shape == (1, 8, 8, 1)
+    raw = np.zeros((3, 3), "<i2").tobytes()
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        denoise_bytes(image_bytes=tf.constant([raw]), height=tf.constant([3]), width=tf.constant([3]))
+    assert saved_model.graph_error_message(info.value.message).startswith(
+        "input 'image_bytes' is smaller than the model's minimum of 8x8 pixels")
+    with pytest.raises(ValueError, match="smaller than the model's minimum of 8x8 pixels") as info:
+        export.SavedModelDenoiser(version_dir)(np.zeros((3, 3), np.float32))
+    assert "Graph execution error" not in str(info.value) and "assertion failed" not in str(info.value)
+
+
+def test_at_the_size_multiple_the_bottleneck_sees_nothing():
+    """Why the minimum is twice the size multiple: at the multiple the coarsest map is 1x1 and instance normalisation
+    turns every input into the same features; one level larger they differ."""
+    import keras
+
+    generator = smoke_generator()
+    bottleneck = keras.Model(generator.input, generator.get_layer("enc1_down").output)  # smoke: depth 2, multiple 4
+    rng = np.random.default_rng(4)
+    for size, same in ((4, True), (8, False)):
+        a, b = (rng.uniform(-1, 1, (1, size, size, 1)).astype(np.float32) for _ in range(2))
+        fa, fb = np.asarray(bottleneck(a)), np.asarray(bottleneck(b))
+        assert fa.shape[1:3] == (size // 4, size // 4)
+        assert np.allclose(fa, fb, atol=1e-5) == same, size
+
+
+def test_warmup_size_below_the_minimum_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="warmup_size 4 is below the model's minimum input size 8"):
+        export.export_generator(smoke_generator(), tmp_path / "m", warmup_size=4)
+    assert not (tmp_path / "m").exists()

@@ -13,7 +13,8 @@ from tensorflow_serving.apis import predict_pb2
 
 from ldct_tf.export import SavedModelDenoiser
 from ldct_tf.serving import ServingClient, ServingError, make_ndarray, make_tensor_proto
-from tests.serving_fixture import export_test_model, serve
+from ldct_tf.testing.model_server import serve
+from ldct_tf.testing.models import export_test_model
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,7 @@ def test_errors_carry_the_servers_message(server, protocol, code):
     assert info.value.code == code
     assert "contains NaN or Inf; expected finite HU values" in info.value.message
     assert "NaN or Inf" in str(info.value) and "Graph execution error" not in str(info.value)
+    assert info.value.message.startswith("input 'hu' contains NaN or Inf")  # the useful sentence first
     with pytest.raises(ServingError) as info:
         ServingClient(server[protocol], version=7).predict(np.zeros((4, 4), np.float32))
     assert info.value.code in ("404", "NOT_FOUND") and "7" in info.value.message
@@ -173,3 +175,39 @@ def test_url_and_argument_parsing():
             ServingClient(**bad)
     with pytest.raises(ValueError, match=r"\[N, H, W, 1\]"):
         ServingClient("h:1").predict(np.zeros((1, 2, 2, 2), np.float32))
+
+
+def test_rest_400_body_starts_with_the_useful_sentence(server):
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"signature_name": "serving_default", "inputs": {"hu": np.zeros((1, 3, 3, 1)).tolist()}})
+    request = urllib.request.Request(server["rest"] + "/v1/models/ldct_denoiser:predict", data=body.encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code == 400
+    error = json.loads(info.value.read())["error"]
+    assert error.startswith("input 'hu' is smaller than the model's minimum of 8x8 pixels"), error
+
+
+@pytest.mark.parametrize("protocol,encoding,code", [("rest", "float32", "400"), ("rest", "int16", "400"),
+                                                    ("grpc", "float32", "INVALID_ARGUMENT"),
+                                                    ("grpc", "int16", "INVALID_ARGUMENT")])
+def test_too_small_inputs_are_refused_with_the_minimum(server, protocol, encoding, code):
+    name = "hu" if encoding == "float32" else "image_bytes"
+    with pytest.raises(ServingError) as info:
+        ServingClient(server[protocol], encoding=encoding).predict(np.zeros((3, 3), np.float32))
+    assert info.value.code == code
+    assert info.value.message.startswith(f"input '{name}' is smaller than the model's minimum of 8x8 pixels")
+    assert str(info.value).endswith(info.value.message)
+
+
+def test_serving_error_leads_with_the_sentence_of_a_real_servers_answer():
+    text = ("assertion failed: [input \\'hu\\' is smaller than the model\\'s minimum of 16x16 pixels (height and width "
+            "must be >= 16; send whole slices); got shape] [1 3 3 1]\n\t [[{{node Assert_3/Assert}}]]")
+    error = ServingError(text, "400", "http://h:1")
+    assert error.message == ("input 'hu' is smaller than the model's minimum of 16x16 pixels (height and width must "
+                             "be >= 16; send whole slices); got shape [1 3 3 1]")
+    assert error.details == text and str(error) == f"400 (http://h:1): {error.message}"

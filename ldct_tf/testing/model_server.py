@@ -10,19 +10,19 @@ exported SavedModels the way TF Serving does, on 127.0.0.1 only:
 * gRPC, the real ``tensorflow.serving.PredictionService/Predict`` and ``ModelService/GetModelStatus`` services from
   ``tensorflow-serving-api`` (its servicer base classes and protos).
 
-Each SavedModel version runs its signatures exactly as a server would (TensorFlow errors keep their code and
-message).  Usage::
+Each SavedModel version runs its signatures exactly as a server would: TensorFlow errors keep their code, and their
+message is the op's own sentence (what TF Serving answers), without the ``Graph execution error: Detected at node``
+preamble that only Python's eager call adds.  Usage::
 
-    from tests.serving_fixture import serve
+    from ldct_tf.testing.model_server import serve
     with serve(Path("saved_models"), "ldct_denoiser") as (rest_url, grpc_target):
         ServingClient(rest_url).predict(hu)
 
-Standalone (for trying the client by hand): ``python -m tests.serving_fixture saved_models [NAME]``.
+Standalone (for trying the client by hand): ``python -m ldct_tf.testing.model_server saved_models [NAME]``.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import sys
@@ -35,26 +35,19 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import grpc
-import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-DEFAULT_SIGNATURE = "serving_default"
+from ldct_tf.saved_model import DEFAULT_SIGNATURE, graph_error_message, versions
+from ldct_tf.testing.rest_json import Fault, request_inputs, response_body
+
 # TF Serving's HTTP status for each error code (tensorflow_serving/model_servers/http_rest_api_handler.cc).
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404,
                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "RESOURCE_EXHAUSTED": 429, "UNIMPLEMENTED": 501,
                "INTERNAL": 500, "UNKNOWN": 500}
 _MAX_MESSAGE = 1 << 30
 _ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?P<verb>:predict|/metadata)?$")
-
-
-class Fault(Exception):
-    """An error the server answers with: a gRPC status code name and a message."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class LoopbackModelServer:
@@ -68,12 +61,10 @@ class LoopbackModelServer:
     def __init__(self, model_root: Path, name: str):
         self.name = name
         folder = Path(model_root) / name
-        versions = sorted(int(p.name) for p in folder.iterdir()
-                          if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").exists()) \
-            if folder.is_dir() else []
-        if not versions:
+        found = versions(folder)
+        if not found:
             raise FileNotFoundError(f"{folder}: no SavedModel versions to serve")
-        self.models = {v: tf.saved_model.load(str(folder / str(v))) for v in versions}
+        self.models = {v: tf.saved_model.load(str(folder / str(v))) for v in found}
         self.rest_log: list[tuple[str, str, Optional[dict]]] = []
         self.grpc_log: list = []
         self._failures = 0
@@ -145,7 +136,7 @@ class LoopbackModelServer:
         try:
             outputs = function(**tensors)
         except tf.errors.OpError as exc:
-            raise Fault(_code_name(exc.error_code), exc.message) from None
+            raise Fault(_code_name(exc.error_code), graph_error_message(exc.message)) from None
         except (TypeError, ValueError) as exc:  # shape incompatible with a fixed-shape spec
             raise Fault("INVALID_ARGUMENT", str(exc)) from None
         result = {k: v.numpy() for k, v in outputs.items() if not output_filter or k in output_filter}
@@ -196,112 +187,6 @@ def _code_name(code: int) -> str:
 
 # --- REST ---------------------------------------------------------------------------------------------------------
 
-def _json_to_array(value, dtype: tf.DType) -> np.ndarray:
-    """A JSON value (nested lists; ``{"b64": ...}`` objects for strings) -> numpy array of the signature's dtype."""
-    if dtype == tf.string:
-        def convert(item):
-            if isinstance(item, list):
-                return [convert(i) for i in item]
-            if isinstance(item, dict):
-                if set(item) != {"b64"} or not isinstance(item["b64"], str):
-                    raise Fault("INVALID_ARGUMENT", f"JSON Value: {json.dumps(item)[:80]} not formatted correctly "
-                                                    "for base64 data")
-                try:
-                    return base64.b64decode(item["b64"], validate=True)
-                except ValueError:
-                    raise Fault("INVALID_ARGUMENT", "Unable to base64 decode") from None
-            if isinstance(item, str):
-                return item.encode("utf-8")
-            raise Fault("INVALID_ARGUMENT", f"JSON Value: {item!r} is not of expected type: string")
-
-        converted = convert(value)
-        array = np.empty(np.shape(converted) if isinstance(converted, list) else (), dtype=object)
-        if isinstance(converted, list):
-            _fill(array, converted)
-        else:
-            array[()] = converted
-        return array
-    try:
-        array = np.asarray(value, dtype=dtype.as_numpy_dtype)
-    except (TypeError, ValueError) as exc:
-        raise Fault("INVALID_ARGUMENT", f"JSON value is not a dense {dtype.name} tensor: {exc}") from None
-    return array
-
-
-def _fill(array: np.ndarray, nested: list) -> None:
-    for index, item in enumerate(nested):
-        if isinstance(item, list):
-            _fill(array[index], item)
-        else:
-            array[index] = item
-
-
-def _array_to_json(value, as_bytes: bool):
-    """numpy value -> JSON value; strings as ``{"b64": ...}`` when the output's name ends in ``_bytes``."""
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return [_array_to_json(item, as_bytes) for item in value] if value.ndim else _array_to_json(value[()],
-                                                                                                   as_bytes)
-    if isinstance(value, bytes):
-        return {"b64": base64.b64encode(value).decode("ascii")} if as_bytes else value.decode("utf-8", "replace")
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    return value
-
-
-def _request_inputs(body: dict, specs: dict) -> tuple[dict, str]:
-    """The ``instances`` (row) or ``inputs`` (columnar) part of a predict request -> ({name: array}, format)."""
-    if ("instances" in body) == ("inputs" in body):
-        raise Fault("INVALID_ARGUMENT", "Missing 'inputs' or 'instances' key" if "instances" not in body else
-                    "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist")
-    if "instances" in body:
-        instances = body["instances"]
-        if not isinstance(instances, list) or not instances:
-            raise Fault("INVALID_ARGUMENT", "Expecting 'instances' to be a non-empty list")
-        named = isinstance(instances[0], dict) and set(instances[0]) != {"b64"}
-        if not named:
-            if len(specs) > 1:
-                raise Fault("INVALID_ARGUMENT", "instances is a plain list, but expecting list of objects as "
-                                                "multiple input tensors required as per tensorinfo_map")
-            key = next(iter(specs))
-            return {key: _json_to_array(instances, specs[key].dtype)}, "row"
-        columns: dict = {key: [] for key in specs}
-        for index, item in enumerate(instances):
-            if not isinstance(item, dict) or set(item) != set(specs):
-                raise Fault("INVALID_ARGUMENT", f"Failed to process element: {index} of 'instances' list. keys must "
-                                                f"be equal to: {','.join(sorted(specs))}")
-            for key in specs:
-                columns[key].append(item[key])
-        return {key: _json_to_array(values, specs[key].dtype) for key, values in columns.items()}, "row"
-    inputs = body["inputs"]
-    if isinstance(inputs, dict) and set(inputs) != {"b64"}:
-        missing = set(specs) - set(inputs)
-        if missing:
-            raise Fault("INVALID_ARGUMENT", f"Missing named input: {sorted(missing)[0]} in 'inputs' object.")
-        return {key: _json_to_array(inputs[key], specs[key].dtype) for key in inputs}, "columnar"
-    if len(specs) > 1:
-        raise Fault("INVALID_ARGUMENT", "inputs is a plain value/list, but expecting an object as multiple input "
-                                        "tensors required as per tensorinfo_map")
-    key = next(iter(specs))
-    return {key: _json_to_array(inputs, specs[key].dtype)}, "columnar"
-
-
-def _response_body(outputs: dict, form: str) -> dict:
-    encoded = {k: (v, k.endswith("_bytes") and v.dtype == object) for k, v in outputs.items()}
-    if form == "columnar":
-        if len(encoded) == 1:
-            (array, as_bytes), = encoded.values()
-            return {"outputs": _array_to_json(array, as_bytes)}
-        return {"outputs": {k: _array_to_json(a, b) for k, (a, b) in encoded.items()}}
-    batch = {len(a) for a, _ in encoded.values()}
-    if len(batch) != 1:
-        raise Fault("INVALID_ARGUMENT", "outputs have inconsistent batch sizes")
-    predictions = []
-    for index in range(batch.pop()):
-        items = {k: _array_to_json(a[index], b) for k, (a, b) in encoded.items()}
-        predictions.append(next(iter(items.values())) if len(items) == 1 else items)
-    return {"predictions": predictions}
-
-
 class _RestHandler(BaseHTTPRequestHandler):
     model_server: LoopbackModelServer
     protocol_version = "HTTP/1.1"
@@ -349,9 +234,9 @@ class _RestHandler(BaseHTTPRequestHandler):
                     raise Fault("INVALID_ARGUMENT", "JSON Value: request body Is not object")
                 signature = body.get("signature_name", DEFAULT_SIGNATURE)
                 specs = server.input_specs(server.signature(name, version, signature))
-                inputs, form = _request_inputs(body, specs)
+                inputs, form = request_inputs(body, specs)
                 _, outputs = server.predict(name, version, signature, inputs)
-                self._answer(200, _response_body(outputs, form))
+                self._answer(200, response_body(outputs, form))
             else:
                 raise Fault("NOT_FOUND" if verb != "/metadata" else "UNIMPLEMENTED",
                             f"Malformed request: {method} {self.path}")
@@ -413,35 +298,6 @@ class _Models(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def smoke_generator(seed: int = 0):
-    """The generator of ``configs/smoke.yaml`` with a noise head strong enough that its output differs from its input
-    by tens of HU (an untrained generator is almost the identity, which would let a test pass with the network
-    skipped)."""
-    import keras
-
-    from ldct_tf import config as config_lib
-    from ldct_tf.models.generator import build_generator
-
-    keras.utils.set_random_seed(seed)
-    m = config_lib.load(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml").model
-    generator = build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm, name="low_to_normal")
-    head = generator.get_layer("noise")
-    kernel, bias = head.get_weights()
-    head.set_weights([np.random.default_rng(seed).normal(0.0, 0.05, kernel.shape).astype(np.float32), bias])
-    return generator
-
-
-def export_test_model(root: Path, name: str = "ldct_denoiser", **kwargs):
-    """Export :func:`smoke_generator` to ``root/name/VERSION`` (small warm-up requests); returns (generator,
-    version folder).  For tests of anything that needs a real SavedModel (denoise, serving, the notebook)."""
-    from ldct_tf.export import export_generator
-
-    generator = smoke_generator()
-    kwargs.setdefault("warmup_size", 64)
-    kwargs.setdefault("metadata", {"purpose": "test model (smoke config, untrained)"})
-    return generator, export_generator(generator, Path(root) / name, **kwargs)
-
-
 @contextmanager
 def serve(model_root: Path, name: str = "ldct_denoiser") -> Iterator[tuple[str, str]]:
     """Serve ``model_root/name/*`` on loopback; yields ``(rest_url, grpc_target)``.  The server object is reachable
@@ -460,7 +316,7 @@ serve.last = None
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        print("usage: python -m tests.serving_fixture MODELS_ROOT [NAME]", file=sys.stderr)
+        print("usage: python -m ldct_tf.testing.model_server MODELS_ROOT [NAME]", file=sys.stderr)
         return 2
     with serve(Path(args[0]), args[1] if len(args) > 1 else "ldct_denoiser") as (rest, target):
         print(f"REST {rest}  gRPC {target}  (Ctrl-C stops)", flush=True)

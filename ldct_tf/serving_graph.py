@@ -1,0 +1,233 @@
+"""The graph inside the exported SavedModel: input checks, HU <-> model scale, padding to the network's multiple and
+cropping back, and the codecs of the ``denoise_bytes`` signature.
+
+Everything a caller can get wrong is checked here, in the graph, rather than in a Python wrapper: TF Serving runs the
+graph without our Python, so only an in-graph ``InvalidArgument`` reaches its clients with a message that says what
+was expected (the names and encodings are the contract in :mod:`ldct_tf.saved_model`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tensorflow as tf
+
+from ldct_tf import ct, keras_compat
+from ldct_tf.saved_model import (BYTES_INPUT, BYTES_OUTPUT, HEIGHT_INPUT, HU_INPUT, HU_OUTPUT, PNG_HU_OFFSET,
+                                 PNG_MAGIC, WIDTH_INPUT)
+
+if TYPE_CHECKING:  # keras is only needed to export, not to run a SavedModel
+    import keras
+
+_AIR_MODEL = float(ct.to_model(ct.AIR_HU))  # padding value on the model scale (-1)
+_SUMMARIZE = 8  # how many values an Assert message shows (TF's default of 3 cuts a 4-D shape short)
+
+
+def infer_size_multiple(generator: "keras.Model") -> int:
+    """2**(number of stride-2 layers): the generator's height/width multiple (see models/generator.py)."""
+    strided = 0
+    for layer in generator.layers:
+        strides = getattr(layer, "strides", 1)
+        if strides == 2 or (isinstance(strides, (tuple, list)) and tuple(strides) == (2, 2)):
+            strided += 1
+    return 2**strided
+
+
+def min_input_size(size_multiple: int) -> int:
+    """The smallest height and width the model answers: twice its size multiple.
+
+    At the size multiple itself the coarsest feature map is 1x1, and instance normalisation of a single pixel
+    returns the same constant for every input, so the bottleneck carries nothing (tests/test_export.py shows it).
+    Two pixels a side is the least that keeps information there.  Smaller images (3x3, 1x1) are mostly padding and
+    came back tens of HU off for all-water input; they are refused rather than answered wrongly.
+    """
+    return 2 * int(size_multiple)
+
+
+class DenoiserModule(tf.Module):
+    """What the SavedModel holds: the generator's weights (its own copies, optionally float16) and the two signatures.
+
+    The generator runs through ``keras.Model.stateless_call`` on weights cast to float32, so the SavedModel carries
+    one copy of the weights in whichever dtype was chosen, and no Keras objects (loading needs only TensorFlow).
+    """
+
+    def __init__(self, generator: "keras.Model", size_multiple: int, float16_weights: bool = False,
+                 min_size: int | None = None):
+        super().__init__(name="ldct_denoiser")
+        dtype = tf.float16 if float16_weights else tf.float32
+        generator = keras_compat.with_traceable_upsampling(generator)
+        # A closure, not an attribute: an attribute would make the Keras model a tracked dependency and save a
+        # second copy of its weights.
+        self._run_generator = lambda weights, others, x: generator.stateless_call(weights, others, x,
+                                                                                  training=False)[0]
+        self.trainable = [tf.Variable(np.asarray(v.numpy()), dtype=dtype, trainable=False, name=_var_name(v))
+                          for v in generator.trainable_variables]
+        self.non_trainable = [tf.Variable(np.asarray(v.numpy()), dtype=dtype, trainable=False, name=_var_name(v))
+                              for v in generator.non_trainable_variables]
+        self._multiple = int(size_multiple)
+        self._min_size = int(min_size or min_input_size(size_multiple))
+        self.size_multiple = tf.constant(self._multiple, tf.int32)
+        self.min_size = tf.constant(self._min_size, tf.int32)
+
+    def _model(self, x: tf.Tensor) -> tf.Tensor:
+        weights = [tf.cast(v, tf.float32) for v in self.trainable]
+        others = [tf.cast(v, tf.float32) for v in self.non_trainable]
+        return tf.cast(self._run_generator(weights, others, x), tf.float32)
+
+    def denoise(self, hu: tf.Tensor, input_name: str = HU_INPUT) -> tf.Tensor:
+        """[N, H, W, 1] float HU (already validated) -> denoised float32 HU of the same shape."""
+        hu = require_min_size(tf.ensure_shape(hu, [None, None, None, 1]), self._min_size, input_name)
+        shape = tf.shape(hu)
+        x = ct.pad_to_multiple(ct.to_model(hu), self._multiple, value=_AIR_MODEL, axes=(1, 2))
+        y = self._model(x)[:, :shape[1], :shape[2], :]
+        return ct.from_model(y)
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name=HU_INPUT)])
+    def serve_hu(self, hu):
+        # Unknown rank in the spec on purpose: the rank and channel checks then run in the graph (TF Serving does not
+        # check shapes against the signature), and their messages say what was expected.
+        hu = validate_hu(hu)
+        return {HU_OUTPUT: self.denoise(hu)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT),
+                                  tf.TensorSpec([None], tf.int32, name=HEIGHT_INPUT),
+                                  tf.TensorSpec([None], tf.int32, name=WIDTH_INPUT)])
+    def serve_bytes(self, image_bytes, height, width):
+        hu, is_png = decode_images(image_bytes, height, width)
+        denoised = self.denoise(hu[..., tf.newaxis], BYTES_INPUT)[..., 0]
+        return {BYTES_OUTPUT: encode_images(denoised, is_png)}
+
+
+def _var_name(variable) -> str:
+    return (getattr(variable, "path", None) or variable.name).replace("/", "_").replace(":", "_")
+
+
+def _after(checks: list, tensor: tf.Tensor) -> tf.Tensor:
+    """``tensor``, available only once every check has passed."""
+    with tf.control_dependencies(checks):
+        return tf.identity(tensor)
+
+
+def validate_hu(hu: tf.Tensor) -> tf.Tensor:
+    """In-graph checks: rank 4, one channel, finite values; each failure is an InvalidArgument saying what was
+    expected."""
+    # Every check reads a padded copy of the shape, so none can fail on an out-of-range index before the rank check
+    # has reported (the graph may run independent checks in any order).
+    shape = tf.shape(hu)
+    rank = tf.size(shape)
+    dims = tf.concat([shape, tf.ones([4], tf.int32)], axis=0)
+    not_4d = tf.not_equal(rank, 4)
+    hu = _after([
+        tf.debugging.Assert(tf.equal(rank, 4), [f"input '{HU_INPUT}' must be float32 HU of shape "
+                                                "[batch, height, width, 1]; got shape", shape], summarize=_SUMMARIZE),
+        tf.debugging.Assert(tf.logical_or(not_4d, tf.equal(dims[3], 1)),
+                            [f"input '{HU_INPUT}' must have exactly 1 channel (shape [batch, height, width, 1]); got "
+                             "shape", shape], summarize=_SUMMARIZE),
+        tf.debugging.Assert(tf.logical_or(not_4d, tf.reduce_all(dims[1:3] > 0)),
+                            [f"input '{HU_INPUT}' must have height and width >= 1; got shape", shape],
+                            summarize=_SUMMARIZE),
+    ], hu)
+    hu = tf.debugging.assert_all_finite(hu, message=f"input '{HU_INPUT}' contains NaN or Inf; expected finite HU "
+                                                    "values")
+    # Checked above, so this never fails; it gives the output a static [?, ?, ?, 1] shape in the signature.
+    return tf.ensure_shape(hu, [None, None, None, 1])
+
+
+def require_min_size(hu: tf.Tensor, min_size: int, input_name: str) -> tf.Tensor:
+    """[N, H, W, C] -> itself once H and W are >= ``min_size`` (see :func:`min_input_size`); otherwise an
+    InvalidArgument that names the minimum.  Runs after the other checks, so a NaN or a wrong rank is reported
+    first."""
+    shape = tf.shape(hu)
+    message = (f"input '{input_name}' is smaller than the model's minimum of {min_size}x{min_size} pixels (height "
+               f"and width must be >= {min_size}; send whole slices); got shape")
+    return _after([tf.debugging.Assert(tf.reduce_all(shape[1:3] >= min_size), [message, shape],
+                                       summarize=_SUMMARIZE)], hu)
+
+
+def _png_header_int(data: tf.Tensor, offset: int) -> tf.Tensor:
+    """A big-endian uint32 field of a PNG IHDR chunk, as int32."""
+    return tf.io.decode_raw(tf.strings.substr(data, offset, 4), tf.int32, little_endian=False)[0]
+
+
+def _decode_one(args):
+    data, height, width = args
+    is_png = tf.equal(tf.strings.substr(data, 0, 8), PNG_MAGIC)
+
+    def png():
+        header_ok = tf.debugging.assert_greater_equal(
+            tf.strings.length(data), 33, message=f"{BYTES_INPUT}: PNG too short to hold its header")
+        with tf.control_dependencies([header_ok]):
+            bit_depth = tf.io.decode_raw(tf.strings.substr(data, 24, 1), tf.uint8)[0]
+            colour = tf.io.decode_raw(tf.strings.substr(data, 25, 1), tf.uint8)[0]
+            png_w, png_h = _png_header_int(data, 16), _png_header_int(data, 20)
+        checks = [
+            tf.debugging.assert_equal(bit_depth, tf.constant(16, tf.uint8),
+                                      message=f"{BYTES_INPUT}: expected a 16-bit greyscale PNG (HU + "
+                                              f"{PNG_HU_OFFSET}); got another bit depth"),
+            tf.debugging.assert_equal(colour, tf.constant(0, tf.uint8),
+                                      message=f"{BYTES_INPUT}: expected a greyscale PNG (colour type 0)"),
+            tf.debugging.Assert(tf.logical_or(tf.equal(height, 0), tf.equal(height, png_h)),
+                                [f"{BYTES_INPUT}: PNG height", png_h, f"differs from the '{HEIGHT_INPUT}' input",
+                                 height]),
+            tf.debugging.Assert(tf.logical_or(tf.equal(width, 0), tf.equal(width, png_w)),
+                                [f"{BYTES_INPUT}: PNG width", png_w, f"differs from the '{WIDTH_INPUT}' input",
+                                 width]),
+        ]
+        image = tf.io.decode_png(_after(checks, data), channels=1, dtype=tf.uint16)
+        return tf.cast(image[..., 0], tf.float32) - float(PNG_HU_OFFSET)
+
+    def raw():
+        expected = 2 * tf.cast(height, tf.int64) * tf.cast(width, tf.int64)
+        checks = [
+            tf.debugging.assert_positive(tf.stack([height, width]),
+                                         message=f"{BYTES_INPUT}: raw int16 input needs '{HEIGHT_INPUT}' and "
+                                                 f"'{WIDTH_INPUT}' >= 1"),
+            tf.debugging.Assert(tf.equal(tf.cast(tf.strings.length(data), tf.int64), expected),
+                                [f"{BYTES_INPUT}: raw int16 data must be 2*height*width bytes; got",
+                                 tf.strings.length(data), "bytes for height", height, "width", width]),
+        ]
+        values = tf.io.decode_raw(_after(checks, data), tf.int16, little_endian=True)
+        return tf.reshape(tf.cast(values, tf.float32), tf.stack([height, width]))
+
+    return tf.cond(is_png, png, raw), is_png
+
+
+def decode_images(image_bytes: tf.Tensor, height: tf.Tensor, width: tf.Tensor):
+    """[N] PNG / raw int16 strings -> ([N, H, W] float HU, [N] bool is_png).  All images must share one size."""
+    count_ok = tf.debugging.assert_equal(
+        tf.stack([tf.size(height), tf.size(width)]), tf.stack([tf.size(image_bytes)] * 2),
+        message=f"'{BYTES_INPUT}', '{HEIGHT_INPUT}' and '{WIDTH_INPUT}' must have the same batch size")
+    nonempty = tf.debugging.assert_positive(tf.size(image_bytes), message=f"'{BYTES_INPUT}' is empty")
+    with tf.control_dependencies([count_ok, nonempty]):
+        images, is_png = tf.map_fn(
+            _decode_one, (image_bytes, height, width),
+            fn_output_signature=(tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([], tf.bool)),
+            infer_shape=False)
+    # map_fn stacks into one tensor; different sizes would fail there with a message about TensorArrays.
+    return images, is_png
+
+
+_BYTE_TABLE = [bytes([i]) for i in range(256)]
+
+
+def _encode_one(args):
+    hu, is_png = args
+
+    def png():
+        stored = tf.clip_by_value(tf.round(hu) + float(PNG_HU_OFFSET), 0.0, 65535.0)
+        return tf.io.encode_png(tf.cast(stored, tf.uint16)[..., tf.newaxis])
+
+    def raw():
+        # Little-endian int16, built byte by byte so the result does not depend on the server's byte order.
+        values = tf.cast(tf.clip_by_value(tf.round(hu), -32768.0, 32767.0), tf.int32)
+        unsigned = tf.bitwise.bitwise_and(tf.reshape(values, [-1]), 0xFFFF)
+        pairs = tf.stack([tf.bitwise.bitwise_and(unsigned, 0xFF), tf.bitwise.right_shift(unsigned, 8)], axis=1)
+        return tf.strings.reduce_join(tf.gather(tf.constant(_BYTE_TABLE), tf.reshape(pairs, [-1])))
+
+    return tf.cond(is_png, png, raw)
+
+
+def encode_images(hu: tf.Tensor, is_png: tf.Tensor) -> tf.Tensor:
+    """[N, H, W] float HU -> [N] strings, each a 16-bit PNG (HU + 1024) or raw little-endian int16 like its input."""
+    return tf.map_fn(_encode_one, (hu, is_png), fn_output_signature=tf.TensorSpec([], tf.string))
