@@ -229,7 +229,7 @@ def validation_dataset(pairs: list, paired: bool, multiple: int, batch_size: int
         return None
     height = max(max(l.shape[0], n.shape[0]) for l, n in pairs)
     width = max(max(l.shape[1], n.shape[1]) for l, n in pairs)
-    height, width = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+    height, width = ct.padded_size(height, multiple), ct.padded_size(width, multiple)
 
     def pad(hu):
         out = np.full((height, width, 1), ct.AIR_HU, np.float32)

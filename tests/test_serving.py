@@ -37,7 +37,8 @@ def slices():
     ("rest", "float32", 1e-3), ("rest", "int16", 0.5 + 1e-3), ("grpc", "float32", 1e-3), ("grpc", "int16", 0.5 + 1e-3),
 ])
 def test_predict_matches_the_local_savedmodel(server, slices, protocol, encoding, tolerance):
-    expected = server["local"](slices)
+    # Batched as the client sends them (2 + 1): oneDNN's float arithmetic differs with the batch size by ~1e-3 HU.
+    expected = np.concatenate([server["local"](slices[:2]), server["local"](slices[2:])])
     assert np.abs(expected - slices).mean() > 5.0  # the test model changes its input
     with ServingClient(server[protocol], encoding=encoding, batch_size=2) as client:
         assert client.protocol == protocol
