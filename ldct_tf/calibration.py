@@ -121,14 +121,15 @@ def calibrate_kernel(low_slices: Sequence[np.ndarray], normal_slices: Sequence[n
     if not evidence["low"] or not evidence["normal"]:
         raise ValueError("no flat soft-tissue tile found in the low- or the normal-dose slices")
     f = evidence["low"][0]["f"]
+    floor = min(MIN_BAND_FREQ, 0.25 * float(f.max()))  # coarse pixels: a quarter of Nyquist
     low_nps = np.mean([e["nps"] for e in evidence["low"]], axis=0)
-    low_freq = metrics.nps_mean_frequency(f[f >= MIN_BAND_FREQ], low_nps[f >= MIN_BAND_FREQ])
+    low_freq = metrics.nps_mean_frequency(f[f >= floor], low_nps[f >= floor])
     results = {}
     for name in filters:
         # The frequency band where this filter's noise is strong and anatomy is not: the measured power there is
         # quantum noise, so its ratio to the predicted power is i0_ref / i0.
         shape = np.mean([e["predicted"][name] for e in evidence["low"]], axis=0)
-        band = (f >= MIN_BAND_FREQ) & (shape >= 0.25 * shape.max())
+        band = (f >= floor) & (shape >= 0.25 * shape[f >= floor].max())
         measured = {side: np.array([e["nps"][band].sum() for e in items]) for side, items in evidence.items()}
         predicted = {side: np.array([e["predicted"][name][band].sum() for e in items])
                      for side, items in evidence.items()}
@@ -138,7 +139,7 @@ def calibrate_kernel(low_slices: Sequence[np.ndarray], normal_slices: Sequence[n
                     for side in evidence}
         per_slice = REFERENCE_I0 * predicted["low"] / measured["low"]
         pred_low = slope * np.mean([e["predicted"][name] for e in evidence["low"]], axis=0)
-        freq = metrics.nps_mean_frequency(f[f >= MIN_BAND_FREQ], pred_low[f >= MIN_BAND_FREQ])
+        freq = metrics.nps_mean_frequency(f[f >= floor], pred_low[f >= floor])
         results[name] = {"i0": float(REFERENCE_I0 / slope), "i0_from_low_only": per_side["low"],
                          "i0_from_normal_only": per_side["normal"],
                          "i0_per_low_slice": [float(v) for v in per_slice],
