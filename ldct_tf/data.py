@@ -66,9 +66,13 @@ def slice_dataset(
     """
     manifest = read_manifest(data_dir)
     files = shard_files(data_dir, split, dose)
-    if slice_count(manifest, split, dose) == 0 or not files:
-        what = f"{dose}-dose " if dose else ""
+    what = f"{dose}-dose " if dose else ""
+    if slice_count(manifest, split, dose) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no {what}slices (manifest counts: {manifest['counts']})")
+    if not files:
+        raise ValueError(f"{data_dir}: the manifest lists {slice_count(manifest, split, dose)} {what}slices in split "
+                         f"{split!r} but there are no shard files ({split}/{dose or '*'}-*{SHARD_SUFFIX}); copy the "
+                         "pipeline's output folder whole")
     file_ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle_files:
         file_ds = file_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)

@@ -1,0 +1,105 @@
+"""``python -m ldct_tf.train`` refuses bad configs and unusable folders with one line, and stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ldct_tf import config
+from tests.conftest import REPO
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.generator_lr=-1e-4", "generator_lr must be > 0"),
+    ("train.steps=-5", "train.steps must be >= 1"),
+    ("train.batch_size=0", "train.batch_size must be >= 1"),
+    ("loss.cycle=-1", "loss.cycle must be >= 0"),
+    ("data.patch_size=30", "multiple of 2\\*\\*model.depth"),
+    ("model.disc_norm=layer", "disc_norm must be one of"),
+    ("loss.simulated_loss=huber", "simulated_loss must be mse or l1"),
+])
+def test_config_ranges_are_checked_at_load(override, match):
+    with pytest.raises(config.ConfigError, match=match):
+        config.load(SMOKE, [override])
+
+
+def _train(args, tmp_path):
+    from ldct_tf.train import train
+
+    with pytest.raises(SystemExit) as info:
+        train(["--config", SMOKE, "--verbose", "0", *args])
+    message = str(info.value)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_a_folder_without_a_manifest_is_one_line(tmp_path):
+    message = _train(["--data", str(tmp_path), "--model-dir", str(tmp_path / "run")], tmp_path)
+    assert "manifest.json" in message and str(tmp_path) in message
+
+
+def test_a_manifest_without_shards_says_the_shards_are_missing(sample_run, tmp_path):
+    shards, _ = sample_run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text((shards / "manifest.json").read_text())
+    message = _train(["--data", str(empty), "--model-dir", str(tmp_path / "run")], tmp_path)
+    assert "no shard files" in message
+
+
+def test_an_unwritable_model_dir_fails_before_training(sample_run, tmp_path):
+    shards, _ = sample_run
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    message = _train(["--data", str(shards), "--model-dir", str(blocker / "run")], tmp_path)
+    assert "cannot write the model folder" in message
+
+
+def test_resuming_with_another_architecture_is_refused(sample_run, tmp_path):
+    from ldct_tf.train import train
+
+    shards, _ = sample_run
+    run = tmp_path / "run"
+    train(["--config", SMOKE, "--data", str(shards), "--model-dir", str(run), "--verbose", "0", "train.steps=1"])
+    message = _train(["--data", str(shards), "--model-dir", str(run), "train.steps=2", "model.base_filters=4"],
+                     tmp_path)
+    assert "another architecture" in message and "model.base_filters: 8 -> 4" in message and "--no-resume" in message
+
+
+def test_cli_bad_value_exits_non_zero_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ldct_tf.train", "--config", SMOKE, "--data", str(tmp_path),
+                           "--model-dir", str(tmp_path / "run"), "train.generator_lr=-1"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr and "generator_lr must be > 0" in done.stderr
+
+
+@pytest.mark.slow
+def test_sigint_stops_cleanly_keeps_the_checkpoint_and_says_how_to_resume(sample_run, tmp_path):
+    shards, _ = sample_run
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ldct_tf.train", "--config", SMOKE, "--data", str(shards), "--model-dir", str(run),
+           "--verbose", "0", "train.steps=100000", "train.steps_per_epoch=1", "data.val_max_slices=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = run / "checkpoints" / "checkpoint.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (marker.exists() and marker.read_text()):
+        assert proc.poll() is None, "training exited early"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+    step = json.loads(marker.read_text())["step"]
+    assert f"checkpoint at step {step} is kept" in out and "run the same command again to resume" in out
+    assert json.loads((run / "training_summary.json").read_text())["stopped_by"] == "interrupted (SIGINT)"
+    assert (run / "generator.keras").exists()
