@@ -273,6 +273,10 @@ def training_metadata(model_dir: Path, cfg) -> dict:
                      **{k: summary[k] for k in ("seconds", "strategy", "replicas", "mixed_precision",
                                                 "final_metrics", "vgg19_pretrained", "validation") if k in summary}},
         "data": summary.get("data", {}),
+        # The simulated-pair stream it was trained on, with the simulator calibration (physics noise prior); None
+        # for a pure CycleGAN.
+        "simulation_calibration": (summary.get("data") or {}).get("simulated"),
+        "warm_start_from": summary.get("init_from"),
         "config": cfg.to_dict(),
     }
 
