@@ -180,3 +180,18 @@ def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp
     (source / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(train.TrainingError, match="simulate_pairs"):
         train.run(hybrid, str(source), str(tmp_path / "none"), verbose=0)
+
+
+def test_evaluate_simulate_uses_the_calibrated_level(sample, tmp_path):
+    """``evaluate --simulate`` simulates with the calibration's i0 (the shipped file by default), not 1e5."""
+    from ldct_tf import calibration, evaluate
+
+    shipped = calibration.load(evaluate.DEFAULT_CALIBRATION)
+    assert evaluate.build_parser().parse_args(["--normal", "x", "--simulate", "0.25"]).calibration == str(
+        evaluate.DEFAULT_CALIBRATION)
+    path = sample.files["normal"][0]
+    plain = evaluate.simulated_pairs([path], 0.25, seed=0)[0]
+    calibrated = evaluate.simulated_pairs([path], 0.25, seed=0, calibration=shipped)[0]
+    ratio = np.std(plain.low - plain.normal) / np.std(calibrated.low - calibrated.normal)
+    i0 = calibration.simulation_parameters(shipped, "unknown kernel")["i0"]
+    assert i0 > 2e5 and ratio == pytest.approx(np.sqrt(i0 / 1e5), rel=0.2)
