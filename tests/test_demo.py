@@ -50,3 +50,34 @@ def test_shipped_model_is_present():
     versions = [p for p in (REPO / "saved_models" / "ldct_denoiser").glob("*") if p.name.isdigit()]
     assert versions, "saved_models/ldct_denoiser has no version folder"
     assert (versions[0] / "saved_model.pb").exists() and (versions[0] / "metadata.json").exists()
+
+
+def test_demo_refuses_an_out_holding_files_it_did_not_write(tmp_path, capsys):
+    """--out . or --out DIR with DIR/low the input used to be deleted whole; nothing there may be lost."""
+    out = tmp_path / "results"
+    (out / "low").mkdir(parents=True)
+    user_file = out / "low" / "slice.dcm"
+    user_file.write_bytes(b"user data")
+    assert demo.main(["--input", str(out / "low"), "--out", str(out)]) == 2
+    assert "overlaps the input" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert demo.main(["--out", str(other), "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "did not write" in err and len(err.strip().splitlines()) == 1
+    assert user_file.read_bytes() == b"user data" and (other / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_rerun_replaces_only_its_own_outputs(tmp_path):
+    out = tmp_path / "demo"
+    demo.prepare_out(out, [])
+    (out / "evaluation" / "figures").mkdir(parents=True)
+    (out / "evaluation" / "figures" / "old.png").write_bytes(b"x")
+    demo.prepare_out(out, [])  # a re-run: the previous run's outputs go
+    assert not (out / "evaluation").exists() and (out / demo.MARKER).exists()
+    (out / "mine.txt").write_text("user")  # something the demo did not write: refuse, delete nothing
+    (out / "denoised_dicom").mkdir()
+    with pytest.raises(demo.DemoError, match="did not write"):
+        demo.prepare_out(out, [])
+    assert (out / "mine.txt").exists() and (out / "denoised_dicom").exists()
