@@ -9,6 +9,7 @@ smoke-config generator once per module.
 from __future__ import annotations
 
 import hashlib
+import os
 import logging
 import shutil
 import subprocess
@@ -408,3 +409,73 @@ def test_real_file_round_trip(shared_data, tmp_path, relative):
         assert errors <= dciodvfy_errors(source), sorted(errors - dciodvfy_errors(source))
         if relative.startswith("mayo"):
             assert errors == set()
+
+
+class CountingDenoiser:
+    """smooth_and_shift that counts its calls and can fail on a chosen call (a model or server dying mid-series)."""
+
+    def __init__(self, fail_on_call: int = 0):
+        self.calls, self.fail_on_call = 0, fail_on_call
+
+    def __call__(self, hu):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise denoise.DenoiseError("model server went away")
+        return smooth_and_shift(hu)
+
+
+def _two_series(root: Path) -> tuple[Path, Path]:
+    hu = np.rint(sample_data.ct_small_hu())
+    ident = sample_data.Identity("MRN0000777", "Roe^Rita")
+    good = sample_data.write_series(root / "in" / "good", [hu, hu + 1, hu + 2], ident)
+    bad = sample_data.write_series(root / "in" / "bad", [hu, hu + 1, hu + 2], ident)
+    ds = pydicom.dcmread(bad[1])
+    ds.RescaleSlope = 0  # a header error: a constant -1024 HU slice that the writer cannot invert
+    ds.save_as(bad[1], enforce_file_format=True)
+    return root / "in", root / "out"
+
+
+def test_series_with_an_implausible_slice_is_not_written_at_all(tmp_path, caplog):
+    source, out = _two_series(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ldct_tf.denoise"):
+        summary = denoise.denoise(source, out, smooth_and_shift, MODEL, progress=False)
+    assert summary.series == 1 and summary.slices == 3
+    assert sorted(p.relative_to(out).parts[0] for p in out.rglob("*.dcm")) == ["good"] * 3
+    assert not (out / "bad").exists() and not list(out.glob(".ldct_tf-partial-*"))
+    reasons = {Path(s.path).name: s.reason.split(":")[0] for s in summary.skipped}
+    assert reasons == {"IM0002.dcm": "implausible_rescale", "IM0001.dcm": "series_not_written",
+                       "IM0003.dcm": "series_not_written"}
+    assert any("not written: 1 of its 3 slices failed validation" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failure_mid_series_leaves_no_partial_series(tmp_path):
+    hu = np.rint(sample_data.ct_small_hu())
+    ident = sample_data.Identity("MRN0000778", "Roe^Rob")
+    sample_data.write_series(tmp_path / "in" / "s", [hu + i for i in range(4)], ident)
+    out = tmp_path / "out"
+    with pytest.raises(denoise.DenoiseError, match="went away"):
+        denoise.denoise(tmp_path / "in", out, CountingDenoiser(fail_on_call=2), MODEL, batch_size=2, progress=False)
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # neither the first batch nor a staging folder
+    # so a re-run needs no --overwrite, and writes the whole series
+    assert denoise.denoise(tmp_path / "in", out, smooth_and_shift, MODEL, batch_size=2, progress=False).slices == 4
+
+
+def test_unwritable_or_too_long_output_fails_before_the_model_runs(ct_small_series, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    model = CountingDenoiser()
+    for output, message in ((blocker / "out", "is a file, not a folder"),
+                            (tmp_path / ("x" * 300), "name would be 300 bytes"),
+                            (tmp_path.joinpath(*["d" * 250] * 17), "bytes long, more than")):
+        with pytest.raises(denoise.DenoiseError, match=message):
+            denoise.denoise(ct_small_series, output, model, MODEL, progress=False)
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(denoise.DenoiseError, match="not writable"):
+            denoise.denoise(ct_small_series, locked / "out", model, MODEL, progress=False)
+    assert model.calls == 0
+    # The CLI says it in one line, before loading any model.
+    assert denoise.main([str(ct_small_series), str(blocker / "out"), "--model", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, not a folder" in err[0]
