@@ -29,7 +29,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "saved_models" / "ldct_denoiser"

@@ -28,7 +28,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,8 +37,6 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from ldct_tf import baselines, ct, dicom, metrics
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SliceDenoiser = Callable[[np.ndarray], np.ndarray]
 

@@ -26,7 +26,6 @@ import time
 import uuid
 from typing import Optional, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter would bury the summary
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
