@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from ldct_tf.quiet_logs import quiet_tensorflow
+
+quiet_tensorflow()  # as the tools do: no spurious cuInit error line on CPU machines
 
 REPO = Path(__file__).resolve().parents[1]
 
