@@ -10,8 +10,9 @@ Data: ``$LDCT_DATA_DIR/mayo_pairs`` (default ``../shared/data/mayo_pairs`` next 
   ``--direct_running_mode multi_processing --direct_num_workers 1`` / ``2``.
 * ``pipeline_in_memory``: the same with the DirectRunner's defaults (in_memory), as a reference.
 
-``--repeat K`` gives the pipeline the two input folders K times (each repeated ``--input`` is read again) and makes the
-bare loop go through the same file list K times, so every system handles the same K x 50 slices.  Pipeline wall time is
+``--repeat K`` writes K copies of the 50 files, each copy with its own SOP Instance UIDs (the pipeline writes one SOP
+instance once, so repeating the same ``--input`` would no longer multiply the work), and gives every system those
+K x 50 files: the pipeline all copies' folders, the bare loop the same file list.  Pipeline wall time is
 measured around the whole ``run()`` call: Beam pipeline construction, runner and worker start-up (including the imports
 done inside worker processes), the pipeline itself and the manifest.  Imports of the benchmark process itself are done
 once, before any timing, so they count against no system.
@@ -103,6 +104,25 @@ def write_dose_manifest(files: list[Path], folder: Path) -> Path:
             dose = next(dose_of[p] for p in f.parts[::-1] if p in dose_of)
             writer.writerow([str(f), dose, f.name.split("_", 1)[0]])
     return path
+
+
+def write_distinct_copies(files: list[Path], data: Path, repeat: int, folder: Path) -> tuple[list[Path], list[Path]]:
+    """``repeat`` copies of ``files`` (laid out as under ``data``) in ``folder``, each file with a new SOP Instance UID
+    and otherwise byte-for-byte the same image; returns (the copies' input folders, every copied file)."""
+    import pydicom
+
+    folders, copies = [], []
+    for k in range(repeat):
+        base = folder / f"copy_{k + 1:02d}"
+        folders += [base / name for name, _ in SUBFOLDERS]
+        for source in files:
+            ds = pydicom.dcmread(source)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+            target = base / source.relative_to(data)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(target)
+            copies.append(target)
+    return folders, copies
 
 
 def machine_info() -> dict:
@@ -198,36 +218,34 @@ def measure(fn: Callable[[], object]) -> tuple[object, dict]:
 
 # ---------------------------------------------------------------------------------------------------------- systems
 
-def bare_loop(files: list[Path], repeat: int) -> int:
+def bare_loop(files: list[Path]) -> int:
     import numpy as np
     import pydicom
 
     n = 0
-    for _ in range(repeat):
-        for path in files:
-            ds = pydicom.dcmread(path)
-            hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-            n += hu.ndim == 2  # one slice per (single-frame) file
+    for path in files:
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        n += hu.ndim == 2  # one slice per (single-frame) file
     return n
 
 
-def pipeline_argv(folders: list[Path], manifest: Path, output: Path, repeat: int, num_shards: int,
+def pipeline_argv(folders: list[Path], manifest: Path, output: Path, num_shards: int,
                   beam_args: list[str]) -> list[str]:
     argv = []
-    for _ in range(repeat):
-        for folder in folders:
-            argv += ["--input", str(folder)]
+    for folder in folders:
+        argv += ["--input", str(folder)]
     return argv + ["--dose-manifest", str(manifest), "--output", str(output), "--salt", "bench",
                    "--num-shards", str(num_shards)] + beam_args
 
 
-def run_pipeline(name: str, folders: list[Path], manifest: Path, repeat: int, num_shards: int,
+def run_pipeline(name: str, folders: list[Path], manifest: Path, num_shards: int,
                  expected: int) -> tuple[dict, dict]:
     from pipelines.dicom_to_tfrecord import run
 
     output = Path(tempfile.mkdtemp(prefix=f"ldct_bench_{name}_"))
     try:
-        argv = pipeline_argv(folders, manifest, output, repeat, num_shards, BEAM_ARGS[name])
+        argv = pipeline_argv(folders, manifest, output, num_shards, BEAM_ARGS[name])
         result, timing = measure(lambda: run(argv))
     finally:
         shutil.rmtree(output, ignore_errors=True)
@@ -235,6 +253,8 @@ def run_pipeline(name: str, folders: list[Path], manifest: Path, repeat: int, nu
     problems = []
     if result.get("slices") != expected:
         problems.append(f"converted {result.get('slices')} slices, expected {expected}")
+    if result.get("duplicates_dropped"):
+        problems.append(f"dropped {result.get('duplicates_dropped')} duplicate slices (the copies must be distinct)")
     if result.get("rejected") != 0:
         problems.append(f"rejected {result.get('rejected')} ({result.get('rejected_by_reason')})")
     if result.get("input_files") != expected:
@@ -306,7 +326,7 @@ def per_slice_work(files: list[Path]) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=10,
-                        help="pass the input folders this many times (K x 50 slices per run; default %(default)s)")
+                        help="distinct copies of the 50 input files (K x 50 slices per run; default %(default)s)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per system; the median is reported "
                         "(default %(default)s)")
     parser.add_argument("--num-shards", type=int, default=2, help="pipeline --num-shards (default %(default)s)")
@@ -390,23 +410,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="ldct_bench_"))
     started = time.perf_counter()
     try:
-        manifest = write_dose_manifest(files, scratch)
+        print(f"writing {args.repeat} distinct copies of the {len(files)} files ...", flush=True)
+        copy_folders, copies = write_distinct_copies(files, folders[0].parent, args.repeat, scratch / "inputs")
+        manifest = write_dose_manifest(copies, scratch)
         print(f"{len(files)} files in {', '.join(str(f) for f in folders)}; repeat {args.repeat} -> {expected} "
               f"slices per run; {args.runs} run(s) of each system", flush=True)
         print("diagnostic: per-slice work outside Beam ...", flush=True)
         work = per_slice_work(files)
         print("warm-up: one untimed in_memory pipeline run with repeat 1 ...", flush=True)
-        _, warmup = run_pipeline(IN_MEMORY, folders, manifest, 1, args.num_shards, len(files))
+        (scratch / "warmup").mkdir()
+        warmup_manifest = write_dose_manifest(copies[:len(files)], scratch / "warmup")  # the first copy alone
+        _, warmup = run_pipeline(IN_MEMORY, copy_folders[:len(SUBFOLDERS)], warmup_manifest, args.num_shards,
+                                 len(files))
         for r in range(args.runs):
             order = systems[r % len(systems):] + systems[:r % len(systems)]
             for name in order:
                 waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
                 if name == BARE:
-                    slices, timing = measure(lambda: bare_loop(files, args.repeat))
+                    slices, timing = measure(lambda: bare_loop(copies))
                     if slices != expected:
                         raise BenchmarkError(f"{BARE}: read {slices} slices, expected {expected}")
                 else:
-                    _, timing = run_pipeline(name, folders, manifest, args.repeat, args.num_shards, expected)
+                    _, timing = run_pipeline(name, copy_folders, manifest, args.num_shards, expected)
                 timing["waited_for_quiet"] = waited
                 timings[name].append(timing)
                 print(f"run {r + 1}/{args.runs} {name:<30} {timing['wall']:8.2f} s  "

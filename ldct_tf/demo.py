@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -28,12 +29,58 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "saved_models" / "ldct_denoiser"
 HELD_OUT_PATIENT = "L286"  # never used to train the shipped model (saved_models/ldct_denoiser/README.md)
 DOSE_FRACTION = 0.25
+#: Written into --out by the demo; lists what the demo wrote there, so a re-run deletes only that.
+MARKER = ".ldct_tf_demo_output.json"
+OUTPUTS = ("low_dose_dicom", "normal_dose_dicom", "denoised_dicom", "evaluation")
+
+
+class DemoError(Exception):
+    """A problem with the command line (paths); one line, exit status 2."""
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def prepare_out(work: Path, inputs: Sequence[Path]) -> None:
+    """Make ``work`` ready for a run without ever deleting what the demo did not write.
+
+    An --out that does not exist or is empty is used as is.  An --out that holds the marker of an earlier demo run
+    loses only the entries that marker lists (the demo's own outputs); anything else in it (a user's file, an input)
+    makes the demo refuse, as does an --out that contains an input or lies inside one.
+    """
+    for given in inputs:
+        if _inside(given, work) or _inside(work, given):
+            raise DemoError(f"--out {work}: overlaps the input {given}; choose a separate output folder")
+    if work.exists() and not work.is_dir():
+        raise DemoError(f"--out {work}: exists and is not a folder")
+    if work.is_dir():
+        entries = {p.name for p in work.iterdir()}
+        ours: set[str] = set()
+        if MARKER in entries:
+            try:
+                ours = set(json.loads((work / MARKER).read_text())["written"]) & set(OUTPUTS) & entries
+            except (OSError, ValueError, KeyError, TypeError):
+                raise DemoError(f"--out {work}: its {MARKER} is unreadable; choose an empty folder") from None
+            ours.add(MARKER)
+        foreign = entries - ours
+        if foreign:
+            raise DemoError(f"--out {work}: holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} the demo "
+                            f"did not write; choose an empty or new folder (the demo never deletes what it did "
+                            f"not create)")
+        for name in sorted(ours - {MARKER}):
+            target = work / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text(json.dumps({"tool": "ldct_tf.demo", "written": list(OUTPUTS)}) + "\n")
 
 
 @dataclass
@@ -127,7 +174,8 @@ def print_table(summary: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ldct_tf.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo_output", help="work folder (default %(default)s; replaced each run)")
+    parser.add_argument("--out", default="demo_output", help="work folder (default %(default)s); must be new, empty "
+                                                             "or an earlier demo's output, whose files it replaces")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="SavedModel folder (default: the shipped model)")
     parser.add_argument("--input", help="a folder of your own low-dose CT DICOM instead of the sample")
     parser.add_argument("--reference", help="with --input: normal-dose DICOM of the same slices, matched by position, "
@@ -138,9 +186,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     work = Path(args.out).resolve()
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    inputs = [Path(p).resolve() for p in (args.input, args.reference, args.model) if p]
+    try:
+        prepare_out(work, inputs)
+    except DemoError as exc:
+        print(f"ldct_tf.demo: error: {exc}", file=sys.stderr)
+        return 2
 
     from ldct_tf import baselines, denoise, evaluate
 

@@ -14,6 +14,9 @@ the batch-by-batch pass that denoises and writes), so that bad files are known a
 written and memory stays at one batch of slices however large the input is.
 
 Never writes into INPUT: an OUTPUT inside INPUT is refused, and so is any output file that would replace an input file.
+Never leaves a partial series: a series with a slice that fails the plausibility checks (``ldct_tf.plausibility``,
+the pipeline's checks) is not written at all, the output's writability and path lengths are checked before the model
+runs, and each series is staged and moved into place whole (``ldct_tf.denoise_output``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ldct_tf import dicom
+from ldct_tf import denoise_output, dicom, plausibility
 
 log = logging.getLogger("ldct_tf.denoise")
 
@@ -52,8 +55,7 @@ def package_version() -> str:
         return "(not installed)"
 
 
-class DenoiseError(Exception):
-    """A problem with the command as a whole (paths, model); reported as one line, exit status 1."""
+DenoiseError = denoise_output.DenoiseError  # a problem with the command as a whole: one line, exit status 1
 
 
 @dataclass(frozen=True)
@@ -120,13 +122,16 @@ def list_files(input_path: Path) -> list[Path]:
 
 
 def check_paths(input_path: Path, output: Path) -> None:
-    """Refuse an OUTPUT inside INPUT (or equal to it) and an OUTPUT that is an existing file."""
+    """Refuse an OUTPUT inside INPUT (or equal to it), an OUTPUT that is an existing file, and one that cannot be
+    written (probed) or whose path is too long for the file system."""
+    denoise_output.check_path_lengths(output, [output])
     inp, out = input_path.resolve(), output.resolve()
     if input_path.is_dir() and (out == inp or inp in out.parents):
         raise DenoiseError(f"{output}: the output folder is inside the input folder {input_path}; choose a folder "
                            f"outside it (the input is never written to)")
     if out.exists() and not out.is_dir():
         raise DenoiseError(f"{output}: exists and is not a folder")
+    denoise_output.check_writable(output)
 
 
 def _warn_skipped(skipped: Skipped) -> None:
@@ -135,9 +140,14 @@ def _warn_skipped(skipped: Skipped) -> None:
 
 def scan(files: Sequence[Path], progress: Optional[bool] = None
          ) -> tuple[dict[str, list[tuple[dicom.SliceInfo, Path]]], list[Skipped]]:
-    """Read and check every file (the same checks as the pipeline); group usable slices by series."""
+    """Read and check every file (the same checks as the pipeline); group usable slices by series.
+
+    A series with a slice that fails the plausibility checks (RescaleSlope 0, HU off the CT scale, a tiny image) is
+    dropped whole, with one warning, so that no partial series is written.
+    """
     series: dict[str, list[tuple[dicom.SliceInfo, Path]]] = defaultdict(list)
     skipped = []
+    implausible = []
     disable = None if progress is None else not progress  # None: a bar only on a terminal
     for path in tqdm(files, desc="scanning", unit="file", leave=False, disable=disable):
         try:
@@ -145,8 +155,15 @@ def scan(files: Sequence[Path], progress: Optional[bool] = None
         except dicom.NotUsableCT as exc:
             skipped.append(Skipped(str(path), f"{exc.reason}: {exc.detail}"))
             _warn_skipped(skipped[-1])
+            if exc.reason in plausibility.REASONS:
+                implausible.append(path)
             continue
         series[info.series_key].append((info, path))
+    for members, bad in denoise_output.drop_series_with(series, implausible):
+        log.warning("series in %s not written: %d of its %d slices failed validation", members[0][1].parent, bad,
+                    bad + len(members))
+        skipped.extend(Skipped(str(path), "series_not_written: other slices of its series failed validation")
+                       for _, path in members)
     return series, skipped
 
 
@@ -210,37 +227,50 @@ def _run_denoiser(denoiser: Denoiser, hu: np.ndarray, model: ModelInfo) -> np.nd
 
 
 def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch_size: int,
-                   bar: Optional[tqdm] = None) -> tuple[int, list[Skipped]]:
-    """Denoise and write one series, ``batch_size`` slices per denoiser call; returns (slices written, skipped)."""
+                   bar: Optional[tqdm] = None, output: Optional[Path] = None) -> tuple[int, list[Skipped]]:
+    """Denoise and write one series, ``batch_size`` slices per denoiser call; returns (slices written, skipped).
+
+    The files are staged under ``output`` (default: the series folder) and moved into place when the whole series
+    is written; on any error (a file that changed since the scan included) nothing of the series is left.
+    """
     derived = dicom.DerivedSeries.new(model.derivation_description(), model.series_suffix())
-    written, skipped = 0, []
-    for chunk in _batches(list(zip(item.files, item.outputs)), batch_size):
-        loaded = []
-        for path, out in chunk:
+    written = 0
+    with denoise_output.StagedSeries(output or item.folder) as staged:
+        for chunk in _batches(list(zip(item.files, item.outputs)), batch_size):
+            written += _write_chunk(chunk, denoiser, model, derived, staged, bar)
+        staged.commit()
+    return written, []
+
+
+def _write_chunk(chunk, denoiser: Denoiser, model: ModelInfo, derived: dicom.DerivedSeries,
+                 staged: denoise_output.StagedSeries, bar: Optional[tqdm]) -> int:
+    written, loaded = 0, []
+    for path, out in chunk:
+        try:
+            ds, hu, _ = dicom.read_ct_dataset(path)
+        except dicom.NotUsableCT as exc:
+            raise DenoiseError(f"{path}: changed since the scan ({exc.reason}: {exc.detail}); its series was not "
+                               f"written") from None
+        loaded.append((ds, hu, out))
+    start = 0  # one denoiser call per run of equal-sized slices (a series may mix sizes, a batch cannot)
+    while start < len(loaded):
+        end = start + 1
+        while end < len(loaded) and loaded[end][1].shape == loaded[start][1].shape:
+            end += 1
+        group = loaded[start:end]
+        denoised = _run_denoiser(denoiser, np.stack([hu for _, hu, _ in group]).astype(np.float32), model)
+        for (ds, _, out), slice_hu in zip(group, denoised):
             try:
-                ds, hu, _ = dicom.read_ct_dataset(path)
-            except dicom.NotUsableCT as exc:  # changed since the scan
-                skipped.append(Skipped(str(path), f"{exc.reason}: {exc.detail}"))
-                _warn_skipped(skipped[-1])
-                continue
-            loaded.append((ds, hu, out))
-        # one denoiser call per run of equal-sized slices (a series may mix sizes, a batch cannot)
-        start = 0
-        while start < len(loaded):
-            end = start + 1
-            while end < len(loaded) and loaded[end][1].shape == loaded[start][1].shape:
-                end += 1
-            group = loaded[start:end]
-            denoised = _run_denoiser(denoiser, np.stack([hu for _, hu, _ in group]).astype(np.float32), model)
-            for (ds, _, out), slice_hu in zip(group, denoised):
-                dicom.write_derived_slice(ds, slice_hu, derived, out)
-                written += 1
-            if bar is not None:
-                bar.update(len(group))
-            start = end
-        if bar is not None and len(loaded) < len(chunk):
-            bar.update(len(chunk) - len(loaded))
-    return written, skipped
+                dicom.write_derived_slice(ds, slice_hu, derived, staged.path_for(out))
+            except OSError as exc:
+                raise DenoiseError(f"{out}: cannot write ({exc.strerror or type(exc).__name__})") from None
+            except ValueError as exc:
+                raise DenoiseError(f"{ds.filename}: cannot write its denoised version: {exc}") from None
+            written += 1
+        if bar is not None:
+            bar.update(len(group))
+        start = end
+    return written
 
 
 def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: Denoiser, model: ModelInfo, *,
@@ -263,12 +293,16 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
     series, skipped = scan(files, progress)
     plans = plan(input_path, output, series)
     check_outputs(plans, files, overwrite)
+    # before the model runs: a path the file system cannot hold fails now, not after the first series
+    denoise_output.check_path_lengths(output, [out for item in plans for out in item.outputs])
+    if denoise_output.remove_stale_staging(output):
+        log.warning("removed the partial series that an interrupted earlier run left in %s", output)
     summary = DenoiseSummary(skipped=skipped)
     total = sum(len(p.files) for p in plans)
     disable = None if progress is None else not progress
     with tqdm(total=total, desc="denoising", unit="slice", disable=disable) as bar:
         for item in plans:
-            written, late = denoise_series(item, denoiser, model, batch_size, bar)
+            written, late = denoise_series(item, denoiser, model, batch_size, bar, output)
             summary.skipped.extend(late)
             if written:
                 summary.series += 1

@@ -30,7 +30,7 @@ import pydicom.errors
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ldct_tf import ct, keras_compat
+from ldct_tf import ct, keras_compat, plausibility
 
 keras_compat.quiet_pydicom_validation()  # its warnings would print identifiers into logs
 
@@ -248,6 +248,13 @@ def _geometry(
     return pos, ori, spc  # type: ignore[return-value]
 
 
+def _check_plausible(source: str, hu: np.ndarray, slope: float, intercept: float) -> None:
+    """Header-valid nonsense (RescaleSlope 0, HU off any CT scale, a 1x1 image) is refused like a broken file."""
+    found = plausibility.problem(hu.shape[0], hu.shape[1], slope, intercept, hu)
+    if found is not None:
+        raise NotUsableCT(source, *found)
+
+
 def _first_item(ds: Dataset, keyword: str) -> Optional[Dataset]:
     seq = ds.get(keyword)
     return seq[0] if seq else None
@@ -319,7 +326,9 @@ def _read_single(ds: Dataset, source: str) -> tuple[np.ndarray, SliceInfo]:
     if stored.ndim != 2:
         raise NotUsableCT(source, NOT_GRAYSCALE, f"decoded pixel array has shape {stored.shape}, expected 2-D")
     pad_value, pad_limit = _padding(ds)
-    hu = ct.to_hu(stored, _float(ds, "RescaleSlope", 1.0), _float(ds, "RescaleIntercept", 0.0), pad_value, pad_limit)
+    slope, intercept = _float(ds, "RescaleSlope", 1.0), _float(ds, "RescaleIntercept", 0.0)
+    hu = ct.to_hu(stored, slope, intercept, pad_value, pad_limit)
+    _check_plausible(source, hu, slope, intercept)
     info = SliceInfo(
         source=source,
         instance=int(_float(ds, "InstanceNumber", 0.0)),
@@ -371,6 +380,7 @@ def _read_enhanced(ds: Dataset, source: str, n_frames: int) -> list[tuple[np.nda
         slope = _float(rescale, "RescaleSlope", 1.0) if rescale else _float(ds, "RescaleSlope", 1.0)
         intercept = _float(rescale, "RescaleIntercept", 0.0) if rescale else _float(ds, "RescaleIntercept", 0.0)
         hu = ct.to_hu(stored[index], slope, intercept, pad_value, pad_limit)
+        _check_plausible(f"{source} frame {index + 1}", hu, slope, intercept)
         thickness = _float(measures, "SliceThickness") if measures else float("nan")
         number = _float(content, "InStackPositionNumber", float(index + 1)) if content else float(index + 1)
         info = SliceInfo(

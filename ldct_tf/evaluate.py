@@ -28,7 +28,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,8 +37,6 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from ldct_tf import baselines, ct, dicom, metrics
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SliceDenoiser = Callable[[np.ndarray], np.ndarray]
 
@@ -303,7 +300,7 @@ def evaluate(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], out_
     rows: list[dict] = []
     ref_rows: list[dict] = []
     curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in [*names, REFERENCE]}
-    panels: list[tuple[Pair, dict[str, np.ndarray], SliceRois]] = []
+    panels: list[tuple[str, Pair, dict[str, np.ndarray], SliceRois]] = []
     iterator: Iterable[Pair] = pairs
     if progress:
         from tqdm import tqdm
@@ -328,7 +325,7 @@ def evaluate(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], out_
             rows.append(row)
             outputs[name] = out
         if i < panel_slices:
-            panels.append((pair, outputs, rois))
+            panels.append((label, pair, outputs, rois))
 
     summary = {
         "slices": len(pairs),
@@ -427,98 +424,11 @@ def report_markdown(summary: dict, out_dir: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- figures
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("PNG figures need matplotlib (pip install matplotlib==3.10.8), or pass --no-figures") from err
-    return plt
-
-
-def _crop_box(shape: tuple[int, int], rois: SliceRois) -> metrics.Box:
-    """A quarter-size crop around the first soft-tissue ROI (liver, usually), else the image centre."""
-    h, w = shape[0] // 4, shape[1] // 4
-    if rois.soft:
-        cy, cx = rois.soft[0].top + rois.soft[0].height // 2, rois.soft[0].left + rois.soft[0].width // 2
-    else:
-        cy, cx = shape[0] // 2, shape[1] // 2
-    top = int(np.clip(cy - h // 2, 0, shape[0] - h))
-    left = int(np.clip(cx - w // 2, 0, shape[1] - w))
-    return metrics.Box(top, left, h, w)
-
-
 def write_figures(summary: dict, panels, curves, folder: Path) -> list[Path]:
-    plt = _pyplot()
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    liver = ct.window("liver")
-    for idx, (pair, outputs, rois) in enumerate(panels):
-        images = [(n, o) for n, o in outputs.items()] + [("normal dose (reference)", pair.normal)]
-        box = _crop_box(pair.normal.shape, rois)
-        fig, axes = plt.subplots(3, len(images), figsize=(2.6 * len(images), 8.0), squeeze=False)
-        for col, (title, img) in enumerate(images):
-            axes[0, col].imshow(img, cmap="gray", vmin=liver.low, vmax=liver.high)
-            axes[0, col].add_patch(plt.Rectangle((box.left, box.top), box.width, box.height, fill=False,
-                                                 edgecolor="yellow", linewidth=0.8))
-            axes[0, col].set_title(title if len(title) < 28 else "..." + title[-25:], fontsize=8)
-            axes[1, col].imshow(box.crop(img), cmap="gray", vmin=liver.low, vmax=liver.high)
-            axes[2, col].imshow(img - pair.normal, cmap="RdBu_r", vmin=-100, vmax=100)
-            for r in range(3):
-                axes[r, col].axis("off")
-        axes[1, 0].set_title("zoom", fontsize=8, loc="left")
-        axes[2, 0].set_title("minus reference, +-100 HU", fontsize=8, loc="left")
-        fig.suptitle(f"slice {idx + 1}: liver window W250/L80", fontsize=9)
-        fig.tight_layout()
-        path = folder / f"panel_{idx + 1:02d}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+    """The PNG figures (``ldct_tf.evaluation_figures``); ``panels`` holds (slice name, pair, outputs, rois)."""
+    from ldct_tf import evaluation_figures
 
-    names = summary["denoisers"]
-    shown = ["psnr_abdomen", "ssim_abdomen", "psnr_wide", "ssim_wide", "rmse_hu", "noise_sd_hu"]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.0 * len(shown), 3.4))
-    for ax, m in zip(axes, shown):
-        stats = [summary["metrics"][n][m] for n in names]
-        means = [s["mean"] if s["mean"] is not None else np.nan for s in stats]
-        err = [[(s["mean"] - s["ci95"][0]) if s["mean"] is not None else 0 for s in stats],
-               [(s["ci95"][1] - s["mean"]) if s["mean"] is not None else 0 for s in stats]]
-        ax.bar(range(len(names)), means, yerr=err, capsize=3, color="tab:blue")
-        ax.set_xticks(range(len(names)), [n if len(n) < 14 else n[:11] + "..." for n in names], rotation=45,
-                      ha="right", fontsize=7)
-        ax.set_title(m, fontsize=9)
-        finite = [v for v in means if np.isfinite(v)]
-        if m.startswith(("psnr", "ssim")) and finite:
-            ax.set_ylim(min(finite) * 0.95, max(finite) * 1.02)
-    fig.tight_layout()
-    path = folder / "metric_bars.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    for n, series in curves.items():
-        series = [(f, v) for f, v in series if len(f)]
-        if not series:
-            continue
-        f_min, f_max = max(f.min() for f, _ in series), min(f.max() for f, _ in series)
-        grid = np.linspace(f_min, f_max, 48)  # only where every slice has data (pixel spacings differ)
-        mean_curve = np.mean([np.interp(grid, f, v) for f, v in series], axis=0)
-        ax.plot(grid, mean_curve, label=n if n != REFERENCE else "normal dose (reference)",
-                linestyle="--" if n == REFERENCE else "-")
-    ax.set_xlabel("spatial frequency (cycles/mm)")
-    ax.set_ylabel("NPS (HU$^2$ mm$^2$)")
-    ax.set_yscale("log")
-    ax.set_title("Noise power spectrum in flat soft-tissue ROIs (mean over slices)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = folder / "nps.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-    return written
+    return evaluation_figures.write_figures(summary, panels, curves, folder, METRICS, REFERENCE)
 
 
 # --------------------------------------------------------------------------------------------------- reader study
@@ -530,7 +440,9 @@ def write_reader_study(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoi
     (one row per case; readers fill ``reader`` and 1-5 scores: noise, sharpness, artifacts, diagnostic_confidence,
     5 = best) and ``key.csv`` (case -> slice and denoiser; keep it from the readers).  Returns the paths.
     """
-    plt = _pyplot()
+    from ldct_tf.evaluation_figures import pyplot
+
+    plt = pyplot()
     if n_slices < 1:
         raise ValueError(f"--reader-study needs at least 1 slice, got {n_slices}")
     rng = np.random.default_rng(seed)
@@ -595,9 +507,16 @@ def summarise_scores(sheets: Sequence[str | Path], key_path: Optional[str | Path
     cases where two readers gave the same score.  Needs two or more readers for agreement (else ``None``).
     """
     sheets = [Path(s) for s in sheets]
-    key_path = Path(key_path) if key_path else sheets[0].parent / "key.csv"
-    if not key_path.exists():
-        raise FileNotFoundError(f"{key_path}: the reader-study key was not found (pass --key)")
+    if key_path:
+        key_path = Path(key_path)
+        if not key_path.is_file():
+            raise FileNotFoundError(f"{key_path}: the reader-study key given with --key was not found (the kit "
+                                    f"writes it as OUT/reader_study/key.csv)")
+    else:
+        key_path = sheets[0].parent / "key.csv"
+        if not key_path.is_file():
+            raise FileNotFoundError(f"{key_path}: no reader-study key beside the first score sheet; pass --key "
+                                    f"OUT/reader_study/key.csv")
     with open(key_path, newline="") as f:
         key = {r["case"]: r for r in csv.DictReader(f)}
     scores: dict[str, dict[str, dict[str, int]]] = {}  # reader -> case -> criterion -> score
@@ -714,6 +633,10 @@ def _pairs_from_args(args: argparse.Namespace) -> list[Pair]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"error: --out {args.out}: exists and is not a folder; give a folder (it is created if missing)",
+              file=sys.stderr)
+        return 2
     try:
         if args.score_sheet:
             result = summarise_scores(args.score_sheet, args.key)
@@ -753,7 +676,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      seed=args.seed)
             print(f"reader-study kit: {kit['cases']} blinded cases, sheet {kit['score_sheet']} (key: {kit['key']})")
         return 0 if summary else 1
-    except (ValueError, FileNotFoundError, ImportError, dicom.NotUsableCT) as exc:
+    except (ValueError, OSError, ImportError, dicom.NotUsableCT) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

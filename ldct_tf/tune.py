@@ -4,9 +4,10 @@
         [--tuner random|hyperband|bayesian] [--max-trials N] [section.key=value ...]
 
 Writes ``DIR/best.yaml`` (the config of the best trial, which ``python -m ldct_tf.train --config DIR/best.yaml``
-takes as it is), ``DIR/results.csv`` and ``DIR/results.md`` (trial, status, values, objective, metrics, seconds; also
-printed), ``DIR/search.json`` (what was searched, to check a resumed search) and Keras Tuner's own state in
-``DIR/search/`` (``oracle.json``, ``trial_*/trial.json``, each trial's best weights and TensorBoard scalars).
+takes as it is), ``DIR/results.csv`` and ``DIR/results.md`` (trial number as Keras Tuner shows it while searching,
+from 1, and its ``search/trial_*`` folder, status, values, objective, metrics, seconds; also printed),
+``DIR/search.json`` (what was searched, to check a resumed search) and Keras Tuner's own state in ``DIR/search/``
+(``oracle.json``, ``trial_*/trial.json``, each trial's best weights and TensorBoard scalars).
 
 Search space: the config's ``tuning.space`` mapping, keyed by the same ``section.key`` names as command-line
 overrides, merged over :data:`DEFAULT_SPACE` (``tuning.default_space: false`` starts from nothing; an entry set to
@@ -511,6 +512,12 @@ def make_tuner(kind: str, hypermodel: CycleGANHyperModel, objective: keras_tuner
 _STATUS_DONE = ("COMPLETED", "FAILED", "INVALID")
 
 
+def trial_number(trial_id: str) -> int:
+    """The 1-based number Keras Tuner shows while searching ("Running Trial #3" is trial id "2", folder
+    ``trial_2``); results, best.yaml and the summary use the same number, so the progress and the results agree."""
+    return int(trial_id) + 1
+
+
 def _score(trial) -> Optional[float]:
     score = trial.score
     return None if score is None or not math.isfinite(float(score)) else float(score)
@@ -523,7 +530,7 @@ def results_table(oracle, space: Sequence[Dimension], objective: keras_tuner.Obj
     for trial_id in sorted(oracle.trials):
         trial = oracle.trials[trial_id]
         values = trial.hyperparameters.values
-        row: dict[str, Any] = {"trial": trial_id, "status": trial.status}
+        row: dict[str, Any] = {"trial": trial_number(trial_id), "folder": f"trial_{trial_id}", "status": trial.status}
         row.update({dim.key: values.get(dim.key) for dim in space})
         if "tuner/epochs" in values:
             row["epochs"] = values["tuner/epochs"]
@@ -566,7 +573,8 @@ def write_results(rows: list[dict], directory: str) -> str:
 
 
 def best_config_yaml(cfg: config_lib.Config, trial, objective: keras_tuner.Objective, kind: str, trials: int) -> str:
-    header = (f"# Best of {trials} trial(s) of a {kind} search (python -m ldct_tf.tune): trial {trial.trial_id}, "
+    header = (f"# Best of {trials} trial(s) of a {kind} search (python -m ldct_tf.tune): trial "
+              f"{trial_number(trial.trial_id)} (search/trial_{trial.trial_id}), "
               f"{objective.name} = {trial.score:.4g} ({objective.direction}imise).\n"
               "# Train it with: python -m ldct_tf.train --config best.yaml --data SHARDS --model-dir RUN\n")
     return header + cfg.to_yaml()
@@ -673,7 +681,7 @@ def tune(argv: Optional[Sequence[str]] = None) -> dict:
         return {"worker": True}
 
     rows = results_table(oracle, space, objective)
-    run_now = [tid for tid, t in oracle.trials.items()
+    run_now = [trial_number(tid) for tid, t in oracle.trials.items()
                if t.status in _STATUS_DONE and before.get(tid) not in _STATUS_DONE]
     table = write_results(rows, args.dir)
     print("\nResults (" + objective.name + f", {direction} is better):\n" + table, flush=True)
@@ -689,10 +697,11 @@ def tune(argv: Optional[Sequence[str]] = None) -> dict:
     best_path = os.path.join(args.dir, "best.yaml")
     with tf.io.gfile.GFile(best_path, "w") as handle:
         handle.write(best_config_yaml(best_cfg, best, objective, args.tuner, len(rows)))
-    print(f"Best: trial {best.trial_id}, {objective.name} {best.score:.4g}; config written to {best_path}",
+    print(f"Best: trial {trial_number(best.trial_id)}, {objective.name} {best.score:.4g}; config written to "
+          f"{best_path}",
           flush=True)
     return {"objective": objective.name, "direction": objective.direction, "paired": validation.paired,
-            "input_scores": baseline, "best_trial": best.trial_id, "best_score": float(best.score),
+            "input_scores": baseline, "best_trial": trial_number(best.trial_id), "best_score": float(best.score),
             "best_config": best_path, "trials": rows, "run_now": sorted(run_now)}
 
 

@@ -26,7 +26,6 @@ import time
 import uuid
 from typing import Optional, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter would bury the summary
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -34,10 +33,11 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from ldct_tf import records
-from pipelines import transforms
+from pipelines import input_checks, site_local, transforms
 from pipelines.dose import DoseClassifier, DoseManifest, DoseManifestError, DoseRules, is_remote, normalise_path
 
 SUMMARY_NAME = ".pipeline_summary.json"
+FACTS_NAME = ".input_facts.json"
 DEFAULT_SALT = "ldct_tf-default-salt"
 _GLOB_CHARS = set("*?[")
 
@@ -75,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], int]:
-    """Each --input -> a Beam match pattern (folders become ``folder/**``); counts the files they match.
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Each --input -> a Beam match pattern (folders become ``folder/**``); lists the files they match (each once).
 
     Raises UsageError for an input that matches no file, so a typo never gives an empty dataset.
     """
-    patterns, total = [], 0
+    patterns, files = [], set()
     for raw in inputs:
         path = raw if is_remote(raw) else os.path.abspath(os.path.expanduser(raw))
         if not (_GLOB_CHARS & set(path)):
@@ -94,15 +94,16 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], int]:
         if not found:
             raise UsageError(f"--input {raw}: no input files found")
         patterns.append(path)
-        total += len(found)
-    return patterns, total
+        files.update(normalise_path(m.path) for m in found)
+    return patterns, sorted(files)
 
 
 def _output_files(output: str) -> list[str]:
     """Files of an earlier run of this pipeline in ``output`` (shards, rejected lists, manifest)."""
     patterns = [f"{output}/{split}/{dose}-*{transforms.SHARD_SUFFIX}" for split in records.SPLITS
                 for dose in records.DOSES]
-    patterns += [f"{output}/rejected/rejected-*.jsonl", f"{output}/manifest.json", f"{output}/{SUMMARY_NAME}"]
+    patterns += [f"{output}/rejected/rejected-*.jsonl", f"{output}/manifest.json", f"{output}/{SUMMARY_NAME}",
+                 f"{output}/{FACTS_NAME}", *site_local.output_patterns(output)]
     found = []
     for result in FileSystems.match(patterns):
         found.extend(m.path for m in result.metadata_list)
@@ -138,15 +139,24 @@ def prepare_output(output: str, patterns: Sequence[str], overwrite: bool) -> str
 
 def build_pipeline(pipeline: beam.Pipeline, patterns: Sequence[str], output: str, classifier: DoseClassifier,
                    salt: str, fractions: dict[str, float], num_shards: int) -> None:
-    """Wire the transforms: read -> classify -> split -> encode -> write shards, rejected list and summary."""
+    """Wire the transforms: read -> de-duplicate -> classify -> split -> encode -> write shards, rejected list (paths
+    only in the site-local folder), summary and the facts behind the driver's warnings."""
     decoded = pipeline | "Inputs" >> beam.Create(list(patterns)) | "Read" >> transforms.ReadDicomSlices()
-    classified = decoded.slices | "ClassifyDose" >> transforms.ClassifyDose(classifier)
+    unique = decoded.slices | "Deduplicate" >> input_checks.DeduplicateSlices()
+    classified = unique.slices | "ClassifyDose" >> transforms.ClassifyDose(classifier)
+    duplicates = unique[input_checks.DUPLICATES] | "CountDuplicates" >> beam.CombineGlobally(sum)
+    _ = (classified.slices | "InputFacts" >> input_checks.InputFacts(salt, classifier.manifest)
+         | "AddDuplicates" >> beam.Map(lambda facts, n: {**facts, "duplicates_dropped": int(n)},
+                                        n=beam.pvalue.AsSingleton(duplicates))
+         | "WriteFacts" >> beam.ParDo(transforms.WriteJson(f"{output}/{FACTS_NAME}")))
     assigned = classified.slices | "AssignSplit" >> transforms.AssignSplit(salt, fractions)
     encoded = assigned.slices | "ToExamples" >> transforms.ToExamples()
     _ = encoded | "WriteShards" >> transforms.WriteShards(output, num_shards)
     rejected = ((decoded[transforms.REJECTED], classified[transforms.REJECTED], assigned[transforms.REJECTED])
                 | "AllRejected" >> beam.Flatten())
-    _ = rejected | "WriteRejected" >> transforms.WriteRejected(output)
+    _ = (rejected | "Shareable" >> beam.Map(site_local.shareable, salt)
+         | "WriteRejected" >> transforms.WriteRejected(output))
+    _ = rejected | "WriteRejectedPaths" >> site_local.WriteRejectedPaths(output, salt)
     _ = ((encoded, rejected) | "Summarise" >> transforms.Summarise()
          | "WriteSummary" >> beam.ParDo(transforms.WriteJson(f"{output}/{SUMMARY_NAME}")))
 
@@ -163,12 +173,16 @@ def _counters(result) -> dict[str, int]:
     return dict(sorted(counters.items()))
 
 
+def _read_json(path: str) -> dict:
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
 def write_manifest(output: str, options: dict, counters: dict[str, int], seconds: float, input_files: int,
-                   num_shards: int) -> dict:
+                   num_shards: int, warnings: Sequence[str] = (), duplicates_dropped: int = 0) -> dict:
     """Merge the pipeline's summary with the run's options and shard list into ``OUT/manifest.json``."""
     summary_path = f"{output}/{SUMMARY_NAME}"
-    with FileSystems.open(summary_path) as handle:
-        summary = json.loads(handle.read().decode("utf-8"))
+    summary = _read_json(summary_path)
     transforms.fill_missing_shards(output, summary["counts"], num_shards)
     shards = sorted(m.path for r in FileSystems.match([f"{output}/*/*{transforms.SHARD_SUFFIX}"])
                     for m in r.metadata_list)
@@ -177,6 +191,8 @@ def write_manifest(output: str, options: dict, counters: dict[str, int], seconds
         **summary,
         "slices": int(sum(sum(d.values()) for d in summary["counts"].values())),
         "input_files": input_files,
+        "duplicates_dropped": int(duplicates_dropped),
+        "warnings": list(warnings),
         "shards": [s[len(output) + 1:] if s.startswith(output + "/") else s for s in shards],
         "pipeline_options": options,
         "counters": counters,
@@ -193,6 +209,9 @@ def print_summary(manifest: dict, output: str, out=None) -> None:
     out = out or sys.stdout  # looked up at call time: notebooks and test runners replace sys.stdout
     print(f"\nConverted {manifest['slices']} slices from {manifest['input_files']} files in "
           f"{manifest['seconds']:.1f} s into {output}", file=out)
+    if manifest.get("duplicates_dropped"):
+        print(f"dropped {manifest['duplicates_dropped']} duplicate slice(s): same SOP Instance UID as a slice "
+              f"already converted (an input given twice, or copies of a file)", file=out)
     print(f"{'split':<6} {'low':>8} {'normal':>8}   patients (low/normal)", file=out)
     for split in records.SPLITS:
         c, p = manifest["counts"][split], manifest["patients"][split]
@@ -201,13 +220,23 @@ def print_summary(manifest: dict, output: str, out=None) -> None:
     for reason, n in manifest["rejected_by_reason"].items():
         print(f"  {reason:<28} {n}", file=out)
     if manifest["rejected"]:
-        print(f"  (one line per rejected file in {output}/rejected/)", file=out)
+        print(f"  (one line per rejected file in {output}/rejected/; their paths are only in "
+              f"{output}/{site_local.FOLDER}/)", file=out)
     if manifest["counters"]:
         print("Beam counters: " + ", ".join(f"{k}={v}" for k, v in manifest["counters"].items()), file=out)
+    for warning in manifest.get("warnings", []):
+        print(f"WARNING: {warning}", file=out)
+    print(f"Shareable: the shards, manifest.json and rejected/. Keep {site_local.FOLDER}/ at your site "
+          f"(it names your input paths).", file=out)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
-    """Parse, validate, run the pipeline, write the manifest. Raises UsageError for bad usage."""
+    """Parse, validate, run the pipeline, write the manifest; returns it. Raises UsageError for bad usage."""
+    return run_with_output(argv)[0]
+
+
+def run_with_output(argv: Optional[Sequence[str]] = None) -> tuple[dict, str]:
+    """:func:`run`, also returning the output folder (which the shareable manifest does not name)."""
     args, beam_args = build_parser().parse_known_args(argv)
     try:
         fractions = transforms.parse_splits(args.splits)
@@ -229,13 +258,18 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         print("WARNING: no --salt (or $LDCT_SALT): using the public default salt, so pseudonyms can be reversed "
               "by anyone who can guess patient IDs. Pass a secret salt for real patient data.", file=sys.stderr)
         salt = DEFAULT_SALT
-    patterns, n_files = expand_inputs(args.input)
+    patterns, input_files = expand_inputs(args.input)
+    n_files = len(input_files)
     output = prepare_output(args.output, patterns, args.overwrite)
 
-    options = {k: v for k, v in vars(args).items() if k != "salt"}
-    options.update(input=patterns, output=output, splits=fractions, default_salt=salt == DEFAULT_SALT,
+    # No path in the shareable manifest: input folders and file names may hold identifiers (site_local.py).
+    options = {k: v for k, v in vars(args).items() if k not in ("salt", "input", "output", "dose_manifest")}
+    options.update(inputs=len(patterns), dose_manifest=bool(args.dose_manifest), splits=fractions,
+                   default_salt=salt == DEFAULT_SALT,
                    salt_fingerprint=hashlib.sha256(f"fingerprint\x00{salt}".encode()).hexdigest()[:12],
-                   beam_args=list(beam_args))
+                   beam_args=[a for a in beam_args if "/" not in a and "\\" not in a])  # paths (temp_location...) stay out
+    site_local.write_run_file(output, {"input": patterns, "output": output, "dose_manifest": args.dose_manifest,
+                                       "beam_args": list(beam_args)})
     print(f"Reading {n_files} files from {len(patterns)} input(s); writing to {output}", file=sys.stderr)
     start = time.perf_counter()
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
@@ -243,16 +277,26 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.perf_counter() - start
-    return write_manifest(output, options, _counters(result), seconds, n_files, args.num_shards)
+    facts_path = f"{output}/{FACTS_NAME}"
+    facts = _read_json(facts_path)
+    FileSystems.delete([facts_path])
+    counts = _read_json(f"{output}/{SUMMARY_NAME}")["counts"]
+    warnings = (input_checks.manifest_warnings(manifest, input_files, facts.get("series_matched", []), salt)
+                + input_checks.patient_warnings(facts, counts))
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    written = write_manifest(output, options, _counters(result), seconds, n_files, args.num_shards, warnings,
+                             facts.get("duplicates_dropped", 0))
+    return written, output
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        manifest = run(argv)
+        manifest, output = run_with_output(argv)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_summary(manifest, manifest["pipeline_options"]["output"])
+    print_summary(manifest, output)
     return 0
 
 

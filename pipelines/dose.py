@@ -43,6 +43,7 @@ class ManifestEntry:
     dose: str
     patient: Optional[str] = None  # optional grouping key that replaces PatientID (e.g. for anonymised archives)
     split: Optional[str] = None  # optional fixed split (e.g. a hold-out patient named by a study protocol)
+    line: int = field(default=0, compare=False)  # CSV line, to name the entry in warnings without its path
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class DoseManifest:
             split = (row.get("split") or "").strip().lower() or None
             if split is not None and split not in SPLITS:
                 raise DoseManifestError(f"{csv_path}:{line}: split must be one of {SPLITS} or empty, got {split!r}")
-            entry = ManifestEntry(dose, (row.get("patient") or "").strip() or None, split)
+            entry = ManifestEntry(dose, (row.get("patient") or "").strip() or None, split, line)
             resolved = raw_path if (is_remote(raw_path) or os.path.isabs(raw_path)) else f"{base}/{raw_path}"
             if _UID_RE.match(raw_path) and not FileSystems.exists(resolved):
                 target, key = by_series, raw_path

@@ -45,8 +45,61 @@ def test_demo_without_a_model_says_how_to_get_one(tmp_path, capsys):
     assert "no exported model" in capsys.readouterr().err
 
 
-def test_shipped_model_is_present():
-    """The repository ships a trained default model (saved_models/ldct_denoiser, see its README)."""
-    versions = [p for p in (REPO / "saved_models" / "ldct_denoiser").glob("*") if p.name.isdigit()]
-    assert versions, "saved_models/ldct_denoiser has no version folder"
-    assert (versions[0] / "saved_model.pb").exists() and (versions[0] / "metadata.json").exists()
+def test_shipped_model_denoises_a_packaged_slice_through_both_signatures():
+    """saved_models/ldct_denoiser/1 loads, and both signatures turn a real CT slice into a plausible denoised one."""
+    import tensorflow as tf
+    from pydicom.data import get_testdata_file
+
+    from ldct_tf import dicom, sample_data
+
+    version = REPO / "saved_models" / "ldct_denoiser" / "1"
+    assert (version / "saved_model.pb").exists() and (version / "metadata.json").exists()
+    loaded = tf.saved_model.load(str(version))
+    assert {"serving_default", "denoise_bytes"} <= set(loaded.signatures)
+    clean, _ = dicom.read_slice(get_testdata_file("CT_small.dcm"))
+    hu = np.round(sample_data.simulated_low_dose_hu(np.maximum(clean, -1024.0), 0.25, seed=0)).astype(np.float32)
+
+    out = loaded.signatures["serving_default"](hu=tf.constant(hu[None, ..., None]))["denoised_hu"].numpy()
+    assert out.shape == (1, *hu.shape, 1) and np.all(np.isfinite(out))
+    change = np.abs(out[0, ..., 0] - hu)
+    # A denoiser changes the slice (not the identity) without rewriting it (a mean change of tens of HU or more
+    # would mean wrong scaling or a broken graph); its mean HU stays where the anatomy is.
+    assert 0.5 < change.mean() < 40 and np.percentile(change, 99) < 300, (change.mean(), np.percentile(change, 99))
+    assert abs(float(out.mean()) - float(hu.mean())) < 20
+
+    raw = tf.constant([hu.astype("<i2").tobytes()])
+    size = [tf.constant([hu.shape[0]], tf.int32), tf.constant([hu.shape[1]], tf.int32)]
+    answer = loaded.signatures["denoise_bytes"](image_bytes=raw, height=size[0], width=size[1])["denoised_bytes"]
+    from_bytes = np.frombuffer(answer.numpy()[0], "<i2").reshape(hu.shape)
+    assert np.abs(from_bytes - out[0, ..., 0]).max() <= 1.0  # the same model, rounded to integer HU
+
+
+def test_demo_refuses_an_out_holding_files_it_did_not_write(tmp_path, capsys):
+    """--out . or --out DIR with DIR/low the input used to be deleted whole; nothing there may be lost."""
+    out = tmp_path / "results"
+    (out / "low").mkdir(parents=True)
+    user_file = out / "low" / "slice.dcm"
+    user_file.write_bytes(b"user data")
+    assert demo.main(["--input", str(out / "low"), "--out", str(out)]) == 2
+    assert "overlaps the input" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert demo.main(["--out", str(other), "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "did not write" in err and len(err.strip().splitlines()) == 1
+    assert user_file.read_bytes() == b"user data" and (other / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_rerun_replaces_only_its_own_outputs(tmp_path):
+    out = tmp_path / "demo"
+    demo.prepare_out(out, [])
+    (out / "evaluation" / "figures").mkdir(parents=True)
+    (out / "evaluation" / "figures" / "old.png").write_bytes(b"x")
+    demo.prepare_out(out, [])  # a re-run: the previous run's outputs go
+    assert not (out / "evaluation").exists() and (out / demo.MARKER).exists()
+    (out / "mine.txt").write_text("user")  # something the demo did not write: refuse, delete nothing
+    (out / "denoised_dicom").mkdir()
+    with pytest.raises(demo.DemoError, match="did not write"):
+        demo.prepare_out(out, [])
+    assert (out / "mine.txt").exists() and (out / "denoised_dicom").exists()

@@ -264,3 +264,70 @@ def test_tune_mode_writes_the_grid(sample, tmp_path):
     assert len(result["grid"]) == len(baselines.GRIDS["gaussian"][1])
     best = max(result["grid"], key=lambda g: g["psnr_mean"])
     assert result["best"] == best["value"] > baselines.GRIDS["gaussian"][1][0]  # 40 HU noise: some smoothing wins
+
+
+def test_out_that_is_a_file_and_key_messages_are_one_line(cli_run, tmp_path, capsys):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("mine")
+    assert evaluate.main(["--pairs", str(tmp_path / "p.csv"), "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists and is not a folder" in err[0] and a_file.read_text() == "mine"
+    # --key given but wrong: the message must not tell the user to "pass --key"; the kit's real key path works.
+    sheet = cli_run / "reader_study" / "score_sheet.csv"
+    assert evaluate.main(["--score-sheet", str(sheet), "--key", str(tmp_path / "study" / "key.csv"),
+                          "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "given with --key was not found" in err and "pass --key" not in err
+    copied = tmp_path / "sheets" / "sheet.csv"
+    copied.parent.mkdir()
+    copied.write_text(sheet.read_text())
+    assert evaluate.main(["--score-sheet", str(copied), "--out", str(tmp_path / "s")]) == 2
+    assert "pass --key OUT/reader_study/key.csv" in capsys.readouterr().err
+
+
+def _figure_inputs(sample, n):
+    pairs = evaluate.load_pairs_csv(_write_pairs_csv(sample, n))
+    long_name = "model:saved_models/ldct_denoiser_with_a_long_name"
+    return pairs, {"none": baselines.get("none"), long_name: baselines.get("gaussian")}, long_name
+
+
+def test_figures_name_slices_and_denoisers_with_colour_bar_and_honest_bars(sample):
+    from ldct_tf import evaluation_figures as figs
+
+    pairs, denoisers, long_name = _figure_inputs(sample, 1)
+    summary = evaluate.evaluate(pairs, denoisers, None, progress=False)
+    rois = evaluate.choose_rois(pairs[0].normal)
+    outputs = {n: fn(pairs[0].low) for n, fn in denoisers.items()}
+    label = summary["rows"][0]["slice"]
+    fig = figs.panel_figure(label, pairs[0], outputs, rois)
+    fig.canvas.draw()
+    assert label in fig._suptitle.get_text() and "slice 1" not in fig._suptitle.get_text()
+    titles = [ax.get_title().replace("\n", "") for ax in fig.axes]
+    assert long_name in titles  # wrapped over lines, never cut
+    colour_bars = [ax for ax in fig.axes if "output - reference (HU)" in (ax.get_ylabel() + ax.get_xlabel())]
+    assert len(colour_bars) == 1 and len(fig.axes) == 3 * 3 + 1
+    bars = figs.metric_bars_figure(summary, evaluate.METRICS)
+    bars.canvas.draw()
+    box = bars.bbox
+    for ax in bars.axes:
+        assert ax.get_xlim()[0] == 0
+        assert ("higher is better" in ax.get_title()) or ("lower" in ax.get_title())
+        labels = [t.get_text().replace("\n", "") for t in ax.get_yticklabels()]
+        assert labels == list(denoisers)
+        for text in [*ax.get_yticklabels(), ax.title]:  # every label and title inside the canvas: nothing cut
+            extent = text.get_window_extent()
+            assert extent.x0 >= box.x0 - 1 and extent.x1 <= box.x1 + 1
+    assert "higher is better" in bars.axes[0].get_title() and "lower is better" in bars.axes[4].get_title()
+
+
+def test_rerun_into_the_same_out_leaves_no_stale_panels(sample, tmp_path):
+    pairs, denoisers, _ = _figure_inputs(sample, 3)
+    out = tmp_path / "eval"
+    evaluate.evaluate(pairs, denoisers, out, progress=False, panel_slices=3)
+    assert sorted(p.name for p in (out / "figures").glob("panel_*.png")) == [f"panel_0{i}.png" for i in (1, 2, 3)]
+    mine = out / "figures" / "panel_99.png"  # a file this tool did not write stays
+    mine.write_bytes(b"user file")
+    summary = evaluate.evaluate(pairs, denoisers, out, progress=False, panel_slices=1)
+    assert sorted(p.name for p in (out / "figures").glob("panel_*.png")) == ["panel_01.png", "panel_99.png"]
+    assert mine.read_bytes() == b"user file"
+    assert "panel_02" not in (out / "report.md").read_text() and len(summary["files"]["figures"]) == 3

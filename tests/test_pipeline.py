@@ -55,10 +55,12 @@ def test_round_trip_exact_hu_doses_and_disjoint_splits(sample, sample_run):
     for split in records.SPLITS:
         for dose in records.DOSES:
             assert manifest["counts"][split][dose] == counts[split][dose]
-    # Rejected list: one JSON line per bad input, naming it and the reason.
+    # Rejected list: one JSON line per bad input with the reason; its path only in the site-local list.
     lines = [json.loads(l) for f in (out / "rejected").glob("*.jsonl") for l in f.read_text().splitlines()]
-    assert sorted(Path(l["path"]).name for l in lines) == ["doses.csv", "notes.txt", "truncated.dcm"]
-    assert all(l["reason"] and l["detail"] for l in lines)
+    assert all(l["reason"] and l["detail"] and "path" not in l for l in lines)
+    local = {json.loads(l)["input"]: json.loads(l)["path"]
+             for f in (out / "site_local_DO_NOT_SHARE").glob("rejected_paths-*.jsonl") for l in f.read_text().splitlines()}
+    assert sorted(Path(local[l["input"]]).name for l in lines) == ["doses.csv", "notes.txt", "truncated.dcm"]
 
 
 def test_tf_data_reads_back_what_was_written(sample, sample_run):
@@ -152,7 +154,7 @@ def test_overwrite_replaces_an_earlier_run(sample, tmp_path):
     out = tmp_path / "out"
     first = run(_args(sample, out, "--num-shards", "3", "--input", str(sample.root / "patient01")))
     second = run(_args(sample, out, "--num-shards", "1", "--overwrite"))
-    assert first["slices"] == 24 + 6  # the repeated input is processed twice
+    assert first["slices"] == 24 and first["duplicates_dropped"] == 6  # the repeated input is written once
     assert second["slices"] == 24
     shards = sorted(p.name for p in out.glob("*/*.tfrecord.gz"))
     assert shards and all(name.endswith("-00000-of-00001.tfrecord.gz") for name in shards)

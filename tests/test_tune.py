@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -169,16 +170,52 @@ def no_training_steps(monkeypatch):
     monkeypatch.setattr(tune.train_lib, "make_step_functions", lambda model, strategy: (lambda it: None, None))
 
 
-def test_hyperband_search_continues_trials_from_their_checkpoints(paired_shards, tmp_path, no_training_steps):
+def _trial_folder(callbacks) -> str:
+    """The trial's folder name (``trial_2``), from the checkpoint callback Keras Tuner passes to ``fit``."""
+    for callback in callbacks or []:
+        path = getattr(callback, "filepath", None)
+        if isinstance(path, str) and os.path.basename(os.path.dirname(path)).startswith("trial_"):
+            return os.path.basename(os.path.dirname(path))
+    raise AssertionError("no trial checkpoint callback")
+
+
+@pytest.mark.slow
+def test_hyperband_search_continues_trials_from_their_checkpoints(paired_shards, tmp_path, monkeypatch, capsys):
+    """A real Hyperband search with real training steps: a trial that Hyperband continues starts from exactly the
+    weights its parent trial ended with (its checkpoint), not from a fresh initialisation."""
+    fit = tune.CycleGANHyperModel.fit
+    weights_at_start, weights_at_end, parent_of = {}, {}, {}
+
+    def generator_weights(model):
+        return [np.array(w) for w in model.low_to_normal.weights]
+
+    def recording_fit(self, hp, model, *args, callbacks=None, **kwargs):
+        folder = _trial_folder(callbacks)
+        parent_of[folder] = hp.values.get("tuner/trial_id")
+        weights_at_start[folder] = generator_weights(model)
+        result = fit(self, hp, model, *args, callbacks=callbacks, **kwargs)
+        weights_at_end[folder] = generator_weights(model)
+        return result
+
+    monkeypatch.setattr(tune.CycleGANHyperModel, "fit", recording_fit)
     summary = tune.tune(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--tuner", "hyperband",
-                         "--verbose", "0", *TINY, "tuning.hyperband.max_epochs=2", "tuning.hyperband.factor=2"])
+                         "--verbose", "1", *TINY, "tuning.hyperband.max_epochs=2", "tuning.hyperband.factor=2"])
+    output = capsys.readouterr().out
     assert summary["objective"] == "val_psnr" and summary["paired"]
     rows = summary["trials"]
     assert len(rows) >= 3
     assert all(row["status"] == "COMPLETED" and np.isfinite(row["val_psnr"]) for row in rows)
-    continued = [t for t in (tmp_path / "search").glob("trial_*/trial.json")
-                 if "tuner/trial_id" in json.loads(t.read_text())["hyperparameters"]["values"]]
+    # The progress ("Running Trial #N") and the results number the trials alike; the folder is named too.
+    shown = sorted(int(n) for n in re.findall(r"Running Trial #(\d+)", output))
+    assert shown == sorted(row["trial"] for row in rows) == list(range(1, len(rows) + 1))
+    assert all(row["folder"] == f"trial_{int(row['trial']) - 1:0{len(row['folder']) - 6}d}" for row in rows)
+    continued = {f: p for f, p in parent_of.items() if p is not None}
     assert continued  # a trial that went on from an earlier trial's weights, for more epochs
+    for folder, parent in continued.items():
+        parent_end, start = weights_at_end[f"trial_{parent}"], weights_at_start[folder]
+        assert any(not np.array_equal(a, b) for a, b in zip(weights_at_start[f"trial_{parent}"], parent_end)), \
+            "the parent's real training steps changed nothing"
+        assert all(np.array_equal(a, b) for a, b in zip(parent_end, start)), f"{folder} did not load trial_{parent}"
     assert config.load(summary["best_config"]).model.depth == 1
 
 
@@ -261,10 +298,10 @@ def test_interrupted_random_search_resumes_and_its_best_config_trains(paired_sha
     monkeypatch.setattr(tune.CycleGANHyperModel, "fit", fit)
 
     summary = tune.tune(argv)
-    assert summary["run_now"] == ["1"]  # the finished trial is not run again
+    assert summary["run_now"] == [2]  # the finished trial (number 1, folder trial_0) is not run again
     assert (search / "search" / "trial_0" / "trial.json").read_text() == first_trial
     rows = summary["trials"]
-    assert [r["trial"] for r in rows] == ["0", "1"]
+    assert [(r["trial"], r["folder"]) for r in rows] == [(1, "trial_0"), (2, "trial_1")]
     assert all(r["status"] == "COMPLETED" and np.isfinite(r["val_psnr"]) and r["seconds"] > 0 for r in rows)
     assert (search / "results.csv").read_text().count("\n") == 3 and (search / "results.md").exists()
 
