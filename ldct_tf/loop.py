@@ -247,7 +247,7 @@ def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_e
                 train_metrics = read_metrics(model.trackers)
                 write_scalars(train_writer, train_metrics, step)
                 if verbose and is_chief():
-                    print(f"\n{stopped_by.capitalize()} reached at step {step}: validating, saving and stopping",
+                    print(f"\n{stopped_by[0].upper() + stopped_by[1:]} reached at step {step}: validating, saving and stopping",
                           flush=True)
                 break
         if val_ds is not None:
