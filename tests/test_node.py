@@ -21,8 +21,8 @@ from ldct_tf.node.forward import Destination, parse_destination
 from ldct_tf.node.spool import Spool, SpoolError
 from ldct_tf.node.tracker import SeriesTracker
 from ldct_tf.node.worker import derived_files
-from tests.test_node_support import (FAKE_ACCESSION, FAKE_BIRTH, FAKE_ID, FAKE_NAME, Node, derived_of,
-                                     echoscu, free_port, needs_dcmtk, storescp, storescu, wait_for_derived,
+from tests.test_node_support import (FAKE_ACCESSION, FAKE_BIRTH, FAKE_ID, FAKE_NAME, Node, derived_of, echoscu,
+                                     free_port, needs_dcmtk, storescp, storescu, wait_for, wait_for_derived,
                                      write_abdomen_series, write_ct_small_series)
 
 #: every file this module sent to the shared node (the last test checks the log against their identifiers)
@@ -186,6 +186,36 @@ def test_ct_small_series_in_derived_series_out(setup, tmp_path):
     assert {str(ds.SOPInstanceUID) for ds in derived} <= {str(ds.SOPInstanceUID) for ds in stored}
     time.sleep(0.5)
     assert list((node.spool / "work").iterdir()) == [] and list((node.spool / "failed").iterdir()) == []
+
+
+@needs_dcmtk
+def test_unusable_instances_are_kept_with_their_reason(setup, tmp_path):
+    """A scout (ImageType LOCALIZER) inside a series: the other slices are denoised and delivered, the scout is kept
+    in failed/<batch>-unused with the reason; a series of nothing but scouts fails at once (no retry can help)."""
+    node, destination, _ = setup
+    sent = write_ct_small_series(tmp_path / "in", n=4)
+    scout = pydicom.dcmread(sent[3])
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.save_as(sent[3], enforce_file_format=True)
+    only_scouts = write_ct_small_series(tmp_path / "scouts", n=2)
+    for path in only_scouts:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(path, enforce_file_format=True)
+    SENT.extend(sent + only_scouts)
+    for files in (sent, only_scouts):
+        done = storescu(node.port, files)
+        assert done.returncode == 0, done.stdout + done.stderr
+    derived = wait_for_derived(destination, sent[:3], 120, node)
+    assert len(derived) == 3
+    failed = node.spool / "failed"
+    wait_for(lambda: len(list(failed.glob("*/state.json"))) >= 2, 60, "both failure records", node.proc, node.log)
+    records = [json.loads(p.read_text()) for p in failed.glob("*/state.json")]
+    unused = [r for r in records if r["failed_reason"].startswith("not denoised")]
+    given_up = [r for r in records if "no usable CT slices" in r["failed_reason"]]
+    assert len(unused) == 1 and unused[0]["instances"] == 1 and "localizer" in unused[0]["skipped"][0]
+    assert len(given_up) == 1 and given_up[0]["attempts"] == 1 and given_up[0]["instances"] == 2
+    assert sum(1 for _ in failed.glob("*/in/*.dcm")) == 3  # the scout and the two scouts, all kept
 
 
 @pytest.mark.slow
