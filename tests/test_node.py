@@ -239,6 +239,31 @@ def test_real_series_and_a_second_one_at_once(setup, shared_data, tmp_path):
     assert (got[0].Rows, got[0].Columns) == (512, 512)
 
 
+@pytest.mark.slow
+@needs_dcmtk
+def test_node_through_tf_serving(tmp_path):
+    """--server: the same node with the shipped model behind TF Serving's REST API (the tests' loopback server)."""
+    from tests.serving_fixture import serve
+    from tests.test_node_support import REPO
+
+    sent = write_ct_small_series(tmp_path / "in", n=3)
+    with serve(REPO / "saved_models", "ldct_denoiser") as (rest_url, _):
+        node = Node(tmp_path, free_port(), "--server", rest_url, "--store", str(tmp_path / "store"),
+                    "--quiet-time", "0.5").start()
+        try:
+            done = storescu(node.port, sent)
+            assert done.returncode == 0, done.stdout + done.stderr
+            # a stored series appears by a rename of its hidden partial folder: complete once visible
+            wait_for(lambda: len(list((tmp_path / "store").glob("[!.]*/*.dcm"))) == 3, 120, "3 stored slices",
+                     node.proc, node.log)
+        finally:
+            assert node.stop() == 0
+    derived = [pydicom.dcmread(p) for p in (tmp_path / "store").glob("[!.]*/*.dcm")]
+    check_derived(derived, sent)
+    assert all("via TF Serving" in ds.DerivationDescription for ds in derived)
+    assert "via TF Serving" in node.text()
+
+
 @needs_dcmtk
 def test_sigterm_stops_cleanly_and_logs_carry_no_identifiers(setup):
     """Runs last: SIGTERM ends the node with status 0; nothing it logged or named holds the patient attributes or

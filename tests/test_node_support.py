@@ -112,7 +112,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, proc: Opt
 
 
 class Node:
-    """``python -m ldct_tf.node`` as a child process, logging to ``log``."""
+    """``python -m ldct_tf.node`` as a child process, logging to ``log``; the shipped model unless ``--server``."""
 
     def __init__(self, root: Path, port: int, *args: str):
         self.root, self.port, self.args = root, port, args
@@ -123,9 +123,9 @@ class Node:
     def start(self, timeout: float = 180.0) -> "Node":
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                    TF_CPP_MIN_LOG_LEVEL="2")
+        model = [] if "--server" in self.args else ["--model", str(MODEL)]
         command = [sys.executable, "-m", "ldct_tf.node", "--ae-title", "LDCT", "--port", str(self.port),
-                   "--host", "127.0.0.1", "--model", str(MODEL), "--spool", str(self.spool), "--allow-aet",
-                   CALLING, *self.args]
+                   "--host", "127.0.0.1", *model, "--spool", str(self.spool), "--allow-aet", CALLING, *self.args]
         with open(self.log, "a") as handle:
             self.proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=self.root)
         wait_for(lambda: echoscu(self.port).returncode == 0, timeout, "the node to answer C-ECHO", self.proc, self.log)
