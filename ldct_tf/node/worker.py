@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from ldct_tf import denoise
-from ldct_tf.node.forward import Destination, ForwardError, send_series
+from ldct_tf.node.forward import Destination, send_series
 from ldct_tf.node.spool import BatchState, Spool
 from ldct_tf.node.tracker import SeriesTracker
 
@@ -80,9 +80,15 @@ class SeriesWorker(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            for series, batch, activity in self.tracker.claim_ready():
-                log.info("series %s complete: %d instance(s) received, batch %s", series, activity.instances, batch)
-                self.schedule(batch)
+            try:
+                for series, batch, activity in self.tracker.claim_ready():
+                    log.info("series %s complete: %d instance(s) received, batch %s", series, activity.instances,
+                             batch)
+                    self.schedule(batch)
+            except OSError as exc:  # the spool cannot be written: the instances stay where they are; try again
+                log.error("cannot claim a complete series: %s", exc)
+                self.stopping.wait(5.0)
+                continue
             now = time.time()
             ready = sorted((when, batch) for batch, when in self._due.items() if when <= now)
             if ready:
@@ -118,7 +124,7 @@ class SeriesWorker(threading.Thread):
                 self.spool.save_state(batch, state)
                 log.info("batch %s: forwarded %d instance(s) to %s in %.1f s", batch, len(files),
                          self.options.forward, state.forward_s)
-        except (denoise.DenoiseError, ForwardError, PermanentFailure, OSError, ValueError) as exc:
+        except Exception as exc:  # any failure of a step counts as an attempt (DenoiseError, ForwardError, OSError...)
             self._failed_attempt(batch, state, exc)
             return
         state.finished = time.time()
