@@ -173,6 +173,23 @@ def test_non_ct_object_is_refused(setup, tmp_path):
 
 
 @needs_dcmtk
+def test_ct_without_series_uid_is_refused_with_a_status(setup, tmp_path):
+    """A CT object on the CT context but without a SeriesInstanceUID cannot be put into a series: the C-STORE is
+    answered 0xA900 (dataset does not match SOP class) and nothing is kept."""
+    node, _, _ = setup
+    [path] = write_ct_small_series(tmp_path / "in", n=1)
+    ds = pydicom.dcmread(path)
+    ds.SeriesInstanceUID = ""
+    ds.save_as(path, enforce_file_format=True)
+    SENT.append(path)
+    before = sorted(p.name for p in (node.spool / "incoming").iterdir())
+    done = storescu(node.port, [path], "-v")
+    assert done.returncode != 0 and "Error: DataSetDoesNotMatchSOPClass" in done.stdout + done.stderr  # 0xA900
+    assert sorted(p.name for p in (node.spool / "incoming").iterdir()) == before
+    assert "refused: no SeriesInstanceUID" in node.text()
+
+
+@needs_dcmtk
 def test_ct_small_series_in_derived_series_out(setup, tmp_path):
     node, destination, root = setup
     sent = write_ct_small_series(tmp_path / "in", n=4)
