@@ -159,8 +159,8 @@ def test_echo_and_association_rules(setup):
 
 @needs_dcmtk
 def test_non_ct_object_is_refused(setup, tmp_path):
-    """MR (and Enhanced CT, which the writer cannot write back) is refused at negotiation: storescu reports no
-    presentation context and nothing reaches the spool."""
+    """MR, and Enhanced CT (the derived-series writer cannot write multi-frame objects back), are refused at
+    negotiation: storescu reports no presentation context and nothing reaches the spool."""
     node, _, _ = setup
     from pydicom.data import get_testdata_file
 
@@ -169,6 +169,11 @@ def test_non_ct_object_is_refused(setup, tmp_path):
     assert done.returncode != 0 and "No presentation context for: (MR)" in done.stdout + done.stderr
     only = storescu(node.port, [get_testdata_file("MR_small.dcm")], "-R")  # propose only the MR context
     assert only.returncode != 0 and "No Acceptable Presentation Contexts" in only.stdout + only.stderr
+    enhanced = get_testdata_file("eCT_Supplemental.dcm")  # from pydicom-data (the demo extra), where installed
+    if enhanced is not None:
+        done = storescu(node.port, [enhanced])
+        assert done.returncode != 0 and "No presentation context for: (CTe)" in done.stdout + done.stderr, \
+            done.stdout + done.stderr
     assert sorted(p.name for p in (node.spool / "incoming").iterdir()) == before
 
 
