@@ -110,6 +110,7 @@ def test_missing_model_fails_before_listening(tmp_path, capsys):
     assert cli.main(["--store", str(tmp_path / "store"), "--spool", str(tmp_path / "spool"), "--model",
                      str(tmp_path / "no_model")]) == 1
     assert "no exported model here" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()  # nothing is created for a node that does not start
 
 
 # ------------------------------------------------------------------------------------------------ one shared node
@@ -298,7 +299,7 @@ def test_sigterm_stops_cleanly_and_logs_carry_no_identifiers(setup):
     sent_uids = set()
     for path in SENT:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        sent_uids |= {str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)}
+        sent_uids |= {str(v) for v in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) if v}
     assert sent_uids  # the series sent by this module were found
     names = " ".join(str(p) for p in node.spool.rglob("*")) + " ".join(str(p) for p in (root / "store").rglob("*"))
     for secret in (FAKE_NAME, FAKE_ID, FAKE_BIRTH, FAKE_ACCESSION, "NODE^", *sent_uids):

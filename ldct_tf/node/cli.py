@@ -103,14 +103,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _check(args)
         forward = parse_destination(args.forward) if args.forward else None
         store = Path(args.store) if args.store else None
-        if store is not None:
-            store.mkdir(parents=True, exist_ok=True)
         spool.open()
         if args.server:
             denoiser, model = denoise.connect_server(args.server, args.server_model, args.server_version,
                                                      args.timeout, args.batch_size)
         else:
             denoiser, model = denoise.load_saved_model(args.model or denoise.DEFAULT_MODEL, args.batch_size)
+        if store is not None:
+            store.mkdir(parents=True, exist_ok=True)
     except (NodeError, SpoolError, denoise.DenoiseError, ValueError, OSError) as exc:
         print(f"ldct_tf.node: error: {exc}", file=sys.stderr)
         spool.close()
