@@ -17,6 +17,7 @@ CORE = [
     "apache-beam[tfrecord]==2.77.0",
     "google-crc32c==1.9.0",
     "pydicom==3.0.2",
+    "pynetdicom==3.0.4",  # the DICOM node (python -m ldct_tf.node): Storage SCP/SCU, Verification
     "pylibjpeg==2.1.0",  # + plugins: JPEG, JPEG-LS, JPEG 2000 and RLE decoding for pydicom
     "pylibjpeg-libjpeg==2.5.0",
     "pylibjpeg-openjpeg==2.6.0",
@@ -62,6 +63,7 @@ setup(
             "ldct-evaluate=ldct_tf.evaluate:main",
             "ldct-tune=ldct_tf.tune:main",
             "ldct-demo=ldct_tf.demo:main",
+            "ldct-node=ldct_tf.node.cli:main",
         ]
     },
     classifiers=[

@@ -1,0 +1,186 @@
+"""The series worker: claims complete series, denoises them through ``ldct_tf.denoise``, stores and forwards them.
+
+One thread does the denoising, so the model (local SavedModel or TF Serving client) is called from one place at a
+time; receiving goes on in the association threads meanwhile.  Each batch goes through three steps, each recorded
+in its ``state.json`` once done, so that a retry (or a restart after a crash) redoes only what is missing:
+
+1. denoise ``in/`` into ``out.partial/``, renamed to ``out/`` when complete (the derived series keeps its new UIDs
+   across retries, so a destination that already got part of it does not end up with two series);
+2. ``--store``: copy ``out/`` to ``STORE/<batch>/`` (via a hidden partial folder, then a rename);
+3. ``--forward``: C-STORE every derived instance to the destination.
+
+A failing step counts one attempt; after ``max_attempts`` (or at once for a series with nothing to denoise) the
+batch moves to ``failed/`` with its reasons.  Retries wait ``retry_delay_s * 2**(attempt-1)`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ldct_tf import denoise
+from ldct_tf.node.forward import Destination, send_series
+from ldct_tf.node.spool import BatchState, Spool
+from ldct_tf.node.tracker import SeriesTracker
+
+log = logging.getLogger("ldct_tf.node")
+
+
+class PermanentFailure(Exception):
+    """Retrying cannot help (nothing in the series is usable CT)."""
+
+
+@dataclass
+class WorkerOptions:
+    ae_title: str
+    forward: Optional[Destination] = None
+    store: Optional[Path] = None
+    batch_size: int = denoise.DEFAULT_BATCH_SIZE
+    max_attempts: int = 5
+    retry_delay_s: float = 30.0
+    keep_done: bool = False
+    forward_timeout_s: float = 60.0
+
+
+def run_denoise(input_dir: Path, output_dir: Path, denoiser: denoise.Denoiser, model: denoise.ModelInfo,
+                batch_size: int) -> denoise.DenoiseSummary:
+    """The node's only call into the DICOM-in/DICOM-out path (the same code as ``python -m ldct_tf.denoise``)."""
+    return denoise.denoise(input_dir, output_dir, denoiser, model, batch_size=batch_size, overwrite=True,
+                           progress=False)
+
+
+def derived_files(out: Path) -> list[Path]:
+    """The derived DICOM instances in ``out`` (denoise names them after their inputs, ``<key>.dcm``); any other
+    file denoise writes beside them (a sidecar) is stored but never sent by C-STORE."""
+    return sorted(p for p in out.rglob("*.dcm") if p.is_file())
+
+
+class SeriesWorker(threading.Thread):
+    def __init__(self, spool: Spool, tracker: SeriesTracker, denoiser: denoise.Denoiser, model: denoise.ModelInfo,
+                 options: WorkerOptions):
+        super().__init__(name="series-worker", daemon=True)
+        self.spool, self.tracker = spool, tracker
+        self.denoiser, self.model, self.options = denoiser, model, options
+        self.stopping = threading.Event()
+        self._due: dict[str, float] = {}  # batch -> when it may be tried (Unix seconds)
+
+    # ---------------------------------------------------------------------------------------- scheduling
+    def schedule(self, batch: str, when: float = 0.0) -> None:
+        self._due[batch] = when
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.tracker.wake.set()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                for series, batch, activity in self.tracker.claim_ready():
+                    log.info("series %s complete: %d instance(s) received, batch %s", series, activity.instances,
+                             batch)
+                    self.schedule(batch)
+            except OSError as exc:  # the spool cannot be written: the instances stay where they are; try again
+                log.error("cannot claim a complete series: %s", exc)
+                self.stopping.wait(5.0)
+                continue
+            now = time.time()
+            ready = sorted((when, batch) for batch, when in self._due.items() if when <= now)
+            if ready:
+                batch = ready[0][1]
+                del self._due[batch]
+                try:
+                    self.process(batch)
+                except Exception as exc:  # never let one batch stop the node; it stays in work/ for a restart
+                    log.error("batch %s: unexpected %s: %s (kept in the spool)", batch, type(exc).__name__, exc)
+                continue
+            waits = [w for w in (self.tracker.next_due_in(), *(when - now for when in self._due.values()))
+                     if w is not None]
+            self.tracker.wake.wait(min([1.0, *waits]) if waits else 1.0)
+            self.tracker.wake.clear()
+
+    # ---------------------------------------------------------------------------------------- one batch
+    def process(self, batch: str) -> None:
+        folder = self.spool.batch_dir(batch)
+        state = self.spool.load_state(batch)
+        try:
+            if not state.denoised:
+                self._denoise(batch, folder, state)
+            files = derived_files(folder / "out")
+            if self.options.store is not None and not state.stored:
+                self._store(batch, folder / "out")
+                state.stored = True
+                self.spool.save_state(batch, state)
+            if self.options.forward is not None and not state.forwarded:
+                started = time.time()
+                send_series(files, self.options.forward, self.options.ae_title, self.options.forward_timeout_s)
+                state.forward_s = time.time() - started
+                state.forwarded = True
+                self.spool.save_state(batch, state)
+                log.info("batch %s: forwarded %d instance(s) to %s in %.1f s", batch, len(files),
+                         self.options.forward, state.forward_s)
+        except Exception as exc:  # any failure of a step counts as an attempt (DenoiseError, ForwardError, OSError...)
+            self._failed_attempt(batch, state, exc)
+            return
+        state.finished = time.time()
+        self.spool.save_state(batch, state)
+        self.spool.finish(batch, keep=self.options.keep_done)
+        log.info("batch %s done: %d slice(s), %.1f s from first instance received to delivered", batch,
+                 state.slices, state.finished - state.first_received if state.first_received else float("nan"))
+
+    def _denoise(self, batch: str, folder: Path, state: BatchState) -> None:
+        partial, out = folder / "out.partial", folder / "out"
+        if partial.exists():
+            shutil.rmtree(partial)
+        started = time.time()
+        summary = run_denoise(folder / "in", partial, self.denoiser, self.model, self.options.batch_size)
+        state.skipped = [f"{Path(s.path).name}: {s.reason}" for s in summary.skipped]
+        if summary.slices == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            reasons = "; ".join(state.skipped[:3]) or "no files"
+            raise PermanentFailure(f"no usable CT slices in the series ({reasons})")
+        os.rename(partial, out)
+        state.denoise_s, state.slices, state.denoised = time.time() - started, summary.slices, True
+        self.spool.save_state(batch, state)
+        log.info("batch %s: denoised %d slice(s) in %.1f s (%s v%s via %s)", batch, summary.slices,
+                 state.denoise_s, self.model.name, self.model.version, self.model.where)
+        if summary.skipped:
+            unused = [folder / "in" / Path(s.path).name for s in summary.skipped]
+            target = self.spool.keep_unused(batch, unused, BatchState(
+                series=state.series, instances=len(unused), skipped=state.skipped,
+                failed_reason="not denoised (see skipped)"))
+            log.warning("batch %s: %d instance(s) not usable CT, kept in %s", batch, len(unused), target)
+
+    def _store(self, batch: str, out: Path) -> None:
+        store = self.options.store
+        assert store is not None
+        target = store / batch
+        if target.exists():  # stored by an attempt that crashed before it could record it
+            return
+        partial = store / f".{batch}.partial"
+        if partial.exists():
+            shutil.rmtree(partial)
+        shutil.copytree(out, partial)
+        os.rename(partial, target)
+        log.info("batch %s: stored in %s", batch, target)
+
+    def _failed_attempt(self, batch: str, state: BatchState, exc: Exception) -> None:
+        state.attempts += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        state.errors.append(reason)
+        if isinstance(exc, PermanentFailure) or state.attempts >= self.options.max_attempts:
+            state.failed_reason = reason
+            target = self.spool.fail(batch, state)
+            log.error("batch %s failed for good after %d attempt(s): %s; kept in %s", batch, state.attempts,
+                      reason, target)
+            return
+        self.spool.save_state(batch, state)
+        delay = self.options.retry_delay_s * 2 ** (state.attempts - 1)
+        self.schedule(batch, time.time() + delay)
+        log.warning("batch %s attempt %d of %d failed: %s; retrying in %.0f s", batch, state.attempts,
+                    self.options.max_attempts, reason, delay)
