@@ -294,7 +294,11 @@ def audit_slice(low_hu: np.ndarray, denoised_hu: np.ndarray, pixel_spacing_mm: S
     if n:
         curves, freq = frc_curves(extract_patches(out, corners, p), extract_patches(low, corners, p))
         frc_band = curves[:, band_rings(freq, spacing, t.frc_band_cyc_per_mm)].mean(axis=1)
-        blob_hu = extract_patches(blob_map, corners, p).reshape(n, -1).max(axis=1)
+        # a blob belongs to the patch whose central stride x stride square holds it, so overlapping patches do
+        # not all report the same lesion
+        core = min(t.stride_px, p)
+        offset = (p - core) // 2
+        blob_hu = extract_patches(blob_map, corners + offset, core).reshape(n, -1).max(axis=1)
         blob_z = blob_hu / band_sd
         ra = extract_patches(band_res, corners, p).reshape(n, -1).astype(np.float64)
         oa = extract_patches(band_out, corners, p).reshape(n, -1).astype(np.float64)

@@ -41,7 +41,7 @@ PSEUDONYMISED = {0x00100010: "PatientName", 0x00100020: "PatientID"}
 #: (code value, scheme, meaning) of DCM codes used here (PS3.16 CID 7050 and CID 7005).
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 DEIDENTIFYING_EQUIPMENT_CODE = ("109104", "DCM", "De-identifying Equipment")
-METHOD_TEXT = "DICOM PS3.15 Basic Application Level Confidentiality Profile (ldct_tf)"
+METHOD_TEXT = "PS3.15 Basic Application Confidentiality Profile (ldct_tf)"  # LO: <= 64
 #: Sequences the profile marks X/Z/U*: kept, with the UIDs inside them remapped (the derived image's own references).
 KEEP_WITH_NEW_UIDS = {0x00082112, 0x00081140}  # SourceImageSequence, ReferencedImageSequence
 
