@@ -270,7 +270,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "provenance": audit_scores.load_config(CONFIG).get("provenance"),
         "audit": flags,
         "detectability": {split: detectability.summarise(r) for split, r in detect_rows.items() if r},
-        "psnr_abdomen_vs_noise_free": {split: {n: float(np.mean(v)) for n, v in d.items()} for split, d in psnr.items()},
+        "psnr_abdomen_vs_noise_free": {split: {n: float(np.mean(v)) for n, v in d.items()}
+                                       for split, d in psnr.items()},
         "cost": {"audit_seconds_per_slice_median": float(np.median(audit_seconds)),
                  "model_seconds_per_slice_median": float(np.median(model_seconds)),
                  "target_audit_seconds_per_slice": 1.0,

@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace files left in OUTPUT by an earlier run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-audit", action="store_true",
-                        help="skip the per-slice change audit (default: SERIES/audit/audit.json + PNGs of flagged slices)")
+                        help="skip the per-slice change audit (default: SERIES/audit/audit.json and a PNG per "
+                             "flagged slice)")
     parser.add_argument("--audit-config", help="audit thresholds (default configs/audit.yaml)")
     parser.add_argument("--deidentify", action="store_true",
                         help="write the derived series under the DICOM PS3.15 Basic Application Level "

@@ -35,7 +35,8 @@ def flagged_at(result: audit_scores.SliceAudit, lesion: lesions.Lesion) -> bool:
     p = result.patch_px
     r = lesion.radius_px(SPACING)
     for top, left in result.corners[result.flagged]:
-        if top <= lesion.row - r and top + p >= lesion.row + r and left <= lesion.col - r and left + p >= lesion.col + r:
+        if top <= lesion.row - r and top + p >= lesion.row + r \
+                and left <= lesion.col - r and left + p >= lesion.col + r:
             return True
     return False
 
