@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ldct_tf import denoise_output, dicom, plausibility
+from ldct_tf import ai_marking, audit, denoise_output, dicom, plausibility
 
 log = logging.getLogger("ldct_tf.denoise")
 
@@ -68,7 +68,11 @@ class ModelInfo:
 
     def derivation_description(self) -> str:
         return (f"Low-dose CT denoised by ldct_tf {package_version()} (unpaired CycleGAN generator): model {self.name} "
-                f"version {self.version} via {self.where}")
+                f"version {self.version} via {self.where}; {ai_marking.RESEARCH_USE}")
+
+    def ai_model(self) -> ai_marking.AIModel:
+        """What the derived files' Contributing Equipment Sequence says made them (``ldct_tf.ai_marking``)."""
+        return ai_marking.AIModel(self.name, self.version, package_version(), self.where)
 
     def series_suffix(self) -> str:
         return f" denoised {self.name} v{self.version}"
@@ -96,6 +100,8 @@ class DenoiseSummary:
     seconds: float = 0.0
     skipped: list[Skipped] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)  # one output folder per derived series
+    audits: list[Path] = field(default_factory=list)  # one audit sidecar per derived series (unless --no-audit)
+    flagged_slices: int = 0  # slices the audit flagged, over all series
 
     @property
     def slices_per_second(self) -> float:
@@ -106,6 +112,8 @@ class DenoiseSummary:
                 f"({self.slices_per_second:.2f} slices/s)")
         if self.skipped:
             text += f"; skipped {len(self.skipped)} file(s)"
+        if self.audits:
+            text += f"; audit flagged {self.flagged_slices} slice(s) (see audit/ in each series folder)"
         return text
 
 
@@ -167,9 +175,13 @@ def scan(files: Sequence[Path], progress: Optional[bool] = None
     return series, skipped
 
 
-def plan(input_path: Path, output: Path, series: dict[str, list[tuple[dicom.SliceInfo, Path]]]) -> list[SeriesPlan]:
+def plan(input_path: Path, output: Path, series: dict[str, list[tuple[dicom.SliceInfo, Path]]],
+         anonymous_names: bool = False) -> list[SeriesPlan]:
     """Where each derived series goes: OUTPUT mirrors INPUT's folders; the series' files keep their names (relative
-    to the series' common folder); a folder holding several series gets ``series_1``, ``series_2``... subfolders."""
+    to the series' common folder); a folder holding several series gets ``series_1``, ``series_2``... subfolders.
+
+    ``anonymous_names`` (``--deidentify``): folder and file names may hold identifiers, so none is kept: series
+    ``k`` goes to ``OUTPUT/series_k/slice_NNNNN.dcm`` in slice order."""
     root = input_path if input_path.is_dir() else input_path.parent
     ordered = []
     for items in series.values():
@@ -178,6 +190,9 @@ def plan(input_path: Path, output: Path, series: dict[str, list[tuple[dicom.Slic
         common = Path(os.path.commonpath([str(p.parent) for p in files]))
         ordered.append((common, files))
     ordered.sort(key=lambda entry: (str(entry[0]), str(min(entry[1]))))
+    if anonymous_names:
+        return [SeriesPlan(files, [output / f"series_{k}" / f"slice_{i + 1:05d}.dcm" for i in range(len(files))],
+                           output / f"series_{k}") for k, (_, files) in enumerate(ordered, start=1)]
     per_folder: dict[Path, int] = defaultdict(int)
     for common, _ in ordered:
         per_folder[common] += 1
@@ -197,7 +212,7 @@ def check_outputs(plans: Sequence[SeriesPlan], inputs: Sequence[Path], overwrite
     input_set = {p.resolve() for p in inputs}
     existing = []
     for item in plans:
-        for out in item.outputs:
+        for out in [*item.outputs, item.folder / audit.AUDIT_FOLDER / audit.SIDECAR]:
             if out.resolve() in input_set:
                 raise DenoiseError(f"{out}: would overwrite an input file; choose another output folder")
             if out.exists():
@@ -227,46 +242,56 @@ def _run_denoiser(denoiser: Denoiser, hu: np.ndarray, model: ModelInfo) -> np.nd
 
 
 def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch_size: int,
-                   bar: Optional[tqdm] = None, output: Optional[Path] = None) -> tuple[int, list[Skipped]]:
+                   bar: Optional[tqdm] = None, output: Optional[Path] = None,
+                   auditor: Optional[audit.SeriesAudit] = None, deidentifier=None) -> tuple[int, list[Skipped]]:
     """Denoise and write one series, ``batch_size`` slices per denoiser call; returns (slices written, skipped).
 
     The files are staged under ``output`` (default: the series folder) and moved into place when the whole series
     is written; on any error (a file that changed since the scan included) nothing of the series is left.
+    ``auditor`` audits every written slice against its input (``ldct_tf.audit``); ``deidentifier`` (a
+    ``ldct_tf.deidentify.Deidentifier`` shared by the run) de-identifies the derived files.
     """
-    derived = dicom.DerivedSeries.new(model.derivation_description(), model.series_suffix())
-    written = 0
+    derived = dicom.DerivedSeries.new(model.derivation_description(), model.series_suffix(), model=model.ai_model(),
+                                      deidentifier=deidentifier)
+    written, skipped = 0, []
     with denoise_output.StagedSeries(output or item.folder) as staged:
         for chunk in _batches(list(zip(item.files, item.outputs)), batch_size):
-            written += _write_chunk(chunk, denoiser, model, derived, staged, bar)
+            written += _write_chunk(chunk, denoiser, model, derived, staged, bar, auditor, skipped)
         staged.commit()
-    return written, []
+    return written, skipped
 
 
 def _write_chunk(chunk, denoiser: Denoiser, model: ModelInfo, derived: dicom.DerivedSeries,
-                 staged: denoise_output.StagedSeries, bar: Optional[tqdm]) -> int:
+                 staged: denoise_output.StagedSeries, bar: Optional[tqdm], auditor: Optional[audit.SeriesAudit],
+                 skipped: list) -> int:
     written, loaded = 0, []
     for path, out in chunk:
         try:
-            ds, hu, _ = dicom.read_ct_dataset(path)
+            ds, hu, info = dicom.read_ct_dataset(path)
         except dicom.NotUsableCT as exc:
             raise DenoiseError(f"{path}: changed since the scan ({exc.reason}: {exc.detail}); its series was not "
                                f"written") from None
-        loaded.append((ds, hu, out))
+        loaded.append((ds, hu, out, info))
     start = 0  # one denoiser call per run of equal-sized slices (a series may mix sizes, a batch cannot)
     while start < len(loaded):
         end = start + 1
         while end < len(loaded) and loaded[end][1].shape == loaded[start][1].shape:
             end += 1
         group = loaded[start:end]
-        denoised = _run_denoiser(denoiser, np.stack([hu for _, hu, _ in group]).astype(np.float32), model)
-        for (ds, _, out), slice_hu in zip(group, denoised):
+        denoised = _run_denoiser(denoiser, np.stack([hu for _, hu, _, _ in group]).astype(np.float32), model)
+        for (ds, hu, out, info), slice_hu in zip(group, denoised):
             try:
-                dicom.write_derived_slice(ds, slice_hu, derived, staged.path_for(out))
+                written_ds = dicom.write_derived_slice(ds, slice_hu, derived, staged.path_for(out))
             except OSError as exc:
                 raise DenoiseError(f"{out}: cannot write ({exc.strerror or type(exc).__name__})") from None
-            except ValueError as exc:
-                raise DenoiseError(f"{ds.filename}: cannot write its denoised version: {exc}") from None
+            except ValueError as exc:  # e.g. --deidentify refusing a file with burned-in text: that slice only
+                skipped.append(Skipped(str(ds.get("filename", "") or out.name), str(exc)))
+                _warn_skipped(skipped[-1])
+                continue
             written += 1
+            if auditor is not None:
+                auditor.add(hu, slice_hu, info.pixel_spacing_mm, int(written_ds.get("InstanceNumber", 0) or 0),
+                            str(written_ds.SOPInstanceUID))
         if bar is not None:
             bar.update(len(group))
         start = end
@@ -275,8 +300,13 @@ def _write_chunk(chunk, denoiser: Denoiser, model: ModelInfo, derived: dicom.Der
 
 def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: Denoiser, model: ModelInfo, *,
             batch_size: int = DEFAULT_BATCH_SIZE, overwrite: bool = False,
-            progress: Optional[bool] = None) -> DenoiseSummary:
+            progress: Optional[bool] = None, audit_series: bool = True, audit_config: Optional[str] = None,
+            deidentify: bool = False, pseudonym_salt: Optional[str] = None) -> DenoiseSummary:
     """Denoise every CT series under ``input_path`` into derived series under ``output``.
+
+    ``audit_series`` writes each series' change audit (``ldct_tf.audit``) to ``SERIES_FOLDER/audit/``;
+    ``deidentify`` writes the derived series under the PS3.15 basic profile (``ldct_tf.deidentify``; pseudonyms
+    keyed by ``pseudonym_salt``, random when None) with anonymous folder and file names.
 
     Files that are not usable CT are skipped with a warning naming them (``summary.skipped``); problems with the
     command as a whole (paths, a model that returns the wrong shape) raise :class:`DenoiseError`.  ``progress``
@@ -291,23 +321,33 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
     started = time.perf_counter()
     files = list_files(input_path)
     series, skipped = scan(files, progress)
-    plans = plan(input_path, output, series)
+    plans = plan(input_path, output, series, anonymous_names=deidentify)
     check_outputs(plans, files, overwrite)
     # before the model runs: a path the file system cannot hold fails now, not after the first series
     denoise_output.check_path_lengths(output, [out for item in plans for out in item.outputs])
     if denoise_output.remove_stale_staging(output):
         log.warning("removed the partial series that an interrupted earlier run left in %s", output)
     summary = DenoiseSummary(skipped=skipped)
+    deidentifier = None
+    if deidentify:
+        from ldct_tf.deidentify import Deidentifier
+
+        deidentifier = Deidentifier(pseudonym_salt)
     total = sum(len(p.files) for p in plans)
     disable = None if progress is None else not progress
     with tqdm(total=total, desc="denoising", unit="slice", disable=disable) as bar:
         for item in plans:
-            written, late = denoise_series(item, denoiser, model, batch_size, bar, output)
+            auditor = audit.new_series_audit(item.folder / audit.AUDIT_FOLDER, audit_config) if audit_series \
+                else None
+            written, late = denoise_series(item, denoiser, model, batch_size, bar, output, auditor, deidentifier)
             summary.skipped.extend(late)
             if written:
                 summary.series += 1
                 summary.slices += written
                 summary.folders.append(item.folder)
+                if auditor is not None:
+                    summary.audits.append(auditor.write())
+                    summary.flagged_slices += auditor.report()["flagged_slices"]
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -382,6 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="slices per model call (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace files left in OUTPUT by an earlier run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-audit", action="store_true",
+                        help="skip the per-slice change audit (default: SERIES/audit/audit.json and a PNG per "
+                             "flagged slice)")
+    parser.add_argument("--audit-config", help="audit thresholds (default configs/audit.yaml)")
+    parser.add_argument("--deidentify", action="store_true",
+                        help="write the derived series under the DICOM PS3.15 Basic Application Level "
+                             "Confidentiality Profile (pseudonyms, new UIDs, anonymous file names)")
+    parser.add_argument("--pseudonym-salt", default=os.environ.get("LDCT_PSEUDONYM_SALT"),
+                        help="key for --deidentify's pseudonyms (default $LDCT_PSEUDONYM_SALT, else random per run: "
+                             "the same salt gives the same pseudonym for the same patient across runs)")
     return parser
 
 
@@ -402,8 +452,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"model: {model.name} version {model.version} ({model.where})", flush=True)
         with logging_redirect_tqdm():
             summary = denoise(args.input, args.output, denoiser, model, batch_size=args.batch_size,
-                              overwrite=args.overwrite, progress=False if args.no_progress else None)
-    except DenoiseError as exc:
+                              overwrite=args.overwrite, progress=False if args.no_progress else None,
+                              audit_series=not args.no_audit, audit_config=args.audit_config,
+                              deidentify=args.deidentify, pseudonym_salt=args.pseudonym_salt)
+    except (DenoiseError, audit.AuditConfigError) as exc:
         print(f"ldct_tf.denoise: error: {exc}", file=sys.stderr)
         return 1
     print(summary.line())

@@ -22,7 +22,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pydicom
@@ -30,7 +30,10 @@ import pydicom.errors
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ldct_tf import ct, keras_compat, plausibility
+from ldct_tf import ai_marking, ct, keras_compat, plausibility
+
+if TYPE_CHECKING:
+    from ldct_tf.deidentify import Deidentifier
 
 keras_compat.quiet_pydicom_validation()  # its warnings would print identifiers into logs
 
@@ -518,11 +521,16 @@ class DerivedSeries:
     study_uid: str
     frame_of_reference_uid: str
     series_number_offset: int = 1000
+    model: Optional[ai_marking.AIModel] = None  # the AI model that made the series (Contributing Equipment etc.)
+    deidentifier: Optional["Deidentifier"] = None  # PS3.15 basic profile (ldct_tf.deidentify), shared by a run
 
     @classmethod
-    def new(cls, derivation_description: str, description_suffix: str = " denoised") -> "DerivedSeries":
+    def new(cls, derivation_description: str, description_suffix: str = " denoised",
+            model: Optional[ai_marking.AIModel] = None, deidentifier: Optional["Deidentifier"] = None
+            ) -> "DerivedSeries":
         generate = pydicom.uid.generate_uid
-        return cls(str(generate()), description_suffix, derivation_description, str(generate()), str(generate()))
+        return cls(str(generate()), description_suffix, derivation_description, str(generate()), str(generate()),
+                   model=model, deidentifier=deidentifier)
 
 
 def derived_dataset(source: Dataset, hu: np.ndarray, series: DerivedSeries) -> Dataset:
@@ -563,7 +571,6 @@ def derived_dataset(source: Dataset, hu: np.ndarray, series: DerivedSeries) -> D
     ds.ImageType = ["DERIVED", "SECONDARY", *(image_type[2:] or ["AXIAL"])]
     description = (_text(source, "SeriesDescription") + series.description_suffix).strip()
     ds.SeriesDescription = description[-64:] if len(description) > 64 else description  # LO: 64 characters
-    ds.DerivationDescription = series.derivation_description[:1024]  # ST: 1024 characters
     series_number = source.get("SeriesNumber")
     if series_number not in (None, ""):
         ds.SeriesNumber = int(series_number) + series.series_number_offset
@@ -588,6 +595,12 @@ def derived_dataset(source: Dataset, hu: np.ndarray, series: DerivedSeries) -> D
         stored = stored.astype(stored.dtype.newbyteorder("<"))
     ds.PixelData = stored.tobytes()
     ds["PixelData"].VR = "OB" if stored.dtype.itemsize == 1 and syntax != ImplicitVRLittleEndian else "OW"
+
+    if series.deidentifier is not None:  # before the marking, which names no person and must survive
+        series.deidentifier.apply(ds)
+        ds.SeriesDescription = series.description_suffix.strip()[:64]  # the source's text may name people
+    # appended to the source's DerivationDescription, never replacing it (issue 15)
+    ai_marking.mark(ds, series.derivation_description, series.model)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ldct_tf import baselines, ct, dicom, metrics
+from ldct_tf import audit_report, baselines, ct, dicom, metrics
 
 SliceDenoiser = Callable[[np.ndarray], np.ndarray]
 
@@ -283,7 +283,7 @@ def _unique_names(pairs: Sequence[Pair]) -> list[str]:
 
 def evaluate(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], out_dir: Optional[str | Path] = None,
              *, figures: bool = True, progress: bool = True, panel_slices: int = 3,
-             info: Optional[dict] = None) -> dict:
+             info: Optional[dict] = None, lesions: int = 0) -> dict:
     """Run every denoiser on every pair and score it; returns the summary dict (also written to ``out_dir``).
 
     Summary keys: ``slices``, ``denoisers`` (names in order), ``metrics`` (``{denoiser: {metric: interval95}}``),
@@ -301,6 +301,7 @@ def evaluate(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], out_
     ref_rows: list[dict] = []
     curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in [*names, REFERENCE]}
     panels: list[tuple[str, Pair, dict[str, np.ndarray], SliceRois]] = []
+    audit_rows: list[dict] = []  # ldct_tf.audit_report: change audit of every output; lesion detectability
     iterator: Iterable[Pair] = pairs
     if progress:
         from tqdm import tqdm
@@ -324,6 +325,7 @@ def evaluate(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], out_
             curves[name].append(row.pop("_nps"))
             rows.append(row)
             outputs[name] = out
+            audit_rows.append(audit_report.audit_row(label, name, pair.low, out, pair.pixel_spacing_mm))
         if i < panel_slices:
             panels.append((label, pair, outputs, rois))
 
@@ -342,13 +344,15 @@ def evaluate(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], out_
                     "fat -150..-50 HU (CNR soft tissue vs fat); lowest-SD squares first",
         "info": dict(info or {}),
         "files": {},
+        **audit_report.extras(audit_rows, names, pairs, denoisers, lesions),
     }
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         summary["files"]["metrics_csv"] = str(write_metrics_csv(rows, out / "metrics.csv"))
         if figures:
-            summary["files"]["figures"] = [str(p) for p in write_figures(summary, panels, curves, out / "figures")]
+            summary["files"]["figures"] = [str(p) for p in write_figures(summary, panels, curves, out / "figures")
+                                           + audit_report.write_figures(summary, out / "figures")]
         summary["files"]["report"] = str(out / "report.md")
         summary["files"]["summary"] = str(out / "summary.json")
         (out / "report.md").write_text(report_markdown(summary, out))
@@ -416,6 +420,7 @@ def report_markdown(summary: dict, out_dir: Path) -> str:
               "| denoiser | " + " | ".join(WIN_METRICS) + " |", "|---" * (len(WIN_METRICS) + 1) + "|"]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(str(summary["wins"][n][m]) for m in WIN_METRICS) + " |")
+    lines += audit_report.report_lines(summary)
     figs = summary["files"].get("figures") or []
     if figs:
         lines += ["", "## Figures", ""] + [f"![{Path(p).stem}]({Path(p).relative_to(out_dir)})" for p in figs]
@@ -596,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.add_argument("--panels", type=int, default=3, help="slices with side-by-side panels (default %(default)s)")
+    p.add_argument("--lesions", type=int, default=0, metavar="N",
+                   help="lesion detectability: insert lesions into the normal-dose slices of the first N pairs and "
+                        "simulate low dose (two simulations per slice, ~15 s each)")
     p.add_argument("--seed", type=int, default=0, help="seed for --simulate noise and the reader-study order")
     p.add_argument("--reader-study", type=int, metavar="N", help="also write a blinded reader-study kit of N slices")
     p.add_argument("--score-sheet", action="append", metavar="CSV",
@@ -669,7 +677,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "denoiser_params": {s: baselines.DEFAULTS.get(s, {}) for s in specs if not s.startswith("model:")}}
         print("denoisers: " + ", ".join(f"{s} {info['denoiser_params'].get(s, '')}".strip() for s in specs))
         summary = evaluate(pairs, denoisers, args.out, figures=not args.no_figures, panel_slices=args.panels,
-                           info=info)
+                           info=info, lesions=args.lesions)
         print((Path(args.out) / "report.md").read_text())
         if args.reader_study:
             kit = write_reader_study(pairs, denoisers, args.reader_study, Path(args.out) / "reader_study",

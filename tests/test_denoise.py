@@ -228,7 +228,7 @@ def test_single_file_never_overwrites_itself_or_earlier_output(ct_small_series, 
     assert one.read_bytes() == before
     out = tmp_path / "out"
     assert denoise.denoise(one, out, smooth_and_shift, MODEL, progress=False).slices == 1
-    assert [p.name for p in out.iterdir()] == ["slice2.dcm"]
+    assert sorted(p.name for p in out.iterdir()) == ["audit", "slice2.dcm"]  # + the change audit (issue 16)
     with pytest.raises(denoise.DenoiseError, match="already exists"):
         denoise.denoise(one, out, smooth_and_shift, MODEL, progress=False)
     assert denoise.denoise(one, out, smooth_and_shift, MODEL, progress=False, overwrite=True).slices == 1
