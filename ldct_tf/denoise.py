@@ -255,8 +255,18 @@ def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch
                                       deidentifier=deidentifier)
     written, skipped = 0, []
     with denoise_output.StagedSeries(output or item.folder) as staged:
+        final_audit = auditor.folder if auditor is not None else None
+        if final_audit is not None:  # the audit's PNGs and sidecar are staged with the series they describe
+            auditor.folder = staged.path_for(final_audit / audit.SIDECAR).parent
         for chunk in _batches(list(zip(item.files, item.outputs)), batch_size):
             written += _write_chunk(chunk, denoiser, model, derived, staged, bar, auditor, skipped)
+        if final_audit is not None:
+            if written:
+                auditor.write()
+                for staged_file in auditor.folder.iterdir():
+                    if staged_file.name != audit.SIDECAR:
+                        staged.path_for(final_audit / staged_file.name)
+            auditor.folder = final_audit
         staged.commit()
     return written, skipped
 
@@ -346,7 +356,7 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
                 summary.slices += written
                 summary.folders.append(item.folder)
                 if auditor is not None:
-                    summary.audits.append(auditor.write())
+                    summary.audits.append(auditor.folder / audit.SIDECAR)
                     summary.flagged_slices += auditor.report()["flagged_slices"]
     summary.seconds = time.perf_counter() - started
     return summary
