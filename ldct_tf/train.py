@@ -45,14 +45,11 @@ from ldct_tf.loop import (is_chief, is_multi_worker, make_step_functions, make_s
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldct_tf.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (configs/smoke.yaml, cpu_small.yaml, paper.yaml)")
-    parser.add_argument("--data", required=True, help="output folder of pipelines.dicom_to_tfrecord")
+    config_lib.add_config_arguments(parser, "YAML config (configs/smoke.yaml, cpu_small.yaml, paper.yaml)",
+                                    "train.steps=100")
+    loop.add_run_arguments(parser)
     parser.add_argument("--model-dir", required=True, help="checkpoints, logs and the trained generator go here")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
-    parser.add_argument("--cpu-replicas", type=int, default=0,
-                        help="without GPUs: split the CPU into N logical devices under MirroredStrategy (testing)")
-    parser.add_argument("--verbose", type=int, default=1, help="Keras progress: 0 silent, 1 bar, 2 line per epoch")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
     return parser
 
 
