@@ -8,7 +8,6 @@ Unknown keys are errors (a typo silently ignored is a wasted training run).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import typing
 from collections.abc import Mapping
@@ -251,17 +250,6 @@ def _assign_all(obj: Any, prefix: str, values: Any) -> None:
         _assign(obj, prefix, [str(key)], value)
 
 
-@contextlib.contextmanager
-def _tuning_errors(section: str):
-    """Errors in the tuning section are :class:`TuningError`, the error the tuning CLI reports."""
-    try:
-        yield
-    except ConfigError as exc:
-        if section == "tuning" and not isinstance(exc, TuningError):
-            raise TuningError(str(exc)) from None
-        raise
-
-
 def from_dict(values: dict) -> Config:
     """Build a Config from nested dicts; unknown sections or keys raise ConfigError."""
     config = Config()
@@ -270,31 +258,31 @@ def from_dict(values: dict) -> Config:
             raise ConfigError(f"unknown config section {section!r}; known: {list(_section_types(Config))}")
         if section == "tuning" and content is None:  # ``tuning:`` with nothing under it
             continue
-        with _tuning_errors(section):
-            _assign_all(getattr(config, section), section, content)
+        _assign_all(getattr(config, section), section, content)
     return config
+
+
+def _section(dotted: str) -> tuple[str, str]:
+    section, _, key = dotted.partition(".")
+    types = _section_types(Config)
+    if section not in types:
+        raise ConfigError(f"unknown config section {section!r} in {dotted!r}; known: {list(types)}")
+    return section, key
 
 
 def set_value(config: Config, dotted: str, value: Any) -> None:
     """Set ``section.key`` (``tuning.hyperband.factor``: nested sections; ``tuning.space.a.b``: into the search
     space mapping, the value read as YAML)."""
-    section, _, key = dotted.partition(".")
-    if not key:
+    if "." not in dotted:
         raise ConfigError(f"override {dotted!r} must look like section.key=value")
-    types = _section_types(Config)
-    if section not in types:
-        raise ConfigError(f"unknown config section {section!r} in {dotted!r}; known: {list(types)}")
-    with _tuning_errors(section):
-        _assign(getattr(config, section), section, key.split("."), value)
+    section, key = _section(dotted)
+    _assign(getattr(config, section), section, key.split("."), value)
 
 
 def field_type(dotted: str) -> Any:
     """The declared type of the config field ``section.key``; raises ConfigError for unknown ones."""
-    section, _, key = dotted.partition(".")
-    types = _section_types(Config)
-    if section not in types:
-        raise ConfigError(f"unknown config section {section!r} in {dotted!r}; known: {list(types)}")
-    fields = _section_types(types[section])
+    section, key = _section(dotted)
+    fields = _section_types(_section_types(Config)[section])
     if key not in fields:
         raise _unknown(section, key, fields)
     return fields[key]
@@ -313,9 +301,9 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
 NORMS = ("instance", "batch", "none")
 
 
-def _check(ok: bool, message: str) -> None:
+def _check(ok: bool, message: str, error: type = ConfigError) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise error(message)
 
 
 def validate(config: Config) -> Config:
@@ -352,24 +340,18 @@ OBJECTIVES = ("auto", "psnr", "ssim", "unpaired")
 
 def validate_tuning(tuning: TuningConfig) -> TuningConfig:
     """Range checks of the tuning section (the search space's entries are checked when it is parsed)."""
-
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            raise TuningError(message)
-
-    check(tuning.objective in OBJECTIVES, f"tuning.objective: expected auto, psnr, ssim or unpaired, got "
-                                          f"{tuning.objective!r}")
+    _check(tuning.objective in OBJECTIVES, f"tuning.objective: expected auto, psnr, ssim or unpaired, got "
+                                           f"{tuning.objective!r}", TuningError)
     for key in ("max_trials", "epochs", "executions_per_trial"):
         value = getattr(tuning, key)
-        check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-              f"tuning.{key}: expected an integer >= 1, got {value!r}")
-    check(isinstance(tuning.space, dict),
-          f"tuning.space: expected a mapping of section.key entries, got {tuning.space!r}")
+        _check(type(value) is int and value >= 1, f"tuning.{key}: expected an integer >= 1, got {value!r}", TuningError)
+    _check(isinstance(tuning.space, dict), f"tuning.space: expected a mapping of section.key entries, got "
+                                           f"{tuning.space!r}", TuningError)
     hb, points = tuning.hyperband, tuning.bayesian.num_initial_points
-    check(hb.max_epochs >= 1 and hb.iterations >= 1, f"tuning.hyperband: max_epochs and iterations must be >= 1, got "
-                                                     f"{hb.max_epochs!r} and {hb.iterations!r}")
-    check(hb.factor >= 2, f"tuning.hyperband.factor must be >= 2 (the share of trials that go on), got {hb.factor!r}")
-    check(points is None or points >= 1, f"tuning.bayesian.num_initial_points must be >= 1 or null, got {points!r}")
+    _check(hb.max_epochs >= 1 and hb.iterations >= 1 and hb.factor >= 2, "tuning.hyperband: max_epochs and iterations "
+           f"must be >= 1 and factor >= 2, got {hb.max_epochs!r}, {hb.iterations!r} and {hb.factor!r}", TuningError)
+    _check(points is None or points >= 1, f"tuning.bayesian.num_initial_points must be >= 1 or null, got {points!r}",
+           TuningError)
     return tuning
 
 
@@ -377,6 +359,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, over
     """``--config FILE`` and the ``section.key=value`` overrides, as every config-driven CLI takes them."""
     parser.add_argument("--config", help=config_help)
     parser.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {override_example}")
+
+
+def load_from_args(args: argparse.Namespace) -> Config:
+    """The config those arguments name, printed as resolved (a run is reproducible from its log); a bad one exits
+    with one line."""
+    try:
+        config = load(args.config, args.overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print("Resolved config:\n" + config.to_yaml(), flush=True)
+    return config
 
 
 def mixed_precision_policy(requested: bool) -> bool:

@@ -213,11 +213,7 @@ def run(cfg: config_lib.Config, data_dir: str, model_dir: str, *, resume: bool =
 def train(argv: Optional[Sequence[str]] = None) -> dict:
     """The CLI's work: parse ``argv``, load the config, :func:`run`.  Usage errors exit with one line."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg = config_lib.load(args.config, args.overrides)
-    except config_lib.ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    print("Resolved config:\n" + cfg.to_yaml(), flush=True)
+    cfg = config_lib.load_from_args(args)
     try:
         return run(cfg, args.data, args.model_dir, resume=not args.no_resume, cpu_replicas=args.cpu_replicas,
                    verbose=args.verbose)

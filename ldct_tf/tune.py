@@ -77,12 +77,7 @@ def tune(argv: Optional[Sequence[str]] = None) -> dict:
     """The CLI's work: parse ``argv``, load the config, :func:`ldct_tf.tuning.search.run`.  Problems with the
     config, the data or the search folder, and a search where no trial produced a score, exit with one line."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg = config_lib.load(args.config, args.overrides)
-        search_space(cfg)  # a bad search space is reported before anything else
-    except config_lib.ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    print("Resolved config:\n" + cfg.to_yaml(), flush=True)
+    cfg = config_lib.load_from_args(args)
     try:
         return run(cfg, args.data, args.dir, algorithm=args.tuner, max_trials=args.max_trials,
                    overwrite=args.overwrite, cpu_replicas=args.cpu_replicas, verbose=args.verbose)
