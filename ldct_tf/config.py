@@ -7,8 +7,10 @@ Unknown keys are errors (a typo silently ignored is a wasted training run).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -99,13 +101,58 @@ class ExportConfig:
 
 
 @dataclass
+class HyperbandConfig:
+    """``--tuner hyperband``: trials get 1..max_epochs epochs, the best continue."""
+
+    max_epochs: int = 4
+    factor: int = 3
+    iterations: int = 1
+
+
+@dataclass
+class BayesianConfig:
+    """``--tuner bayesian``: random trials before the Gaussian process proposes."""
+
+    num_initial_points: Optional[int] = None  # None: Keras Tuner's default, 3 per searched key
+
+
+@dataclass
+class TuningConfig(Mapping):
+    """The Keras Tuner search (ldct_tf.tuning); ``configs/tuning_example.yaml`` lists every key with a comment.
+
+    Also reads as the mapping this section was before it was typed (``cfg.tuning["space"]``, ``set(cfg.tuning)``).
+    """
+
+    objective: str = "auto"  # auto | psnr | ssim | unpaired
+    max_trials: int = 10  # random and bayesian; --max-trials overrides
+    epochs: int = 2  # epochs per trial (random, bayesian), each train.steps_per_epoch steps
+    executions_per_trial: int = 1
+    default_space: bool = True  # false: search only the keys under ``space``
+    # ``section.key`` (or nested ``section: {key: ...}``) -> {min, max[, step][, sampling]} | [choices] | null
+    space: dict = field(default_factory=dict)
+    hyperband: HyperbandConfig = field(default_factory=HyperbandConfig)
+    bayesian: BayesianConfig = field(default_factory=BayesianConfig)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _section_types(type(self)):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(_section_types(type(self)))
+
+    def __len__(self) -> int:
+        return len(_section_types(type(self)))
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    tuning: dict = field(default_factory=dict)  # Keras Tuner search space, read by ldct_tf.tune
+    tuning: TuningConfig = field(default_factory=TuningConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,20 +165,24 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the problem."""
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert a YAML / command-line value to the field's declared type."""
+class TuningError(ConfigError):
+    """A tuning section or search state that cannot be used; the message names the key or file."""
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML / command-line value to the declared type ``annotation``; ``key`` names it in errors."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Union:  # Optional[X]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
+        return coerce(value, next(a for a in args if a is not type(None)), key)
     if origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], key) for v in value]
+        return [coerce(v, args[0], key) for v in value]
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -149,6 +200,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is str:
         return str(value)
     if annotation is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
@@ -159,42 +212,80 @@ def _section_types(section_cls) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
 
+def _unknown(prefix: str, name: str, fields: dict) -> ConfigError:
+    if prefix.split(".")[0] == "tuning":  # the message the tuning section had before it was typed
+        return TuningError(f"{prefix}: unknown keys {[name]}; known: {sorted(fields)}")
+    return ConfigError(f"unknown key {prefix + '.' + name!r}; {prefix} has: {', '.join(fields)}")
+
+
+def _assign(obj: Any, prefix: str, parts: Sequence[str], value: Any) -> None:
+    """Set ``prefix.parts[0]...`` in the dataclass ``obj``: through nested sections, into free mappings (the
+    ``tuning.space`` entries), coercing leaves to their declared type."""
+    fields = _section_types(type(obj))
+    name, rest = parts[0], list(parts[1:])
+    dotted = f"{prefix}.{name}"
+    if name not in fields:
+        raise _unknown(prefix, name, fields)
+    kind = fields[name]
+    if dataclasses.is_dataclass(kind):
+        if rest:
+            _assign(getattr(obj, name), dotted, rest, value)
+        else:
+            _assign_all(getattr(obj, name), dotted, value)
+    elif kind is dict and rest:
+        node = getattr(obj, name)
+        for part in rest[:-1]:
+            node = node.setdefault(part, {})
+        node[rest[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+    elif rest:
+        raise ConfigError(f"unknown key {'.'.join([dotted, *rest])!r}; {dotted} is a value, not a section")
+    else:
+        setattr(obj, name, coerce(value, kind, dotted))
+
+
+def _assign_all(obj: Any, prefix: str, values: Any) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {prefix!r} must be a mapping, got {values!r}")
+    for key, value in values.items():
+        _assign(obj, prefix, [str(key)], value)
+
+
 def from_dict(values: dict) -> Config:
     """Build a Config from nested dicts; unknown sections or keys raise ConfigError."""
     config = Config()
     for section, content in (values or {}).items():
         if section not in _section_types(Config):
             raise ConfigError(f"unknown config section {section!r}; known: {list(_section_types(Config))}")
-        if section == "tuning":
-            config.tuning = _coerce(content or {}, dict, "tuning")
+        if section == "tuning" and content is None:  # ``tuning:`` with nothing under it
             continue
-        if not isinstance(content, dict):
-            raise ConfigError(f"section {section!r} must be a mapping, got {content!r}")
-        for key, value in content.items():
-            set_value(config, f"{section}.{key}", value)
+        _assign_all(getattr(config, section), section, content)
     return config
 
 
-def set_value(config: Config, dotted: str, value: Any) -> None:
-    """Set ``section.key`` (``tuning.a.b`` writes into the free-form tuning mapping)."""
+def _section(dotted: str) -> tuple[str, str]:
     section, _, key = dotted.partition(".")
-    if not key:
-        raise ConfigError(f"override {dotted!r} must look like section.key=value")
-    if section == "tuning":
-        node = config.tuning
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
-        return
     types = _section_types(Config)
     if section not in types:
         raise ConfigError(f"unknown config section {section!r} in {dotted!r}; known: {list(types)}")
-    obj = getattr(config, section)
-    fields = _section_types(type(obj))
+    return section, key
+
+
+def set_value(config: Config, dotted: str, value: Any) -> None:
+    """Set ``section.key`` (``tuning.hyperband.factor``: nested sections; ``tuning.space.a.b``: into the search
+    space mapping, the value read as YAML)."""
+    if "." not in dotted:
+        raise ConfigError(f"override {dotted!r} must look like section.key=value")
+    section, key = _section(dotted)
+    _assign(getattr(config, section), section, key.split("."), value)
+
+
+def field_type(dotted: str) -> Any:
+    """The declared type of the config field ``section.key``; raises ConfigError for unknown ones."""
+    section, key = _section(dotted)
+    fields = _section_types(_section_types(Config)[section])
     if key not in fields:
-        raise ConfigError(f"unknown key {dotted!r}; {section} has: {', '.join(fields)}")
-    setattr(obj, key, _coerce(value, fields[key], dotted))
+        raise _unknown(section, key, fields)
+    return fields[key]
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
@@ -210,9 +301,9 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
 NORMS = ("instance", "batch", "none")
 
 
-def _check(ok: bool, message: str) -> None:
+def _check(ok: bool, message: str, error: type = ConfigError) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise error(message)
 
 
 def validate(config: Config) -> Config:
@@ -240,6 +331,44 @@ def validate(config: Config) -> Config:
     _check(0 <= d.min_tissue_fraction <= 1, f"data.min_tissue_fraction must be in [0, 1], got {d.min_tissue_fraction!r}")
     _check(d.shuffle_buffer >= 1 and d.val_max_slices >= 0,
            f"data.shuffle_buffer must be >= 1 and data.val_max_slices >= 0")
+    validate_tuning(config.tuning)
+    return config
+
+
+OBJECTIVES = ("auto", "psnr", "ssim", "unpaired")
+
+
+def validate_tuning(tuning: TuningConfig) -> TuningConfig:
+    """Range checks of the tuning section (the search space's entries are checked when it is parsed)."""
+    _check(tuning.objective in OBJECTIVES, f"tuning.objective: expected auto, psnr, ssim or unpaired, got "
+                                           f"{tuning.objective!r}", TuningError)
+    for key in ("max_trials", "epochs", "executions_per_trial"):
+        value = getattr(tuning, key)
+        _check(type(value) is int and value >= 1, f"tuning.{key}: expected an integer >= 1, got {value!r}", TuningError)
+    _check(isinstance(tuning.space, dict), f"tuning.space: expected a mapping of section.key entries, got "
+                                           f"{tuning.space!r}", TuningError)
+    hb, points = tuning.hyperband, tuning.bayesian.num_initial_points
+    _check(hb.max_epochs >= 1 and hb.iterations >= 1 and hb.factor >= 2, "tuning.hyperband: max_epochs and iterations "
+           f"must be >= 1 and factor >= 2, got {hb.max_epochs!r}, {hb.iterations!r} and {hb.factor!r}", TuningError)
+    _check(points is None or points >= 1, f"tuning.bayesian.num_initial_points must be >= 1 or null, got {points!r}",
+           TuningError)
+    return tuning
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, override_example: str) -> None:
+    """``--config FILE`` and the ``section.key=value`` overrides, as every config-driven CLI takes them."""
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {override_example}")
+
+
+def load_from_args(args: argparse.Namespace) -> Config:
+    """The config those arguments name, printed as resolved (a run is reproducible from its log); a bad one exits
+    with one line."""
+    try:
+        config = load(args.config, args.overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print("Resolved config:\n" + config.to_yaml(), flush=True)
     return config
 
 
@@ -272,7 +401,7 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
     try:
         config = from_dict(values)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        raise type(exc)(f"{path}: {exc}" if path else str(exc)) from None
     config = apply_overrides(config, overrides)
     # Configs written before disc_norm was a string say ``null`` for "same as norm".
     if config.model.disc_norm in ("None", "null"):
@@ -280,4 +409,4 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
     try:
         return validate(config)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        raise type(exc)(f"{path}: {exc}" if path else str(exc)) from None

@@ -7,6 +7,7 @@ A custom loop rather than ``fit``: Keras 3's ``fit`` does not work under MultiWo
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -64,6 +65,15 @@ def make_strategy(cpu_replicas: int = 0) -> tf.distribute.Strategy:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
         return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cpu_replicas)])
     return tf.distribute.MirroredStrategy()
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data``, ``--cpu-replicas`` (:func:`make_strategy`) and ``--verbose``, as the training and tuning CLIs
+    take them."""
+    parser.add_argument("--data", required=True, help="output folder of pipelines.dicom_to_tfrecord")
+    parser.add_argument("--cpu-replicas", type=int, default=0,
+                        help="without GPUs: split the CPU into N logical devices under MirroredStrategy (testing)")
+    parser.add_argument("--verbose", type=int, default=1, help="Keras progress: 0 silent, 1 bar, 2 line per epoch")
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
@@ -200,6 +210,29 @@ class StopOnSigint:
         return False
 
 
+def train_epoch(model, train_step, iterator, start_step: int, end_step: int, *, log_every: int, writer=None,
+                verbose: int = 1, budget: Optional[Budget] = None) -> tuple[dict, int, Optional[str]]:
+    """One epoch (or what is left of it): ``train_step(iterator)`` from ``start_step`` to ``end_step`` with a
+    progress bar; every ``log_every`` steps, at the end and at an early stop the trackers are read (and written to
+    ``writer``).  Stops after the first step past ``budget``.  Returns the last training metrics, the step reached
+    and why it stopped early (None when it ran to ``end_step``)."""
+    model.reset_metrics()
+    verbose = verbose if is_chief() else 0
+    bar = keras.utils.Progbar(end_step - start_step, verbose=verbose, stateful_metrics=list(model.trackers))
+    metrics: dict = {}
+    step, stopped_by = start_step, None
+    while step < end_step and not stopped_by:
+        train_step(iterator)
+        step += 1
+        stopped_by = budget.exhausted() if budget is not None else None
+        if step == end_step or stopped_by or (step % log_every == 0 and (writer is not None or verbose)):
+            metrics = read_metrics(model.trackers)
+            if writer is not None:
+                write_scalars(writer, metrics, step)
+            bar.update(step - start_step, values=list(metrics.items()))
+    return metrics, step, stopped_by
+
+
 def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_epoch: int, log_every: int,
              model_dir: str, sample_low: np.ndarray, verbose: int = 1,
              time_limit_s: Optional[float] = None, budget: Optional[Budget] = None) -> dict:
@@ -221,35 +254,20 @@ def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_e
     train_metrics: dict = {}
     val_metrics: dict = {}
     step = model.steps_done()
-    out_of_time = False
     stopped_by = None
-    while step < total_steps and not out_of_time:
+    while step < total_steps and not stopped_by:
         epoch = step // steps_per_epoch
         epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-        model.reset_metrics()
-        bar = keras.utils.Progbar(epoch_end - step, verbose=verbose if is_chief() else 0,
-                                  stateful_metrics=list(model.trackers))
         if verbose and is_chief():
             print(f"Epoch {epoch + 1}/{math.ceil(total_steps / steps_per_epoch)} (steps {step + 1}-{epoch_end})",
                   flush=True)
-        done_in_epoch = 0
-        while step < epoch_end:
-            train_step(iterator)
-            step += 1
-            done_in_epoch += 1
-            if step % log_every == 0 or step == epoch_end:
-                train_metrics = read_metrics(model.trackers)
-                write_scalars(train_writer, train_metrics, step)
-                bar.update(done_in_epoch, values=list(train_metrics.items()))
-            stopped_by = budget.exhausted()
-            if stopped_by:
-                out_of_time = True
-                train_metrics = read_metrics(model.trackers)
-                write_scalars(train_writer, train_metrics, step)
-                if verbose and is_chief():
-                    print(f"\n{stopped_by[0].upper() + stopped_by[1:]} reached at step {step}: validating, saving and stopping",
-                          flush=True)
-                break
+        train_metrics, step, stopped_by = train_epoch(model, train_step, iterator, step, epoch_end,
+                                                      log_every=log_every, writer=train_writer, verbose=verbose,
+                                                      budget=budget)
+        out_of_time = bool(stopped_by)
+        if stopped_by and verbose and is_chief():
+            print(f"\n{stopped_by[0].upper() + stopped_by[1:]} reached at step {step}: validating, saving and "
+                  "stopping", flush=True)
         if val_ds is not None:
             model.reset_metrics()
             for batch in strategy.experimental_distribute_dataset(val_ds):

@@ -45,14 +45,11 @@ from ldct_tf.loop import (is_chief, is_multi_worker, make_step_functions, make_s
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldct_tf.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (configs/smoke.yaml, cpu_small.yaml, paper.yaml)")
-    parser.add_argument("--data", required=True, help="output folder of pipelines.dicom_to_tfrecord")
+    config_lib.add_config_arguments(parser, "YAML config (configs/smoke.yaml, cpu_small.yaml, paper.yaml)",
+                                    "train.steps=100")
+    loop.add_run_arguments(parser)
     parser.add_argument("--model-dir", required=True, help="checkpoints, logs and the trained generator go here")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
-    parser.add_argument("--cpu-replicas", type=int, default=0,
-                        help="without GPUs: split the CPU into N logical devices under MirroredStrategy (testing)")
-    parser.add_argument("--verbose", type=int, default=1, help="Keras progress: 0 silent, 1 bar, 2 line per epoch")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
     return parser
 
 
@@ -216,11 +213,7 @@ def run(cfg: config_lib.Config, data_dir: str, model_dir: str, *, resume: bool =
 def train(argv: Optional[Sequence[str]] = None) -> dict:
     """The CLI's work: parse ``argv``, load the config, :func:`run`.  Usage errors exit with one line."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg = config_lib.load(args.config, args.overrides)
-    except config_lib.ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    print("Resolved config:\n" + cfg.to_yaml(), flush=True)
+    cfg = config_lib.load_from_args(args)
     try:
         return run(cfg, args.data, args.model_dir, resume=not args.no_resume, cpu_replicas=args.cpu_replicas,
                    verbose=args.verbose)

@@ -22,11 +22,11 @@ def test_smoke_config_is_tiny():
 def test_overrides_are_typed():
     cfg = config.load(None, ["train.steps=12", "train.batch_size=3", "model.attention=false",
                              "loss.perceptual_layers=block1_conv2,block2_conv2", "loss.vgg_weights_path=none",
-                             "train.generator_lr=1e-4", "tuning.model.depth=[2,3]"])
+                             "train.generator_lr=1e-4", "tuning.space.model.depth=[2,3]"])
     assert cfg.train.steps == 12 and cfg.train.batch_size == 3 and cfg.model.attention is False
     assert cfg.loss.perceptual_layers == ["block1_conv2", "block2_conv2"]
     assert cfg.loss.vgg_weights_path is None and cfg.train.generator_lr == pytest.approx(1e-4)
-    assert cfg.tuning == {"model": {"depth": [2, 3]}}
+    assert cfg.tuning.space == {"model": {"depth": [2, 3]}}
 
 
 @pytest.mark.parametrize("override, match", [

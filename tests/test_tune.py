@@ -313,6 +313,6 @@ def test_interrupted_random_search_resumes_and_its_best_config_trains(paired_sha
     from ldct_tf.train import train
 
     trained = train(["--config", str(search / "best.yaml"), "--data", paired_shards, "--model-dir",
-                     str(tmp_path / "run"), "--verbose", "0", "train.steps=0"])
+                     str(tmp_path / "run"), "--verbose", "0", "train.steps=1"])
     assert trained["steps"] == 0 and (tmp_path / "run" / "generator.keras").exists()
     assert config.load(tmp_path / "run" / "config.yaml").loss.cycle == best["loss.cycle"]

@@ -88,14 +88,15 @@ class CycleGAN(keras.Model):
         """True when every unpaired weight is 0: only the denoiser and the simulated-pair loss are computed."""
         return all(self.loss_weights_[t] == 0 for t in UNPAIRED_TERMS)
 
-    def _pairs(self):
+    def _optimizer_networks(self):
+        """(optimizer, the network it trains) for the four networks, in the order of ``train_step``'s losses."""
         return [(self.generator_optimizer, self.low_to_normal), (self.inverse_generator_optimizer, self.normal_to_low),
                 (self.normal_critic_optimizer, self.normal_critic), (self.low_critic_optimizer, self.low_critic)]
 
     def build_optimizers(self) -> None:
         """Create every optimizer's slots now. Call inside ``strategy.scope()`` before ``fit``: optimizers built
         lazily inside a multi-replica ``train_step`` fail (``shared/STACK.md``)."""
-        for optimizer, network in self._pairs():
+        for optimizer, network in self._optimizer_networks():
             optimizer.build(network.trainable_variables)
 
     def steps_done(self) -> int:
@@ -179,7 +180,8 @@ class CycleGAN(keras.Model):
                       (("generator", self.generator_optimizer), ("normal_critic", self.normal_critic_optimizer),
                        ("low_critic", self.low_critic_optimizer))}
             scaled["inverse"] = self.inverse_generator_optimizer.scale_loss(losses["generator"] / replicas)
-        for key, (optimizer, network) in zip(("generator", "inverse", "normal_critic", "low_critic"), self._pairs()):
+        keys = ("generator", "inverse", "normal_critic", "low_critic")
+        for key, (optimizer, network) in zip(keys, self._optimizer_networks()):
             variables = network.trainable_variables
             grads = tape.gradient(scaled[key], variables)
             optimizer.apply_gradients(zip(grads, variables))
