@@ -85,6 +85,13 @@ def _int64_feature(*values: int) -> bytes:
     return _field(3, _field(1, b"".join(_varint(int(v)) for v in values)))  # int64_list = 3, packed
 
 
+def _example(features: dict) -> bytes:
+    """``tf.train.Example`` bytes of encoded features: Example.features = 1, Features.feature = 1, one map entry
+    {key = 1, value = 2} per feature."""
+    entries = b"".join(_field(1, _field(1, key.encode("utf-8")) + _field(2, value)) for key, value in features.items())
+    return _field(1, entries)
+
+
 def encode(record: SliceRecord) -> bytes:
     """Serialise a :class:`SliceRecord` to ``tf.train.Example`` bytes; a bad field raises ``ValueError``.
 
@@ -111,9 +118,7 @@ def encode(record: SliceRecord) -> bytes:
         features[name] = _bytes_feature(str(getattr(record, name)).encode("utf-8"))
     for name in FLOAT_FEATURES:
         features[name] = _float_feature(float(getattr(record, name)))
-    # Features.feature = 1: one map entry {key = 1, value = 2} per feature; Example.features = 1.
-    entries = b"".join(_field(1, _field(1, key.encode("utf-8")) + _field(2, value)) for key, value in features.items())
-    return _field(1, entries)
+    return _example(features)
 
 
 def feature_spec() -> dict:
@@ -218,8 +223,7 @@ def encode_simulated(record: SimulatedPairRecord) -> bytes:
         features[name] = _bytes_feature(str(getattr(record, name)).encode("utf-8"))
     for name in SIMULATED_FLOAT_FEATURES:
         features[name] = _float_feature(float(getattr(record, name)))
-    entries = b"".join(_field(1, _field(1, key.encode("utf-8")) + _field(2, value)) for key, value in features.items())
-    return _field(1, entries)
+    return _example(features)
 
 
 def parse_simulated(serialized) -> tuple:
