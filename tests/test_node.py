@@ -266,7 +266,7 @@ def test_real_series_and_a_second_one_at_once(setup, shared_data, tmp_path):
 @needs_dcmtk
 def test_node_through_tf_serving(tmp_path):
     """--server: the same node with the shipped model behind TF Serving's REST API (the tests' loopback server)."""
-    from tests.serving_fixture import serve
+    from ldct_tf.testing.model_server import serve
     from tests.test_node_support import REPO
 
     sent = write_ct_small_series(tmp_path / "in", n=3)

@@ -63,8 +63,9 @@ def test_sigkill_while_denoising_then_restart_delivers(tmp_path, shared_data):
     node = Node(tmp_path, free_port(), *args).start()
     done = storescu(node.port, sent)
     assert done.returncode == 0, done.stdout + done.stderr
-    # denoise writes out.partial/ batch by batch (8 slices at a time) and renames it to out/ when complete
-    wait_for(lambda: any((node.spool / "work").glob("*/out.partial/*.dcm")), 120, "denoising to be under way",
+    # denoise writes out.partial/ (staging each series in a hidden folder inside it, 8 slices at a time) and the node
+    # renames it to out/ when complete
+    wait_for(lambda: any((node.spool / "work").glob("*/out.partial/**/*.dcm")), 300, "denoising to be under way",
              node.proc, node.log)
     assert node.stop(signal.SIGKILL) == -signal.SIGKILL
     [batch] = list((node.spool / "work").iterdir())
