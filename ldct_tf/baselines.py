@@ -11,9 +11,9 @@ and keeps the value with the best mean abdomen-window PSNR against the full-dose
 L096 and L143 of the AAPM-Mayo pairs (21 slices; BM3D on every 4th of them, 6 slices, because it costs about 7 s a
 slice).  Patient L286 is held out as the test patient of the quality benchmark.  Reproduce with::
 
-    python -m ldct_tf.evaluate --pairs $LDCT_DATA_DIR/mayo_pairs/pairs.csv --patients L096,L143 \
+    python -m ldct_tf.baselines --pairs $LDCT_DATA_DIR/mayo_pairs/pairs.csv --patients L096,L143 \
         --tune gaussian,nlm,tv --out tuning
-    python -m ldct_tf.evaluate --pairs $LDCT_DATA_DIR/mayo_pairs/pairs.csv --patients L096,L143 \
+    python -m ldct_tf.baselines --pairs $LDCT_DATA_DIR/mayo_pairs/pairs.csv --patients L096,L143 \
         --tune bm3d --tune-stride 4 --out tuning_bm3d
 
 Result (mean abdomen PSNR dB / SSIM on the development slices at each grid value; best marked *):
@@ -207,3 +207,11 @@ def tune(name: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]], values: Opti
         "at_grid_edge": best in (0, len(values) - 1),
         "grid": [{"value": float(v), "psnr_mean": float(m[0]), "ssim_mean": float(m[1])} for v, m in zip(values, means)],
     }
+
+
+if __name__ == "__main__":  # python -m ldct_tf.baselines: the tuning CLI (ldct_tf.baseline_tuning)
+    import sys
+
+    from ldct_tf.baseline_tuning import main
+
+    sys.exit(main())

@@ -32,6 +32,14 @@ WORKAROUNDS: dict[str, Workaround] = {
         upstream="https://github.com/keras-team/keras/pull/23315 (regression from keras-team/keras#22079)",
         summary="bilinear UpSampling2D cannot be traced with unknown height and width: ops.image.resize tests "
                 "size[0] <= 0 in Python"),
+    "skip_symbolic_build": Workaround(
+        package="keras", checked_on="3.15.1",
+        upstream="https://github.com/keras-team/keras/issues/20585",
+        summary="Keras' TensorFlow trainer builds a model symbolically before fit/evaluate/predict by reducing the "
+                "first distributed batch across replicas, which fails under MultiWorkerMirroredStrategy; a model "
+                "built at construction skips that private hook (SkipSymbolicBuild).  Reproducing the failure needs "
+                "two worker processes under TF_CONFIG (tests/test_distributed.py runs that set-up through our own "
+                "loop, far beyond a few seconds), so the test checks the Keras code path the bug lives in instead"),
     "quiet_pydicom_validation": Workaround(
         package="pydicom", checked_on="3.0.2",
         upstream="https://github.com/pydicom/pydicom/issues/1649",
@@ -80,6 +88,17 @@ def with_traceable_upsampling(model: "keras.Model") -> "keras.Model":
     copy = keras.models.clone_model(model, clone_function=clone)
     copy.set_weights(model.get_weights())
     return copy
+
+
+# --- Keras: symbolic build reduces a distributed batch (keras-team/keras#20585) -------------------------------------
+
+class SkipSymbolicBuild:
+    """Mixin (before ``keras.Model``) for a model that is fully built at construction: Keras' private
+    ``_maybe_symbolic_build`` hook is skipped, so no distributed data batch is reduced across replicas before
+    ``fit``/``evaluate`` (see ``WORKAROUNDS``).  A plain class: importing it does not import Keras."""
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        return
 
 
 # --- pydicom: validation warnings that quote values --------------------------------------------------------------

@@ -95,6 +95,23 @@ def test_checkpoint_restores_weights_and_optimizer_state(trained, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_the_frozen_vgg19_is_neither_a_weight_nor_checkpointed(trained, tmp_path):
+    model, _, _ = trained
+    vgg = model.perceptual.extractor.weights
+    assert vgg  # the smoke config has a perceptual term, so there is a VGG19 to keep out
+    assert {id(v) for v in vgg}.isdisjoint(id(v) for v in model.weights)
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    names = [name for name, _ in tf.train.list_variables(path)]
+    assert names and not [n for n in names if "perceptual" in n or "extractor" in n]
+    model.save_weights(str(tmp_path / "w.weights.h5"))
+    import h5py
+
+    with h5py.File(tmp_path / "w.weights.h5") as f:
+        keys: list[str] = []
+        f.visit(keys.append)
+    assert len([k for k in keys if k.endswith("vars")]) > 0 and not [k for k in keys if "perceptual" in k]
+
+
 def test_unknown_loss_weight_is_refused():
     cfg = config.load(SMOKE)
     model = build_cyclegan(cfg)

@@ -266,6 +266,29 @@ def test_tune_mode_writes_the_grid(sample, tmp_path):
     assert result["best"] == best["value"] > baselines.GRIDS["gaussian"][1][0]  # 40 HU noise: some smoothing wins
 
 
+def test_baselines_cli_tunes_like_the_evaluate_alias(sample, tmp_path):
+    """``python -m ldct_tf.baselines`` is the tuning CLI; ``evaluate --tune`` must write the same tuning.json."""
+    import os
+    import subprocess
+    import sys
+
+    pairs_csv = str(_write_pairs_csv(sample, 2))
+    alias, own = tmp_path / "alias", tmp_path / "own"
+    assert evaluate.main(["--pairs", pairs_csv, "--tune", "gaussian", "--out", str(alias)]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "ldct_tf.baselines", "--pairs", pairs_csv, "--tune", "gaussian",
+                           "--out", str(own)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "gaussian: best sigma=" in done.stdout
+    assert json.loads((own / "tuning.json").read_text()) == json.loads((alias / "tuning.json").read_text())
+    missing = subprocess.run([sys.executable, "-m", "ldct_tf.baselines", "--pairs", str(tmp_path / "no.csv"),
+                              "--tune", "gaussian", "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "no such pairs CSV" in missing.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_out_that_is_a_file_and_key_messages_are_one_line(cli_run, tmp_path, capsys):
     a_file = tmp_path / "results.txt"
     a_file.write_text("mine")

@@ -82,3 +82,18 @@ def test_pydicom_validation_warnings_still_quote_the_value_as_plain_userwarnings
     quoting = [w for w in caught if uid in str(w.message)]
     assert quoting, [str(w.message) for w in caught]
     assert all(w.category is UserWarning for w in quoting)  # no category of its own to filter on
+
+
+def test_keras_symbolic_build_still_reduces_a_distributed_batch_and_cyclegan_skips_it():
+    """The bug (keras-team/keras#20585) lives in the TF trainer's symbolic build, which averages the first distributed
+    batch over replicas; fit still calls that private hook, so overriding it still takes effect."""
+    import inspect
+
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    from ldct_tf.models.cyclegan import CycleGAN
+
+    assert "distribute_strategy.reduce(" in inspect.getsource(TensorFlowTrainer._maybe_symbolic_build)
+    assert "self._maybe_symbolic_build(" in inspect.getsource(TensorFlowTrainer.fit)
+    assert CycleGAN._maybe_symbolic_build is keras_compat.SkipSymbolicBuild._maybe_symbolic_build
+    assert CycleGAN.__mro__.index(keras_compat.SkipSymbolicBuild) < CycleGAN.__mro__.index(TensorFlowTrainer)

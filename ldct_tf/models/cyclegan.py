@@ -24,7 +24,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from ldct_tf import ct
+from ldct_tf import ct, keras_compat
 from ldct_tf.config import LossConfig
 from ldct_tf.losses import PerceptualLoss, l1_loss, lsgan_discriminator_loss, lsgan_generator_loss, mse_loss
 
@@ -34,8 +34,9 @@ LOSS_TERMS = UNPAIRED_TERMS + ("simulated",)
 DEFAULT_LOSS_WEIGHTS = {term: getattr(LossConfig(), term) for term in LOSS_TERMS}
 
 
+# SkipSymbolicBuild: Keras' symbolic build fails under MultiWorkerMirroredStrategy (keras-team/keras#20585).
 @keras.saving.register_keras_serializable(package="ldct_tf")
-class CycleGAN(keras.Model):
+class CycleGAN(keras_compat.SkipSymbolicBuild, keras.Model):
     def __init__(self, low_to_normal: keras.Model, normal_to_low: keras.Model, normal_critic: keras.Model,
                  low_critic: keras.Model, perceptual: Optional[PerceptualLoss] = None, **kwargs):
         super().__init__(**kwargs)
@@ -43,8 +44,9 @@ class CycleGAN(keras.Model):
         self.normal_to_low = normal_to_low
         self.normal_critic = normal_critic
         self.low_critic = low_critic
-        # Set around Keras' attribute tracking: the frozen VGG19 must not be tracked, saved or checkpointed.
-        object.__setattr__(self, "_perceptual_loss", perceptual)
+        # The frozen VGG19 must not be saved or checkpointed: PerceptualLoss is a plain class (not a Keras layer),
+        # which Keras does not track (tests/test_cyclegan.py checks the weights and the checkpoint).
+        self._perceptual_loss = perceptual
         names = ["generator_loss", "adversarial_loss", "cycle_loss", "identity_loss", "perceptual_loss",
                  "simulated_loss", "normal_critic_loss", "low_critic_loss"]
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
@@ -102,12 +104,6 @@ class CycleGAN(keras.Model):
     def steps_done(self) -> int:
         """Training steps taken, as a Python int (restored with checkpoints; works for distributed variables)."""
         return int(keras.ops.convert_to_numpy(self.train_steps.value))
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Nothing to build: the networks are built at construction, the optimizers by :meth:`build_optimizers`, the
-        metrics are plain trackers.  Keras' symbolic build would reduce a distributed data batch, which fails under
-        MultiWorkerMirroredStrategy on Keras 3 (keras-team/keras#20585), so it is skipped (private Keras hook)."""
-        return
 
     @property
     def metrics(self):
