@@ -7,6 +7,8 @@ Systems, each a warm child process holding its model; the parent runs them in lo
 * ``cyclegan_real_data``: the same on real shards through ``ldct_tf.data`` (the input pipeline's cost);
 * ``supervised``: one generator of the same shape, L1 on pairs, same batch and optimizer (the arithmetic floor:
   a CycleGAN step does six generator passes, four critic passes and the perceptual network);
+* ``cyclegan_control``: ``cyclegan`` again in a second process: identical code, so its ratio to ``cyclegan`` is the
+  process-to-process noise of this run (large on a busy 2-core machine);
 * ``reference_cyclegan``: the CycleGAN step of the code at :data:`REFERENCE_COMMIT` (before the speed work),
   checked out from git into a scratch folder, on the same synthetic batches.
 
@@ -157,7 +159,8 @@ def child(system: str, data_dir: str, warmup: int) -> int:
         print(PREFIX + json.dumps({"wall": walls, "cpu": cpus, "load_1min": os.getloadavg()[0]}), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(PREFIX + json.dumps({"peak_rss_mib": round(peak, 1)}), flush=True)
-    return 0
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: TensorFlow's thread pools sometimes hang it (seen here, TF 2.21)
 
 
 # --- parent -------------------------------------------------------------------------------------------------------
@@ -168,16 +171,18 @@ class Child:
     def __init__(self, system: str, data_dir: str, warmup: int, pythonpath: str, extra_env: dict | None = None):
         env = {**os.environ, "PYTHONPATH": pythonpath, **(extra_env or {})}
         self.system = system
-        kind = system.split("@")[0]
+        kind = system.split("@")[0].replace("_control", "")
+        self.log = tempfile.TemporaryFile(mode="w+")  # TensorFlow's log: a pipe nobody reads would fill and block
         self.process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.training", "--child", kind, data_dir, str(warmup)], cwd=REPO,
-            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
 
     def read(self) -> dict:
         for line in self.process.stdout:
             if line.startswith(PREFIX):
                 return json.loads(line[len(PREFIX):])
-        error = self.process.stderr.read()[-3000:]
+        self.log.seek(0)
+        error = self.log.read()[-3000:]
         raise SystemExit(f"benchmarks.training: system {self.system} failed:\n{error}")
 
     def run(self, steps: int) -> dict:
@@ -189,7 +194,10 @@ class Child:
         self.process.stdin.write("QUIT\n")
         self.process.stdin.flush()
         last = self.read()
-        self.process.wait()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
         return last
 
 
@@ -252,8 +260,8 @@ def summarise(system: str, info: dict, walls: list, cpus: list, loads: list, pea
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="pipeline output folder (default: converted from the Mayo pairs)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per system per round (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per system per round (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per system first (default %(default)s)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                         help="also run the CycleGAN step with these environment variables, e.g. "
@@ -276,7 +284,9 @@ def main() -> int:
         here = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
         reference = reference_tree(scratch)
         data_dir = args.data or make_shards(scratch)
-        plan = {"cyclegan": here, "supervised": here}
+        # cyclegan_control: a second process of the same code, so the JSON shows how much two identical processes
+        # differ under this machine's load (the noise floor of every ratio).
+        plan = {"cyclegan": here, "supervised": here, "cyclegan_control": here}
         skipped = {}
         if data_dir:
             plan["cyclegan_real_data"] = here
@@ -329,6 +339,7 @@ def main() -> int:
         "cyclegan_over_supervised_flops_per_step":
             round(results["cyclegan"]["flops_per_step"] / results["supervised"]["flops_per_step"], 3),
         "real_data_over_synthetic_steps_per_second": ratio("cyclegan_real_data", "cyclegan", "steps_per_second"),
+        "control_over_cyclegan_patches_per_second (same code: the noise floor)": ratio("cyclegan_control", "cyclegan"),
     }
     report = {
         "benchmark": "training",

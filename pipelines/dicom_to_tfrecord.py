@@ -143,12 +143,16 @@ def build_pipeline(pipeline: beam.Pipeline, patterns: Sequence[str], output: str
     classified = decoded.slices | "ClassifyDose" >> transforms.ClassifyDose(classifier)
     assigned = classified.slices | "AssignSplit" >> transforms.AssignSplit(salt, fractions)
     encoded = assigned.slices | "ToExamples" >> transforms.ToExamples()
-    _ = encoded | "WriteShards" >> transforms.WriteShards(output, num_shards)
+    shards = encoded | "WriteShards" >> transforms.WriteShards(output, num_shards)
     rejected = ((decoded[transforms.REJECTED], classified[transforms.REJECTED], assigned[transforms.REJECTED])
                 | "AllRejected" >> beam.Flatten())
-    _ = rejected | "WriteRejected" >> transforms.WriteRejected(output)
-    _ = ((encoded, rejected) | "Summarise" >> transforms.Summarise()
-         | "WriteSummary" >> beam.ParDo(transforms.WriteJson(f"{output}/{SUMMARY_NAME}")))
+    rejected_files = rejected | "WriteRejected" >> transforms.WriteRejected(output)
+    summary = ((encoded, rejected) | "Summarise" >> transforms.Summarise()
+               | "WriteSummary" >> beam.ParDo(transforms.WriteJson(f"{output}/{SUMMARY_NAME}")))
+    # One last transform that depends on every sink: Beam 2.77's DaskRunner computes only the last transform's
+    # graph (dask_runner.py: "we can get away with computing just the last value"), which would skip the shards
+    # and the rejected list.  Harmless on every other runner.
+    _ = (shards, rejected_files, summary) | "AllWritten" >> beam.Flatten()
 
 
 def _counters(result) -> dict[str, int]:
@@ -242,6 +246,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     build_pipeline(pipeline, patterns, output, DoseClassifier(manifest, rules), salt, fractions, args.num_shards)
     result = pipeline.run()
     result.wait_until_finish()
+    transforms.ensure_rejected_file(output)
     seconds = time.perf_counter() - start
     return write_manifest(output, options, _counters(result), seconds, n_files, args.num_shards)
 
