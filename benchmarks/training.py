@@ -51,11 +51,19 @@ PREFIX = "BENCH "
 
 def _step_functions():
     """The training loop's step factory, wherever this checkout keeps it."""
-    try:
-        from ldct_tf.loop import make_step_functions, make_strategy  # the training-loop module, when present
-    except ImportError:
-        from ldct_tf.train import make_step_functions, make_strategy
-    return make_step_functions, make_strategy
+    import importlib
+
+    found = {}
+    for name in ("make_step_functions", "make_strategy"):
+        for module in ("ldct_tf.loop", "ldct_tf.train"):  # the training-loop module, when this checkout has it
+            try:
+                found[name] = getattr(importlib.import_module(module), name)
+                break
+            except (ImportError, AttributeError):
+                continue
+        else:
+            raise SystemExit(f"benchmarks.training: no {name} in ldct_tf.loop or ldct_tf.train")
+    return found["make_step_functions"], found["make_strategy"]
 
 
 def _synthetic(batch: int, patch: int):
