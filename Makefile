@@ -11,7 +11,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): $(PY) setup.py
-	$(PY) -m pip install --quiet -e ".[test,baselines,demo]"
+	$(PY) -m pip install --quiet -e ".[test,baselines,demo,dask]"
 	touch $(STAMP)
 
 install: $(STAMP)

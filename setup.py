@@ -34,6 +34,9 @@ CORE = [
 EXTRAS = {
     # Dataflow runner and GCS access for the pipeline; also what a Dataflow worker installs via --setup_file.
     "dataflow": ["apache-beam[gcp,tfrecord]==2.77.0"],
+    # Beam's DaskRunner on a dask.distributed cluster: the pipeline's second real engine (apache-beam[dask] wants
+    # dask and distributed >= 2024.4.2; these are the versions tested together with Beam 2.77.0).
+    "dask": ["dask==2026.8.0", "distributed==2026.8.0"],
     # BM3D is free for non-commercial use only: an opt-in evaluation baseline, never a core dependency.
     "baselines": ["bm3d==4.0.3"],
     # Real CT slices (head, enhanced abdomen) that the demo turns into a simulated low-dose series. MIT licensed.

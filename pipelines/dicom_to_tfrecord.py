@@ -151,14 +151,18 @@ def build_pipeline(pipeline: beam.Pipeline, patterns: Sequence[str], output: str
          | "WriteFacts" >> beam.ParDo(transforms.WriteJson(f"{output}/{FACTS_NAME}")))
     assigned = classified.slices | "AssignSplit" >> transforms.AssignSplit(salt, fractions)
     encoded = assigned.slices | "ToExamples" >> transforms.ToExamples()
-    _ = encoded | "WriteShards" >> transforms.WriteShards(output, num_shards)
+    shards = encoded | "WriteShards" >> transforms.WriteShards(output, num_shards)
     rejected = ((decoded[transforms.REJECTED], classified[transforms.REJECTED], assigned[transforms.REJECTED])
                 | "AllRejected" >> beam.Flatten())
-    _ = (rejected | "Shareable" >> beam.Map(site_local.shareable, salt)
-         | "WriteRejected" >> transforms.WriteRejected(output))
-    _ = rejected | "WriteRejectedPaths" >> site_local.WriteRejectedPaths(output, salt)
-    _ = ((encoded, rejected) | "Summarise" >> transforms.Summarise()
-         | "WriteSummary" >> beam.ParDo(transforms.WriteJson(f"{output}/{SUMMARY_NAME}")))
+    rejected_files = (rejected | "Shareable" >> beam.Map(site_local.shareable, salt)
+                      | "WriteRejected" >> transforms.WriteRejected(output))
+    rejected_paths = rejected | "WriteRejectedPaths" >> site_local.WriteRejectedPaths(output, salt)
+    summary = ((encoded, rejected) | "Summarise" >> transforms.Summarise()
+               | "WriteSummary" >> beam.ParDo(transforms.WriteJson(f"{output}/{SUMMARY_NAME}")))
+    # One last transform that depends on every sink: Beam 2.77's DaskRunner computes only the last transform's
+    # graph (dask_runner.py: "we can get away with computing just the last value"), which would skip the shards
+    # and the rejected lists.  Harmless on every other runner.
+    _ = (shards, rejected_files, rejected_paths, summary) | "AllWritten" >> beam.Flatten()
 
 
 def _counters(result) -> dict[str, int]:
@@ -276,6 +280,7 @@ def run_with_output(argv: Optional[Sequence[str]] = None) -> tuple[dict, str]:
     build_pipeline(pipeline, patterns, output, DoseClassifier(manifest, rules), salt, fractions, args.num_shards)
     result = pipeline.run()
     result.wait_until_finish()
+    transforms.ensure_rejected_file(output)
     seconds = time.perf_counter() - start
     facts_path = f"{output}/{FACTS_NAME}"
     facts = _read_json(facts_path)

@@ -21,7 +21,6 @@ from apache_beam.io.filesystems import FileSystems
 FOLDER = "site_local_DO_NOT_SHARE"
 REJECTED_PATHS = "rejected_paths"
 RUN_FILE = "run.json"
-SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
 
 
 def input_id(path: str, salt: str) -> str:
@@ -58,11 +57,15 @@ class WriteRejectedPaths(beam.PTransform):
         self.output, self.salt = output, salt
 
     def expand(self, rejected):
+        from pipelines.transforms import WriteLinesFn
+
         salt = self.salt
+        # One group and one writer, as transforms.WriteRejected (WriteToText writes nothing on Beam 2.77's DaskRunner).
         return (rejected
-                | "LocalLine" >> beam.Map(lambda r: json.dumps(local(r, salt), sort_keys=True))
-                | "WriteLocal" >> beam.io.WriteToText(f"{self.output.rstrip('/')}/{FOLDER}/{REJECTED_PATHS}",
-                                                      file_name_suffix=".jsonl", shard_name_template=SHARD_TEMPLATE))
+                | "LocalLine" >> beam.Map(lambda r: (0, json.dumps(local(r, salt), sort_keys=True)))
+                | "OneFile" >> beam.GroupByKey()
+                | "WriteLocal" >> beam.ParDo(WriteLinesFn(
+                    f"{self.output.rstrip('/')}/{FOLDER}/{REJECTED_PATHS}-00000-of-00001.jsonl")))
 
 
 def write_run_file(output: str, details: dict) -> str:

@@ -82,16 +82,54 @@ class DecodeDicomFn(beam.DoFn):
             yield Slice(hu=ct.hu_to_int16(hu), info=info)
 
 
+class _TagAsPairs(beam.DoFn):
+    """Runs a DoFn whose rejects are ``TaggedOutput(REJECTED, ...)`` and emits ``(tag, value)`` pairs instead."""
+
+    def __init__(self, fn: beam.DoFn) -> None:
+        self.fn = fn
+
+    def setup(self) -> None:
+        self.fn.setup()
+
+    def teardown(self) -> None:
+        self.fn.teardown()
+
+    def process(self, element: Any) -> Iterable:
+        for out in self.fn.process(element):
+            yield (out.tag, out.value) if isinstance(out, beam.pvalue.TaggedOutput) else ("slices", out)
+
+
+class _Outputs(dict):
+    """``{"slices": ..., REJECTED: ...}`` that also answers ``.slices`` / ``.rejected``, like Beam's DoOutputsTuple."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def with_rejected(pcoll, fn: beam.DoFn):
+    """``pcoll | ParDo(fn).with_outputs(REJECTED, main="slices")`` without a multi-output ParDo.
+
+    Why: Beam 2.77's DaskRunner keeps one bag per transform and ignores output tags, so every consumer of a
+    multi-output ParDo receives the main *and* the tagged elements (``'Slice' object is not subscriptable`` in the
+    rejects branch, ``'dict' object has no attribute 'info'`` downstream of the main one).  One single-output ParDo
+    of ``(tag, value)`` pairs and a filter per tag gives the same two PCollections on every runner.
+    """
+    pairs = pcoll | "Tag" >> beam.ParDo(_TagAsPairs(fn))
+    return _Outputs({tag: pairs | f"Only{tag.capitalize()}" >> beam.FlatMap(
+        lambda pair, wanted=tag: [pair[1]] if pair[0] == wanted else []) for tag in ("slices", REJECTED)})
+
+
 class ReadDicomSlices(beam.PTransform):
     """PCollection of file patterns (local or any Beam filesystem, ``**`` recursive) -> Slices + ``rejected``."""
 
     def expand(self, patterns):
-        return (
-            patterns
-            | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
-            | "Open" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
-            | "Decode" >> beam.ParDo(DecodeDicomFn()).with_outputs(REJECTED, main="slices")
-        )
+        opened = (patterns
+                  | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
+                  | "Open" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED))
+        return with_rejected(opened, DecodeDicomFn())
 
 
 class ClassifyDoseFn(beam.DoFn):
@@ -121,7 +159,7 @@ class ClassifyDose(beam.PTransform):
         self.classifier = classifier
 
     def expand(self, slices):
-        return slices | beam.ParDo(ClassifyDoseFn(self.classifier)).with_outputs(REJECTED, main="slices")
+        return with_rejected(slices, ClassifyDoseFn(self.classifier))
 
 
 def parse_splits(text: str) -> dict[str, float]:
@@ -188,7 +226,7 @@ class AssignSplit(beam.PTransform):
         self.fractions = fractions
 
     def expand(self, slices):
-        return slices | beam.ParDo(AssignSplitFn(self.salt, self.fractions)).with_outputs(REJECTED, main="slices")
+        return with_rejected(slices, AssignSplitFn(self.salt, self.fractions))
 
 
 def slice_stats(hu: np.ndarray) -> dict:
@@ -324,12 +362,50 @@ class WriteRejected(beam.PTransform):
         self.output = output
 
     def expand(self, rejected):
+        # Not beam.io.WriteToText: its finalisation runs through side inputs that Beam 2.77's DaskRunner never
+        # computes, so on Dask no file appeared.  One group and one writer give the same file on every runner.
         return (
             rejected
-            | "ToJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
-            | "WriteJsonl" >> beam.io.WriteToText(f"{self.output.rstrip('/')}/rejected/rejected",
-                                                   file_name_suffix=".jsonl", shard_name_template=SHARD_TEMPLATE)
+            | "ToJson" >> beam.Map(lambda r: (0, json.dumps(r, sort_keys=True)))
+            | "OneFile" >> beam.GroupByKey()
+            | "WriteJsonl" >> beam.ParDo(WriteLinesFn(rejected_path(self.output)))
         )
+
+
+def rejected_path(output: str) -> str:
+    """The rejected list: ``OUT/rejected/rejected-00000-of-00001.jsonl``."""
+    return f"{output.rstrip('/')}/rejected/rejected-00000-of-00001.jsonl"
+
+
+def ensure_rejected_file(output: str) -> None:
+    """An empty rejected list when nothing was rejected (the group above then has no element to write)."""
+    path = rejected_path(output)
+    if not FileSystems.exists(path):
+        WriteLinesFn(path).write([])
+
+
+class WriteLinesFn(beam.DoFn):
+    """``(key, lines)`` -> one text file of the sorted lines, written under a temporary name and renamed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def write(self, lines) -> str:
+        folder = self.path.rsplit("/", 1)[0]
+        try:
+            FileSystems.mkdirs(folder)
+        except Exception:
+            pass  # exists already (or an object store)
+        temporary = f"{folder}/.tmp-{uuid.uuid4().hex}.jsonl"
+        with FileSystems.create(temporary) as handle:
+            handle.write("".join(f"{line}\n" for line in sorted(lines)).encode("utf-8"))
+        if FileSystems.exists(self.path):
+            FileSystems.delete([self.path])
+        FileSystems.rename([temporary], [self.path])
+        return self.path
+
+    def process(self, element) -> Iterable[str]:
+        yield self.write(element[1])
 
 
 class HUStatsFn(beam.CombineFn):

@@ -114,3 +114,68 @@ def test_layer_configs_round_trip():
                   blocks.AttentionGate(3)):
         clone = type(layer).from_config(layer.get_config())
         assert clone.get_config() == layer.get_config()
+
+
+def test_max_leaky_relu_matches_keras_leaky_relu_in_value_and_gradient():
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(5).normal(size=(2, 6, 6, 3)).astype("float32"))
+    ours, theirs = blocks.MaxLeakyReLU(0.2), keras.layers.LeakyReLU(negative_slope=0.2)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        a, b = ours(x), theirs(x)
+        la, lb = tf.reduce_sum(a * x), tf.reduce_sum(b * x)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(tape.gradient(la, x)), np.asarray(tape.gradient(lb, x)), rtol=1e-6)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(ours))
+    assert isinstance(restored, blocks.MaxLeakyReLU) and restored.negative_slope == 0.2
+    with pytest.raises(ValueError, match="negative_slope"):
+        blocks.MaxLeakyReLU(1.5)
+
+
+def test_cyclegan_step_losses_and_updates_match_the_keras_leaky_relu_critics():
+    """The speed rewrite of the critics' activation leaves a training step's losses and weight updates unchanged:
+    one step on fixed weights and inputs against the same model with critics built from Keras' LeakyReLU."""
+    from pathlib import Path
+
+    from ldct_tf import config, ct
+    from ldct_tf.models.cyclegan import CycleGAN
+    from ldct_tf.models.factory import build_cyclegan, compile_cyclegan
+
+    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    keras.utils.set_random_seed(3)
+    fast = compile_cyclegan(build_cyclegan(cfg), cfg)
+
+    def keras_critic(critic):
+        def swap(layer):
+            if isinstance(layer, blocks.MaxLeakyReLU):
+                return keras.layers.LeakyReLU(negative_slope=layer.negative_slope)
+            return layer.__class__.from_config(layer.get_config())
+        clone = keras.models.clone_model(critic, clone_function=swap)
+        clone.set_weights(critic.get_weights())
+        return clone
+
+    def copy(network):
+        clone = keras.models.clone_model(network)
+        clone.set_weights(network.get_weights())
+        return clone
+
+    reference = CycleGAN(copy(fast.low_to_normal), copy(fast.normal_to_low), keras_critic(fast.normal_critic),
+                         keras_critic(fast.low_critic), fast.perceptual)
+    assert not any(isinstance(layer, blocks.MaxLeakyReLU) for layer in reference.normal_critic.layers)
+    assert any(isinstance(layer, blocks.MaxLeakyReLU) for layer in fast.normal_critic.layers)
+    compile_cyclegan(reference, cfg)
+
+    rng = np.random.default_rng(4)
+    normal_hu = rng.uniform(-200, 200, (2, 32, 32, 1)).astype("float32")
+    low = ct.to_model(normal_hu + rng.normal(0, 40, normal_hu.shape).astype("float32"))
+    normal = ct.to_model(normal_hu)
+    before = [np.asarray(v).copy() for v in fast.trainable_variables]
+    fast_losses = {k: float(v) for k, v in fast.train_step((low, normal)).items()}
+    reference_losses = {k: float(v) for k, v in reference.train_step((low, normal)).items()}
+    assert fast_losses.keys() == reference_losses.keys() and len(fast_losses) >= 7
+    for name, value in reference_losses.items():
+        assert fast_losses[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    for ours, theirs in zip(fast.trainable_variables, reference.trainable_variables):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(np.asarray(v), b) for v, b in zip(fast.trainable_variables, before))  # a real update

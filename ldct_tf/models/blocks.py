@@ -73,6 +73,33 @@ def _activation(name: Optional[str]) -> layers.Layer:
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class MaxLeakyReLU(layers.Layer):
+    """Leaky ReLU written as ``max(x, slope * x)`` (``0 < slope < 1``): the same function as ``layers.LeakyReLU``.
+
+    Why: after a convolution *with a bias*, TensorFlow 2.21's Grappler remapper fuses Conv2D + BiasAdd + LeakyRelu
+    and then finds the training graph's LeakyReluGrad still reading the removed BiasAdd; it logs ``remapper failed:
+    ... fanout '.../LeakyReluGrad' exist for missing node '.../BiasAdd'`` and drops every remapper rewrite of the
+    whole training step (no upstream issue found; checked with tensorflow 2.21.0 on CPU).  The PatchGAN critic's first
+    layer is such a convolution.  ``maximum`` is not a LeakyRelu op at that point, so the remapper succeeds.
+    """
+
+    def __init__(self, negative_slope: float = 0.2, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 < negative_slope < 1.0:
+            raise ValueError(f"negative_slope must be in (0, 1), got {negative_slope!r}")
+        self.negative_slope = float(negative_slope)
+
+    def call(self, x):
+        return keras.ops.maximum(x, x * self.negative_slope)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "negative_slope": self.negative_slope}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class ResidualBlock(layers.Layer):
     """Two conv-norm layers with an identity shortcut: transforms bottleneck features without changing their shape."""
 

@@ -2,7 +2,8 @@
 
 With ``layers=3`` (the default) each output logit sees a 70x70 pixel patch, the pix2pix/CycleGAN choice: enough to
 judge noise texture and small structures without judging global anatomy, which an unpaired GAN must not learn to
-fake.  Outputs raw scores (LSGAN: no sigmoid).
+fake.  Outputs raw scores (LSGAN: no sigmoid).  Activations are :class:`~ldct_tf.models.blocks.MaxLeakyReLU` (the same
+function as Keras' LeakyReLU; it keeps Grappler's remapper working on the training step).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from ldct_tf.models.blocks import PACKAGE, check_norm, norm_layer
+from ldct_tf.models.blocks import PACKAGE, MaxLeakyReLU, check_norm, norm_layer
 
 #: What the critic looks at: the image, its high-pass residual (noise texture), or both as two channels.
 CRITIC_INPUTS = ("image", "highpass", "both")
@@ -75,11 +76,11 @@ def build_discriminator(filters: int = 64, n_layers: int = 3, norm: str = "insta
     elif critic_input == "both":
         x = layers.Concatenate(name="image_and_highpass")([inputs, HighPass(name="highpass")(inputs)])
     x = conv(filters, 2, "conv0")(x)  # no normalisation on the first layer (pix2pix practice)
-    x = layers.LeakyReLU(0.2)(x)
+    x = MaxLeakyReLU(0.2)(x)
     for n in range(1, n_layers + 1):
         stride = 2 if n < n_layers else 1
         x = conv(filters * min(2**n, 8), stride, f"conv{n}", use_bias=norm == "none")(x)
         x = norm_layer(norm, name=f"norm{n}")(x)
-        x = layers.LeakyReLU(0.2)(x)
+        x = MaxLeakyReLU(0.2)(x)
     outputs = conv(1, 1, "logits", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
