@@ -145,7 +145,7 @@ def build_pipeline(pipeline: beam.Pipeline, patterns: Sequence[str], output: str
     unique = decoded.slices | "Deduplicate" >> input_checks.DeduplicateSlices()
     classified = unique.slices | "ClassifyDose" >> transforms.ClassifyDose(classifier)
     duplicates = unique[input_checks.DUPLICATES] | "CountDuplicates" >> beam.CombineGlobally(sum)
-    _ = (classified.slices | "InputFacts" >> input_checks.InputFacts(salt, classifier.manifest)
+    facts = (classified.slices | "InputFacts" >> input_checks.InputFacts(salt, classifier.manifest)
          | "AddDuplicates" >> beam.Map(lambda facts, n: {**facts, "duplicates_dropped": int(n)},
                                         n=beam.pvalue.AsSingleton(duplicates))
          | "WriteFacts" >> beam.ParDo(transforms.WriteJson(f"{output}/{FACTS_NAME}")))
@@ -162,7 +162,7 @@ def build_pipeline(pipeline: beam.Pipeline, patterns: Sequence[str], output: str
     # One last transform that depends on every sink: Beam 2.77's DaskRunner computes only the last transform's
     # graph (dask_runner.py: "we can get away with computing just the last value"), which would skip the shards
     # and the rejected lists.  Harmless on every other runner.
-    _ = (shards, rejected_files, rejected_paths, summary) | "AllWritten" >> beam.Flatten()
+    _ = (shards, rejected_files, rejected_paths, summary, facts) | "AllWritten" >> beam.Flatten()
 
 
 def _counters(result) -> dict[str, int]:

@@ -56,10 +56,12 @@ class DeduplicateSlices(beam.PTransform):
     output, so the summary can count them."""
 
     def expand(self, slices):
-        return (slices
-                | "KeyByInstance" >> beam.Map(lambda s: (instance_key(s), s))
-                | "GroupInstances" >> beam.GroupByKey()
-                | "KeepFirst" >> beam.ParDo(_KeepFirst()).with_outputs(DUPLICATES, main="slices"))
+        from pipelines.transforms import with_rejected  # one multi-output idiom for every runner (see there)
+
+        grouped = (slices
+                   | "KeyByInstance" >> beam.Map(lambda s: (instance_key(s), s))
+                   | "GroupInstances" >> beam.GroupByKey())
+        return with_rejected(grouped, _KeepFirst(), tag=DUPLICATES)
 
 
 class _FactsFn(beam.CombineFn):

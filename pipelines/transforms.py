@@ -83,7 +83,7 @@ class DecodeDicomFn(beam.DoFn):
 
 
 class _TagAsPairs(beam.DoFn):
-    """Runs a DoFn whose rejects are ``TaggedOutput(REJECTED, ...)`` and emits ``(tag, value)`` pairs instead."""
+    """Runs a DoFn with one tagged output (``TaggedOutput(tag, ...)``) and emits ``(tag, value)`` pairs instead."""
 
     def __init__(self, fn: beam.DoFn) -> None:
         self.fn = fn
@@ -109,8 +109,8 @@ class _Outputs(dict):
             raise AttributeError(name) from None
 
 
-def with_rejected(pcoll, fn: beam.DoFn):
-    """``pcoll | ParDo(fn).with_outputs(REJECTED, main="slices")`` without a multi-output ParDo.
+def with_rejected(pcoll, fn: beam.DoFn, tag: str = REJECTED):
+    """``pcoll | ParDo(fn).with_outputs(tag, main="slices")`` without a multi-output ParDo.
 
     Why: Beam 2.77's DaskRunner keeps one bag per transform and ignores output tags, so every consumer of a
     multi-output ParDo receives the main *and* the tagged elements (``'Slice' object is not subscriptable`` in the
@@ -118,8 +118,8 @@ def with_rejected(pcoll, fn: beam.DoFn):
     of ``(tag, value)`` pairs and a filter per tag gives the same two PCollections on every runner.
     """
     pairs = pcoll | "Tag" >> beam.ParDo(_TagAsPairs(fn))
-    return _Outputs({tag: pairs | f"Only{tag.capitalize()}" >> beam.FlatMap(
-        lambda pair, wanted=tag: [pair[1]] if pair[0] == wanted else []) for tag in ("slices", REJECTED)})
+    return _Outputs({name: pairs | f"Only{name.capitalize()}" >> beam.FlatMap(
+        lambda pair, wanted=name: [pair[1]] if pair[0] == wanted else []) for name in ("slices", tag)})
 
 
 class ReadDicomSlices(beam.PTransform):
