@@ -42,6 +42,13 @@ class Window:
         """Map the window to [0, 1] (for display and windowed metrics)."""
         return (self.clip(np.asarray(hu, dtype=np.float32)) - self.low) / self.width
 
+    def model_to_unit(self, x):
+        """The TF version for tensors on the MODEL scale (``to_model``): this window of their HU mapped to [0, 1]
+        (validation scores, the perceptual loss's input, TensorBoard images)."""
+        import tensorflow as tf
+
+        return (tf.clip_by_value(from_model(x), self.low, self.high) - self.low) / self.width
+
 
 #: Named windows. ``abdomen`` is the RED-CNN scoring convention (data range 400); ``wide`` is the convention of the
 #: 2024 ldct-benchmark study (data range 2924); ``liver`` is a narrow reading window for lesions.

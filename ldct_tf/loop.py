@@ -118,10 +118,7 @@ def write_images(writer, model, sample_low: np.ndarray, step: int) -> None:
     low = tf.constant(sample_low)
     denoised = model.low_to_normal(low, training=False)
     cycled = model.normal_to_low(denoised, training=False)
-    window = ct.window("abdomen")
-
-    def unit(x):
-        return tf.clip_by_value((ct.from_model(x) - window.low) / window.width, 0.0, 1.0)
+    unit = ct.window("abdomen").model_to_unit
 
     noise = tf.clip_by_value((ct.from_model(low) - ct.from_model(denoised)) / 200.0 + 0.5, 0.0, 1.0)
     with writer.as_default(step=step):

@@ -98,8 +98,7 @@ class PerceptualLoss:
         self.pretrained = source is not None
 
     def preprocess(self, x) -> tf.Tensor:
-        hu = ct.from_model(x)
-        unit = (tf.clip_by_value(hu, self.window.low, self.window.high) - self.window.low) / self.window.width
+        unit = self.window.model_to_unit(x)
         rgb = tf.repeat(unit * 255.0, 3, axis=-1)
         return keras.applications.vgg19.preprocess_input(rgb)
 

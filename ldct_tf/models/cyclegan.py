@@ -210,12 +210,7 @@ class CycleGAN(keras_compat.SkipSymbolicBuild, keras.Model):
         if len(data) > 2:
             paired = tf.reshape(tf.cast(data[2], tf.float32), [-1])
             denoised = self.low_to_normal(low, training=False)
-            window = self.score_window
-
-            def unit(x):
-                hu = ct.from_model(x)
-                return (tf.clip_by_value(hu, window.low, window.high) - window.low) / window.width
-
+            unit = self.score_window.model_to_unit
             reference = unit(normal)
             for name, image in (("", unit(denoised)), ("_input", unit(low))):
                 self.val_trackers[f"psnr{name}"].update_state(tf.image.psnr(image, reference, 1.0), paired)
