@@ -74,7 +74,9 @@ class SeriesAudit:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / SIDECAR
-        path.write_text(json.dumps(_jsonable(self.report()), indent=1, allow_nan=False) + "\n")
+        from ldct_tf.evaluation.report import jsonable  # the project's one strict-JSON converter (lazy: no cycle)
+
+        path.write_text(json.dumps(jsonable(self.report()), indent=1, allow_nan=False) + "\n")
         return path
 
 
@@ -83,20 +85,6 @@ def new_series_audit(folder: Optional[Path], config: Optional[str | Path] = None
     """A :class:`SeriesAudit` with the thresholds and provenance of ``config`` (default ``configs/audit.yaml``)."""
     data = load_config(config)
     return SeriesAudit(folder, load_thresholds(config), dict(data.get("provenance", {})), figures=figures)
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def write_figure(path: Path, low_hu: np.ndarray, denoised_hu: np.ndarray, result: SliceAudit,

@@ -9,12 +9,13 @@ calibration cannot compare a slice with itself.  It compares noise STATISTICS in
 * it projects each slice itself (the line integrals average its noise away) and reconstructs one realisation of the
   quantum noise that a scan of that body would carry at a reference ``i0`` (times the dose fraction for low-dose
   slices), with each FBP filter: the predicted noise variance of that slice's tiles.  Patients differ in size, and
-  noise with them (here L143's quarter dose carries 99 HU, L286's 52 HU), which is why each slice predicts its own
-  noise rather than the two sets being compared directly;
-* measured = anatomy texture + (i0_ref / i0) x predicted is fitted by least squares over the slices of BOTH sets
-  (one shared texture term and one slope: the quantum noise variance is proportional to 1 / i0), so ``i0`` comes
-  from how the noise of the low set and of the normal set differ beyond what their bodies explain; the filter is
-  the one whose predicted NPS mean frequency is nearest that measured on the low-dose slices.
+  noise with them (on the Mayo slices the per-slice i0 estimates span a factor of 7), which is why each slice
+  predicts its own noise rather than the two sets being compared directly;
+* in the frequency band where that noise is strong and anatomy is weak (above 0.15 cycles/mm), the measured noise
+  power of each slice's tiles is proportional to the predicted power, with slope ``i0_ref / i0`` (the quantum noise
+  variance is proportional to 1 / i0): one least-squares slope over the slices of BOTH sets gives ``i0``, the
+  per-slice ratios of the low set its range; the filter is the one whose predicted NPS mean frequency is nearest that
+  measured on the low-dose slices.
 
 ``i0`` and the dose fraction ``k`` enter the added noise only through ``(1 - k) / (k i0)``: from images alone they
 cannot be told apart.  ``k`` comes from the headers (CTDIvol ratio of the two sets) when they differ, else from the
@@ -147,7 +148,8 @@ def calibrate_kernel(low_slices: Sequence[np.ndarray], normal_slices: Sequence[n
                          "band_cycles_per_mm": [float(f[band].min()), float(f[band].max())],
                          "nps_mean_freq": freq, "nps_mean_freq_error": abs(freq - low_freq)}
     best = min(results, key=lambda n: results[n]["nps_mean_freq_error"])
-    return {"i0": results[best]["i0"], "i0_range": results[best]["i0_range"], "filter_name": best, "dose_fraction": float(dose_fraction),
+    return {"i0": results[best]["i0"], "i0_range": results[best]["i0_range"], "filter_name": best,
+            "dose_fraction": float(dose_fraction),
             "electronic_noise": float(electronic_noise), "noise_model": "insert",
             "measured": {"low_nps_mean_freq_above_band_floor": low_freq,
                          "tiles": {side: [e["tiles"] for e in items] for side, items in evidence.items()}},
@@ -228,9 +230,9 @@ def calibrate_shards(data_dir: str, split: str = "train", max_slices: int = 6,
         fitted = calibrate_kernel(low["slices"], normal["slices"], spacing, header_k or dose_fraction)
         fitted["dose_fraction_source"] = "header CTDIvol ratio" if header_k else "given (--dose-fraction)"
         kernels[kernel] = fitted
+        measured = fitted["measured"]["low_nps_mean_freq_above_band_floor"]
         print(f"{kernel}: i0 {fitted['i0']:.3g}, filter {fitted['filter_name']}, NPS mean frequency "
-              f"{fitted['fit']['nps_mean_freq']:.3f} vs {fitted['measured']['low_nps_mean_freq_above_band_floor']:.3f} cycles/mm on "
-              f"the low-dose slices", flush=True)
+              f"{fitted['fit']['nps_mean_freq']:.3f} vs {measured:.3f} cycles/mm on the low-dose slices", flush=True)
     if not kernels:
         raise ValueError(f"{data_dir}: no kernel has both low- and normal-dose slices in split {split!r}")
     default = max(kernels, key=lambda k: kernels[k]["low_slices"])
