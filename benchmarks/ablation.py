@@ -11,8 +11,9 @@ each patient on one side only; validation = unseen slices of those two; test = L
 2. writes the simulated-pair stream (``pipelines.simulate_pairs``) and records its cost per slice;
 3. trains three recipes with EQUAL CPU budgets (process CPU time, so that other work on the machine does not tilt it):
    ``cyclegan_v1_recipe`` (configs/pretrained.yaml, the critics now really without normalisation),
-   ``simulated_only`` (configs/v2_simulated.yaml) and ``hybrid`` (configs/v2_hybrid.yaml warm-started from
-   ``simulated_only`` at half its budget, then half a budget of CycleGAN + simulated term);
+   ``simulated_only`` (configs/v2_simulated.yaml), and two hybrids warm-started from ``simulated_only`` at half its
+   budget, then half a budget of CycleGAN + simulated term: ``hybrid`` (configs/v2_hybrid.yaml) and
+   ``hybrid_light`` (configs/v2_hybrid_light.yaml, unpaired terms 5-10x lighter);
 4. exports each as a SavedModel and scores it beside BM3D, NLM and the input on the validation slices (per kernel)
    and on the test patient;
 5. chooses the recipe on VALIDATION only: the highest mean abdomen PSNR among the recipes whose validation edge
@@ -38,7 +39,10 @@ REPO = mayo_data.REPO
 RESULTS = REPO / "benchmarks" / "results"
 CALIBRATION_FILE = REPO / "configs" / "calibration_aapm_mayo.json"
 BASELINES = ("bm3d", "nlm", "none")
-ARMS = ("cyclegan_v1_recipe", "simulated_only", "hybrid")
+#: Hybrid arms: name -> config.  Each is warm-started from ``simulated_only`` at half its budget and trained the other
+#: half with the CycleGAN terms on the real streams plus the simulated term.
+HYBRIDS = {"hybrid": "v2_hybrid.yaml", "hybrid_light": "v2_hybrid_light.yaml"}
+ARMS = ("cyclegan_v1_recipe", "simulated_only", *HYBRIDS)
 MIN_EDGE_SHARPNESS = 0.95
 
 
@@ -74,11 +78,12 @@ def train_arms(shards: Path, work: Path, cpu_minutes: float) -> dict:
                 shutil.copy(sim / name, half / name)
         second = _train(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2)
         (sim / "arm_done.json").write_text(json.dumps({"stages": [first, second]}))
-    hybrid = work / "hybrid"
-    if not _done(hybrid):
-        first = json.loads((half / "training_summary.json").read_text())
-        second = _train(configs / "v2_hybrid.yaml", shards, hybrid, cpu_minutes / 2, [f"train.init_from={half}"])
-        (hybrid / "arm_done.json").write_text(json.dumps({"stages": [first, second]}))
+    for name, config_file in HYBRIDS.items():
+        hybrid = work / name
+        if not _done(hybrid):
+            first = json.loads((half / "training_summary.json").read_text())
+            second = _train(configs / config_file, shards, hybrid, cpu_minutes / 2, [f"train.init_from={half}"])
+            (hybrid / "arm_done.json").write_text(json.dumps({"stages": [first, second]}))
     for arm in ARMS:
         stages = _done(work / arm)["stages"]
         out[arm] = {"cpu_seconds": round(sum(s["cpu_seconds"] for s in stages), 1),

@@ -187,8 +187,9 @@ SIMULATED_FLOAT_FEATURES = ("i0", "dose_fraction")
 
 @dataclass(frozen=True)
 class SimulatedPairRecord:
-    """One simulated low-dose realisation of a normal-dose slice and that slice through the same projector without
-    noise: the two differ only by noise, which is what a pixel loss needs.  Both int16 HU."""
+    """One simulated low-dose realisation of a normal-dose slice and its reference (the slice itself, or the slice
+    through the same projector without noise; ``ldct_tf.simulate.REFERENCES``): the two differ only by the inserted
+    noise, which is what a pixel loss needs.  Both int16 HU."""
 
     low: np.ndarray
     reference: np.ndarray
@@ -228,7 +229,7 @@ def encode_simulated(record: SimulatedPairRecord) -> bytes:
 
 def parse_simulated(serialized) -> tuple:
     """Parse a simulated-pair Example into ``(pair, metadata)``: ``pair`` float32 HU ``[height, width, 2]`` with the
-    simulated low dose in channel 0 and the noiseless reference in channel 1 (one tensor, so crops and flips keep
+    simulated low dose in channel 0 and its reference in channel 1 (one tensor, so crops and flips keep
     the two aligned)."""
     import tensorflow as tf
 

@@ -4,13 +4,15 @@
 
 Reads the normal-dose shards of one split (``train`` by default) of a ``pipelines.dicom_to_tfrecord`` output, makes
 ``--realisations`` calibrated low-dose realisations of every slice (``ldct_tf.simulate.ProjectionSimulator``: one
-projection per slice, one FBP per realisation) with the noiseless reference of each, and writes them as
+projection per slice, one FBP per realisation) with the reference of each, and writes them as
 ``SHARDS/{split}/simulated-SSSSS-of-NNNNN.tfrecord.gz`` (``ldct_tf.records.encode_simulated``).  The manifest gains a
 ``simulated`` entry (counts, realisations, the calibration used, the cost per slice).
 
 The projection costs 7-15 s per 512 x 512 slice on one core, so this is a separate, embarrassingly parallel stage:
 every slice is one element, and Dataflow (or any Beam runner; unknown options go to Beam) spreads them over workers.
-Training never waits for it.  Noise seeds derive from the slice's pseudonym, position and realisation number, so a
+Training never waits for it.  ``--reference original`` (the default) adds the reconstructed noise to the slice
+itself, as Mayo's noise insertion does; ``projected`` uses the slice through the projector, whose round trip blurs
+edges (``ldct_tf.simulate.REFERENCES``) and teaches the denoiser that blur.  Noise seeds derive from the slice's pseudonym, position and realisation number, so a
 re-run writes the same pairs.
 """
 
@@ -58,9 +60,10 @@ def sample_i0(params: dict, seed: int) -> float:
 class SimulatePairsFn(beam.DoFn):
     """One normal-dose slice -> ``realisations`` encoded simulated pairs (or one rejection line)."""
 
-    def __init__(self, calibration: dict, realisations: int) -> None:
+    def __init__(self, calibration: dict, realisations: int, reference: str = "original") -> None:
         self.calibration = calibration
         self.realisations = realisations
+        self.reference = reference
         self.pairs = beam.metrics.Metrics.counter("simulate", "pairs_written")
         self.skipped = beam.metrics.Metrics.counter("simulate", "slices_skipped_not_square")
         self.seconds = beam.metrics.Metrics.distribution("simulate", "milliseconds_per_slice")
@@ -80,12 +83,13 @@ class SimulatePairsFn(beam.DoFn):
         params = calibration_lib.simulation_parameters(self.calibration, item["kernel"])
         spacing = tuple(float(v) for v in item["pixel_spacing_mm"])
         simulator = simulate.ProjectionSimulator(hu, float(np.mean(spacing)))
-        reference = ct.hu_to_int16(simulator.reference(params["filter_name"]))
         for k in range(self.realisations):
             seed = noise_seed(item["patient"], item["instance"], item["z_mm"], k)
             i0 = sample_i0(params, seed)
-            low, _ = simulator.pair(params["dose_fraction"], i0, params["electronic_noise"], seed=seed,
-                                    noise_model=params["noise_model"], filter_name=params["filter_name"])
+            low, reference = simulator.pair(params["dose_fraction"], i0, params["electronic_noise"], seed=seed,
+                                            noise_model=params["noise_model"], filter_name=params["filter_name"],
+                                            reference=self.reference)
+            reference = ct.hu_to_int16(reference)
             self.pairs.inc()
             yield records.encode_simulated(records.SimulatedPairRecord(
                 low=ct.hu_to_int16(low), reference=reference, patient=item["patient"], kernel=item["kernel"],
@@ -95,11 +99,11 @@ class SimulatePairsFn(beam.DoFn):
 
 
 def build_pipeline(pipeline: beam.Pipeline, data: str, split: str, calibration: dict, realisations: int,
-                   num_shards: int) -> None:
+                   num_shards: int, reference: str = "original") -> None:
     (pipeline
      | "ReadNormal" >> beam.io.ReadFromTFRecord(shard_pattern(data, split, "normal"))
      | "Reshuffle" >> beam.Reshuffle()  # one slice per work item: the projection is the expensive part
-     | "Simulate" >> beam.ParDo(SimulatePairsFn(calibration, realisations))
+     | "Simulate" >> beam.ParDo(SimulatePairsFn(calibration, realisations, reference))
      | "Write" >> beam.io.WriteToTFRecord(f"{data.rstrip('/')}/{split}/{SIMULATED}", file_name_suffix=".tfrecord.gz",
                                           num_shards=num_shards, shard_name_template="-SSSSS-of-NNNNN"))
 
@@ -122,6 +126,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--realisations", type=int, default=4, help="noise realisations per slice (default 4)")
     parser.add_argument("--split", default="train", choices=records.SPLITS)
     parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--reference", default="original", choices=("projected", "original"),
+                        help="what the noise is added to (default: the slice itself, see ldct_tf.simulate.REFERENCES)")
     parser.add_argument("--overwrite", action="store_true", help="replace this split's simulated shards")
     args, beam_args = parser.parse_known_args(argv)
     if args.realisations < 1 or args.num_shards < 1:
@@ -137,7 +143,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         FileSystems.delete([m.path for m in existing])  # this stage's own earlier output only
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    build_pipeline(pipeline, args.data, args.split, calibration, args.realisations, args.num_shards)
+    build_pipeline(pipeline, args.data, args.split, calibration, args.realisations, args.num_shards, args.reference)
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.perf_counter() - started
@@ -145,7 +151,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     slices = data_lib.slice_count(manifest, args.split, "normal")
     entry = manifest.setdefault(SIMULATED, {})
     entry[args.split] = {
-        "pairs": pairs, "source_slices": slices, "realisations": args.realisations,
+        "pairs": pairs, "source_slices": slices, "realisations": args.realisations, "reference": args.reference,
         "schema_version": records.SIMULATED_SCHEMA_VERSION,
         "calibration": {k: calibration_lib.simulation_parameters(calibration, k) for k in calibration["kernels"]},
         "default_kernel": calibration.get("default_kernel"),

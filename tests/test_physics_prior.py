@@ -141,6 +141,12 @@ def test_simulate_pairs_stage_writes_a_readable_deterministic_stream(simulated_s
     i0s = {float(m["i0"]) for _, m in (records.parse_simulated(x) for x in
                                         tf.data.TFRecordDataset([str(f) for f in files], "GZIP"))}
     assert len(i0s) > 1 and all(1e5 <= v <= 4e5 for v in i0s)  # drawn across the calibrated range
+    # By default the reference is the normal-dose slice itself (noise insertion), not its blurred projector round trip.
+    normal_files = sorted((shards / "train").glob("normal-*.tfrecord.gz"))
+    sources = {records.decode_numpy(x.numpy())["image"].astype(np.int16).tobytes()
+               for x in tf.data.TFRecordDataset([str(f) for f in normal_files], "GZIP")}
+    assert manifest["simulated"]["train"]["reference"] == "original"
+    assert all(p[..., 1].astype(np.int16).tobytes() in sources for p in pairs)
     first = sorted(p.tobytes() for p in pairs)
     # A second run refuses to mix streams without --overwrite, and with it writes the same pairs again.
     with pytest.raises(ValueError, match="--overwrite"):
