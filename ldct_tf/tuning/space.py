@@ -16,6 +16,7 @@ from typing import Any
 import keras_tuner
 
 from ldct_tf import config as config_lib
+from ldct_tf import config_checks
 from ldct_tf.config import TuningError
 
 #: What matters most for an LDCT CycleGAN: the two learning rates, the cycle / identity / perceptual weights and the
@@ -145,7 +146,7 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
 
 def tuning_settings(cfg: config_lib.Config) -> config_lib.TuningConfig:
     """The config's ``tuning`` section, range-checked again (it may have been changed since the config was loaded)."""
-    return config_lib.validate_tuning(cfg.tuning)
+    return config_checks.validate_tuning(cfg.tuning)
 
 
 def search_space(cfg: config_lib.Config) -> list[Dimension]:
