@@ -11,7 +11,8 @@ each patient on one side only; validation = unseen slices of those two; test = L
 2. writes the simulated-pair stream (``pipelines.simulate_pairs``) and records its cost per slice;
 3. trains three recipes with EQUAL CPU budgets (process CPU time, so that other work on the machine does not tilt it):
    ``cyclegan_v1_recipe`` (configs/pretrained.yaml, the critics now really without normalisation),
-   ``simulated_only`` (configs/v2_simulated.yaml), and two hybrids warm-started from ``simulated_only`` at half its
+   ``simulated_only`` (configs/v2_simulated.yaml), ``simulated_edges`` (configs/v2_simulated_edges.yaml: the same
+   with MSE plus gradient MSE), and two hybrids warm-started from ``simulated_only`` at half its
    budget, then half a budget of CycleGAN + simulated term: ``hybrid`` (configs/v2_hybrid.yaml) and
    ``hybrid_light`` (configs/v2_hybrid_light.yaml, unpaired terms 5-10x lighter);
 4. exports each as a SavedModel and scores it beside BM3D, NLM and the input on the validation slices (per kernel)
@@ -42,7 +43,9 @@ BASELINES = ("bm3d", "nlm", "none")
 #: Hybrid arms: name -> config.  Each is warm-started from ``simulated_only`` at half its budget and trained the other
 #: half with the CycleGAN terms on the real streams plus the simulated term.
 HYBRIDS = {"hybrid": "v2_hybrid.yaml", "hybrid_light": "v2_hybrid_light.yaml"}
-ARMS = ("cyclegan_v1_recipe", "simulated_only", *HYBRIDS)
+#: Single-stage arms trained from scratch for the whole budget: name -> config.
+SINGLE = {"simulated_edges": "v2_simulated_edges.yaml"}
+ARMS = ("cyclegan_v1_recipe", "simulated_only", *SINGLE, *HYBRIDS)
 MIN_EDGE_SHARPNESS = 0.95
 
 
@@ -78,6 +81,10 @@ def train_arms(shards: Path, work: Path, cpu_minutes: float) -> dict:
                 shutil.copy(sim / name, half / name)
         second = _train(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2)
         (sim / "arm_done.json").write_text(json.dumps({"stages": [first, second]}))
+    for name, config_file in SINGLE.items():
+        if not _done(work / name):
+            summary = _train(configs / config_file, shards, work / name, cpu_minutes)
+            (work / name / "arm_done.json").write_text(json.dumps({"stages": [summary]}))
     for name, config_file in HYBRIDS.items():
         hybrid = work / name
         if not _done(hybrid):

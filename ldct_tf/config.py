@@ -73,7 +73,7 @@ class LossConfig:
     # Pixel loss of the denoiser on simulated pairs (pipelines.simulate_pairs): the physics noise prior.  0 = the pure
     # CycleGAN; with every other weight 0 the run is supervised on simulated pairs alone.
     simulated: float = 0.0
-    simulated_loss: str = "mse"  # mse | l1
+    simulated_loss: str = "mse"  # mse | l1 | mse_gradient (MSE plus the MSE of image gradients: keeps edges)
 
 
 @dataclass

@@ -35,7 +35,8 @@ def validate(config: Config) -> Config:
     _check(t.simulated_batch_size >= 0, f"train.simulated_batch_size must be >= 0, got {t.simulated_batch_size!r}")
     for key in ("adversarial", "cycle", "identity", "perceptual", "simulated"):
         _check(getattr(loss, key) >= 0, f"loss.{key} must be >= 0, got {getattr(loss, key)!r}")
-    _check(loss.simulated_loss in ("mse", "l1"), f"loss.simulated_loss must be mse or l1, got {loss.simulated_loss!r}")
+    _check(loss.simulated_loss in ("mse", "l1", "mse_gradient"),
+           f"loss.simulated_loss must be mse, l1 or mse_gradient, got {loss.simulated_loss!r}")
     _check(m.depth >= 1 and m.base_filters >= 1 and m.residual_blocks >= 0 and m.disc_filters >= 1
            and m.disc_layers >= 1, f"model sizes must be positive: depth {m.depth}, base_filters {m.base_filters}, "
            f"residual_blocks {m.residual_blocks}, disc_filters {m.disc_filters}, disc_layers {m.disc_layers}")

@@ -41,6 +41,23 @@ def mse_loss(a, b) -> tf.Tensor:
     return tf.reduce_mean(tf.square(_f32(a) - _f32(b)))
 
 
+def gradient_mse_loss(a, b) -> tf.Tensor:
+    """Mean squared difference of the two images' finite-difference gradients (both axes), added to the MSE by the
+    simulated-pair loss ``mse_gradient``.
+
+    Why: the MSE optimum of a denoiser is a conditional mean, which rounds off edges (validation edge sharpness about
+    0.87 on D45f slices with plain MSE); the gradient term weighs errors by their frequency squared, so lost edge
+    contrast and fine texture cost more than low-frequency residue.
+    """
+    da_y, da_x = tf.image.image_gradients(_f32(a))
+    db_y, db_x = tf.image.image_gradients(_f32(b))
+    return tf.reduce_mean(tf.square(da_y - db_y)) + tf.reduce_mean(tf.square(da_x - db_x))
+
+
+#: The simulated-pair pixel losses ``loss.simulated_loss`` names.
+SIMULATED_LOSSES = ("mse", "l1", "mse_gradient")
+
+
 def vgg19_weights(weights: str, weights_path: Optional[str]) -> Optional[str]:
     """What to pass as ``keras.applications.VGG19(weights=...)``.
 

@@ -55,9 +55,11 @@ def _smooth_images(rng, n, size=32):
     return base[..., None].astype("float32")
 
 
-def test_simulated_term_alone_trains_a_tiny_denoiser_on_synthetic_noise():
+@pytest.mark.parametrize("pixel_loss", ["mse", "mse_gradient"])
+def test_simulated_term_alone_trains_a_tiny_denoiser_on_synthetic_noise(pixel_loss):
     model, _ = _build(["loss.adversarial=0", "loss.cycle=0", "loss.identity=0", "loss.perceptual=0",
-                       "loss.simulated=1", "train.generator_lr=3e-3", "train.beta_1=0.9"])
+                       "loss.simulated=1", f"loss.simulated_loss={pixel_loss}", "train.generator_lr=3e-3",
+                       "train.beta_1=0.9"])
     assert model.supervised_only
     rng = np.random.default_rng(0)
     critic_before = [w.copy() for w in model.normal_critic.get_weights()]
@@ -78,6 +80,22 @@ def test_simulated_term_alone_trains_a_tiny_denoiser_on_synthetic_noise():
         np.testing.assert_array_equal(a, b)
     for a, b in zip(inverse_before, model.normal_to_low.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_term_charges_blur_more_than_an_offset_of_equal_mse():
+    """The ``mse_gradient`` loss's extra term: zero for equal images, and a blurred edge costs more than a uniform
+    offset with the same MSE, which plain MSE cannot tell apart."""
+    from scipy import ndimage
+
+    from ldct_tf.losses import gradient_mse_loss, mse_loss
+
+    edge = np.zeros((1, 32, 32, 1), np.float32)
+    edge[:, :, 16:] = 1.0
+    blurred = ndimage.gaussian_filter1d(edge, 1.5, axis=2).astype(np.float32)
+    offset = edge + np.sqrt(np.mean((blurred - edge) ** 2)).astype(np.float32)
+    assert float(mse_loss(edge, blurred)) == pytest.approx(float(mse_loss(edge, offset)), rel=1e-4)
+    assert float(gradient_mse_loss(edge, edge)) == 0.0
+    assert float(gradient_mse_loss(edge, offset)) < 1e-6 < float(gradient_mse_loss(edge, blurred))
 
 
 def test_hybrid_step_adds_the_simulated_term_to_the_unpaired_terms():

@@ -25,7 +25,7 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
     ("loss.cycle=-1", "loss.cycle must be >= 0"),
     ("data.patch_size=30", "multiple of 2\\*\\*model.depth"),
     ("model.disc_norm=layer", "disc_norm must be one of"),
-    ("loss.simulated_loss=huber", "simulated_loss must be mse or l1"),
+    ("loss.simulated_loss=huber", "simulated_loss must be mse, l1 or mse_gradient"),
 ])
 def test_config_ranges_are_checked_at_load(override, match):
     with pytest.raises(config.ConfigError, match=match):

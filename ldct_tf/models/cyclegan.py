@@ -9,7 +9,7 @@ Reads like the method (Zhu et al. 2017, as applied to LDCT by Kang et al. 2019 a
   ``F(G(low)) ~ low`` and ``G(F(normal)) ~ normal``, identity ``G(normal) ~ normal`` and ``F(low) ~ low`` (a denoiser
   must leave clean images alone), and a VGG19 perceptual distance on the cycle reconstructions; then both critics;
 * the physics noise prior: with a batch ``(low, normal, simulated_low, simulated_reference)`` and a ``simulated``
-  weight, a pixel loss (MSE or L1) of G on simulated pairs (``pipelines.simulate_pairs``) joins the unpaired terms;
+  weight, a pixel loss (MSE, L1, or MSE plus gradient MSE) of G on simulated pairs (``pipelines.simulate_pairs``) joins the unpaired terms;
   with every unpaired weight 0 only G and that loss are computed (supervised pretraining on simulated pairs);
 * ``call`` runs G, so the trained model can be saved and used as a denoiser.
 
@@ -26,7 +26,8 @@ import tensorflow as tf
 
 from ldct_tf import ct, keras_compat
 from ldct_tf.config import LossConfig
-from ldct_tf.losses import PerceptualLoss, l1_loss, lsgan_discriminator_loss, lsgan_generator_loss, mse_loss
+from ldct_tf.losses import (SIMULATED_LOSSES, PerceptualLoss, gradient_mse_loss, l1_loss, lsgan_discriminator_loss,
+                            lsgan_generator_loss, mse_loss)
 
 UNPAIRED_TERMS = ("adversarial", "cycle", "identity", "perceptual")
 LOSS_TERMS = UNPAIRED_TERMS + ("simulated",)
@@ -67,7 +68,7 @@ class CycleGAN(keras_compat.SkipSymbolicBuild, keras.Model):
                 low_critic_optimizer, loss_weights: Optional[dict] = None, score_window: str = "abdomen",
                 simulated_loss: str = "mse", **kwargs):
         """Four optimizers (one per network), the loss weights (``adversarial``, ``cycle``, ``identity``,
-        ``perceptual``, ``simulated``) and the simulated-pair pixel loss (``mse`` or ``l1``); paired validation
+        ``perceptual``, ``simulated``) and the simulated-pair pixel loss (``losses.SIMULATED_LOSSES``); paired validation
         slices are scored in ``score_window``."""
         super().compile(**kwargs)
         self.generator_optimizer = generator_optimizer
@@ -80,8 +81,8 @@ class CycleGAN(keras_compat.SkipSymbolicBuild, keras.Model):
                 raise ValueError(f"unknown loss weight {key!r}; known: {LOSS_TERMS}")
             weights[key] = float(value)
         self.loss_weights_ = weights
-        if simulated_loss not in ("mse", "l1"):
-            raise ValueError(f"simulated_loss must be mse or l1, got {simulated_loss!r}")
+        if simulated_loss not in SIMULATED_LOSSES:
+            raise ValueError(f"simulated_loss must be one of {SIMULATED_LOSSES}, got {simulated_loss!r}")
         self.simulated_loss = simulated_loss
         self.score_window = ct.window(score_window)
 
@@ -116,6 +117,8 @@ class CycleGAN(keras_compat.SkipSymbolicBuild, keras.Model):
         denoised = self.low_to_normal(simulated_low, training=training)
         if self.simulated_loss == "l1":
             return l1_loss(simulated_reference, denoised)
+        if self.simulated_loss == "mse_gradient":
+            return mse_loss(simulated_reference, denoised) + gradient_mse_loss(simulated_reference, denoised)
         return mse_loss(simulated_reference, denoised)
 
     def _loss_terms(self, low, normal, training: bool, simulated: Optional[tuple] = None) -> dict:
