@@ -8,7 +8,9 @@ each patient on one side only; validation = unseen slices of those two; test = L
 1. calibrates the simulator from the unpaired train split (``ldct_tf.calibration``), writes
    ``configs/calibration_aapm_mayo.json``, and checks it against the pair-based ``simulate.compare_with_real`` on the
    training-side pairs (L096, L143; their pairs are used only for this check, never for training);
-2. writes the simulated-pair stream (``pipelines.simulate_pairs``) and records its cost per slice;
+2. writes the simulated-pair stream (``pipelines.simulate_pairs``: noise inserted into the normal-dose slices
+   themselves, half the realisations with the fitted texture and half with the other calibrated FBP filters) and
+   records its cost per slice;
 3. trains three recipes with EQUAL CPU budgets (process CPU time, so that other work on the machine does not tilt it):
    ``cyclegan_v1_recipe`` (configs/pretrained.yaml, the critics now really without normalisation),
    ``simulated_only`` (configs/v2_simulated.yaml), ``simulated_edges`` (configs/v2_simulated_edges.yaml: the same
@@ -21,7 +23,8 @@ each patient on one side only; validation = unseen slices of those two; test = L
    sharpness is >= 0.95 (all recipes if none is); the test figures are reported, never used to choose.
 
 Writes ``benchmarks/results/ablation.json``; ``--ship`` exports the chosen recipe's generator there (model v2).
-Finished stages are kept in ``--work`` and not redone, so an interrupted run continues.
+Finished stages are kept in ``--work`` and not redone, so an interrupted run continues; ``--only`` trains some arms
+and stops, so that arms can train in parallel processes (the hybrids need ``simulated_only``'s first half).
 """
 
 from __future__ import annotations
@@ -62,37 +65,54 @@ def _train(config_path: Path, shards: Path, model_dir: Path, cpu_minutes: float,
     return train.run(cfg, str(shards), str(model_dir), verbose=2)
 
 
-def train_arms(shards: Path, work: Path, cpu_minutes: float) -> dict:
-    """The three recipes at equal CPU budgets; returns each arm's training record."""
-    out = {}
+def _train_simulated_only(shards: Path, work: Path, cpu_minutes: float) -> None:
+    """Two halves, keeping the first half's generator (``simulated_only_half``) for the hybrids' warm start."""
     configs = REPO / "configs"
-    v1 = work / "cyclegan_v1_recipe"
-    if not _done(v1):
-        summary = _train(configs / "pretrained.yaml", shards, v1, cpu_minutes, ["train.steps=100000",
-                                                                               "train.time_limit_minutes=0"])
-        (v1 / "arm_done.json").write_text(json.dumps({"stages": [summary]}))
     sim, half = work / "simulated_only", work / "simulated_only_half"
-    if not _done(sim):
-        first = (json.loads((half / "training_summary.json").read_text()) if (half / "generator.keras").exists()
-                 else _train(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2))
+    first = (json.loads((half / "training_summary.json").read_text()) if (half / "generator.keras").exists()
+             else _train(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2))
+    if not (half / "generator.keras").exists():
+        half.mkdir(parents=True, exist_ok=True)
+        for name in ("generator.keras", "config.yaml", "training_summary.json"):
+            shutil.copy(sim / name, half / name)
+    second = _train(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2)
+    (sim / "arm_done.json").write_text(json.dumps({"stages": [first, second]}))
+
+
+def train_arm(arm: str, shards: Path, work: Path, cpu_minutes: float) -> None:
+    """Train one recipe at the CPU budget unless it is done (its ``arm_done.json`` exists)."""
+    configs, model_dir = REPO / "configs", work / arm
+    if _done(model_dir):
+        return
+    if arm == "cyclegan_v1_recipe":
+        summary = _train(configs / "pretrained.yaml", shards, model_dir, cpu_minutes,
+                         ["train.steps=100000", "train.time_limit_minutes=0"])
+        stages = [summary]
+    elif arm == "simulated_only":
+        _train_simulated_only(shards, work, cpu_minutes)
+        return
+    elif arm in SINGLE:
+        stages = [_train(configs / SINGLE[arm], shards, model_dir, cpu_minutes)]
+    else:
+        half = work / "simulated_only_half"
         if not (half / "generator.keras").exists():
-            half.mkdir(parents=True, exist_ok=True)
-            for name in ("generator.keras", "config.yaml", "training_summary.json"):
-                shutil.copy(sim / name, half / name)
-        second = _train(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2)
-        (sim / "arm_done.json").write_text(json.dumps({"stages": [first, second]}))
-    for name, config_file in SINGLE.items():
-        if not _done(work / name):
-            summary = _train(configs / config_file, shards, work / name, cpu_minutes)
-            (work / name / "arm_done.json").write_text(json.dumps({"stages": [summary]}))
-    for name, config_file in HYBRIDS.items():
-        hybrid = work / name
-        if not _done(hybrid):
-            first = json.loads((half / "training_summary.json").read_text())
-            second = _train(configs / config_file, shards, hybrid, cpu_minutes / 2, [f"train.init_from={half}"])
-            (hybrid / "arm_done.json").write_text(json.dumps({"stages": [first, second]}))
+            _train_simulated_only(shards, work, cpu_minutes)
+        first = json.loads((half / "training_summary.json").read_text())
+        stages = [first, _train(configs / HYBRIDS[arm], shards, model_dir, cpu_minutes / 2,
+                                [f"train.init_from={half}"])]
+    (model_dir / "arm_done.json").write_text(json.dumps({"stages": stages}))
+
+
+def train_arms(shards: Path, work: Path, cpu_minutes: float, only: Sequence[str] = ARMS) -> dict:
+    """The recipes at equal CPU budgets (``only`` of them; the rest must be done); returns each arm's record."""
+    for arm in only:
+        train_arm(arm, shards, work, cpu_minutes)
+    out = {}
     for arm in ARMS:
-        stages = _done(work / arm)["stages"]
+        done = _done(work / arm)
+        if done is None:
+            continue
+        stages = done["stages"]
         out[arm] = {"cpu_seconds": round(sum(s["cpu_seconds"] for s in stages), 1),
                     "wall_seconds": round(sum(s["seconds"] for s in stages), 1),
                     "steps_per_stage": [s["steps"] - s["resumed_from_step"] for s in stages],
@@ -193,7 +213,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--realisations", type=int, default=8)
     parser.add_argument("--ship", help="export the chosen recipe here (e.g. saved_models/ldct_denoiser/2)")
     parser.add_argument("--out", default=str(RESULTS / "ablation.json"))
+    parser.add_argument("--only", help="comma-separated arms to train, then stop without scoring: several such runs "
+                                       "on one --work folder train arms in parallel (one core each); a final run "
+                                       "without --only scores them all")
     args = parser.parse_args(argv)
+    only = args.only.split(",") if args.only else list(ARMS)
+    unknown = sorted(set(only) - set(ARMS))
+    if unknown:
+        print(f"error: --only: unknown arms {unknown}; known: {list(ARMS)}", file=sys.stderr)
+        return 2
     root = mayo_data.data_root()
     if not (root / "mayo_pairs" / "pairs.csv").exists():
         print(f"SKIPPED: no Mayo pairs under {root} (set LDCT_DATA_DIR to the shared data folder)")
@@ -216,7 +244,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         simulate_pairs.run(["--data", str(shards), "--calibration", str(CALIBRATION_FILE),
                             "--realisations", str(args.realisations)])
     manifest = data_lib.read_manifest(str(shards))
-    training = train_arms(shards, work, args.cpu_minutes)
+    training = train_arms(shards, work, args.cpu_minutes, only)
+    if args.only:
+        print(f"Trained {only} in {work}; run again without --only to score and choose")
+        return 0
     check = calibration_check(root, calibration)
     scored = score(ARMS, root, work)
     choice = choose(scored["val"])

@@ -199,6 +199,22 @@ def simulation_parameters(calibration: dict, kernel: Optional[str] = None) -> di
                                         "noise_model")}
 
 
+def texture_variants(calibration: dict, kernel: Optional[str] = None) -> list[dict]:
+    """:func:`simulation_parameters` for ``kernel``, then the same with every other FBP filter the calibration fitted
+    (each at its own fitted i0 and range): the noise textures from sharp to smooth at the calibrated level.
+
+    Why: a denoiser trained only on the fitted (sharp, ramp-like) texture learns to keep smoother noise as anatomy;
+    the simulated stream mixes these textures in so that kernels it could not calibrate (no normal-dose slice of
+    that kernel) are still covered.
+    """
+    fitted = simulation_parameters(calibration, kernel)
+    kernels = calibration["kernels"]
+    entry = kernels.get(kernel or "") or kernels[calibration.get("default_kernel") or next(iter(kernels))]
+    others = [{**fitted, "filter_name": name, "i0": fit["i0"], "i0_range": fit["i0_range"]}
+              for name, fit in sorted((entry.get("filters") or {}).items()) if name != fitted["filter_name"]]
+    return [fitted, *others]
+
+
 # -------------------------------------------------------------------------------------------------------- the CLI
 def _slices_by_kernel(data_dir: str, split: str, dose: str, max_slices: int) -> dict:
     from ldct_tf import data

@@ -12,7 +12,8 @@ The projection costs 7-15 s per 512 x 512 slice on one core, so this is a separa
 every slice is one element, and Dataflow (or any Beam runner; unknown options go to Beam) spreads them over workers.
 Training never waits for it.  ``--reference original`` (the default) adds the reconstructed noise to the slice
 itself, as Mayo's noise insertion does; ``projected`` uses the slice through the projector, whose round trip blurs
-edges (``ldct_tf.simulate.REFERENCES``) and teaches the denoiser that blur.  Noise seeds derive from the slice's pseudonym, position and realisation number, so a
+edges (``ldct_tf.simulate.REFERENCES``) and teaches the denoiser that blur.  ``--textures mixed`` (the default)
+gives every odd realisation the noise texture of another calibrated FBP filter (``texture_of``).  Noise seeds derive from the slice's pseudonym, position and realisation number, so a
 re-run writes the same pairs.
 """
 
@@ -57,13 +58,23 @@ def sample_i0(params: dict, seed: int) -> float:
     return float(np.exp(np.random.default_rng(seed ^ 0x5EED).uniform(np.log(low), np.log(high))))
 
 
+def texture_of(variants: Sequence[dict], realisation: int) -> dict:
+    """Even realisations get the fitted texture (``variants[0]``); odd ones cycle through the other filters, so half
+    of the stream matches the calibrated kernel and the rest spans sharper to smoother noise."""
+    if realisation % 2 == 0 or len(variants) == 1:
+        return variants[0]
+    return variants[1 + (realisation // 2) % (len(variants) - 1)]
+
+
 class SimulatePairsFn(beam.DoFn):
     """One normal-dose slice -> ``realisations`` encoded simulated pairs (or one rejection line)."""
 
-    def __init__(self, calibration: dict, realisations: int, reference: str = "original") -> None:
+    def __init__(self, calibration: dict, realisations: int, reference: str = "original",
+                 textures: str = "mixed") -> None:
         self.calibration = calibration
         self.realisations = realisations
         self.reference = reference
+        self.textures = textures
         self.pairs = beam.metrics.Metrics.counter("simulate", "pairs_written")
         self.skipped = beam.metrics.Metrics.counter("simulate", "slices_skipped_not_square")
         self.seconds = beam.metrics.Metrics.distribution("simulate", "milliseconds_per_slice")
@@ -80,10 +91,12 @@ class SimulatePairsFn(beam.DoFn):
         if hu.shape[0] != hu.shape[1]:
             self.skipped.inc()
             return
-        params = calibration_lib.simulation_parameters(self.calibration, item["kernel"])
+        variants = (calibration_lib.texture_variants(self.calibration, item["kernel"]) if self.textures == "mixed"
+                    else [calibration_lib.simulation_parameters(self.calibration, item["kernel"])])
         spacing = tuple(float(v) for v in item["pixel_spacing_mm"])
         simulator = simulate.ProjectionSimulator(hu, float(np.mean(spacing)))
         for k in range(self.realisations):
+            params = texture_of(variants, k)
             seed = noise_seed(item["patient"], item["instance"], item["z_mm"], k)
             i0 = sample_i0(params, seed)
             low, reference = simulator.pair(params["dose_fraction"], i0, params["electronic_noise"], seed=seed,
@@ -99,11 +112,11 @@ class SimulatePairsFn(beam.DoFn):
 
 
 def build_pipeline(pipeline: beam.Pipeline, data: str, split: str, calibration: dict, realisations: int,
-                   num_shards: int, reference: str = "original") -> None:
+                   num_shards: int, reference: str = "original", textures: str = "mixed") -> None:
     (pipeline
      | "ReadNormal" >> beam.io.ReadFromTFRecord(shard_pattern(data, split, "normal"))
      | "Reshuffle" >> beam.Reshuffle()  # one slice per work item: the projection is the expensive part
-     | "Simulate" >> beam.ParDo(SimulatePairsFn(calibration, realisations, reference))
+     | "Simulate" >> beam.ParDo(SimulatePairsFn(calibration, realisations, reference, textures))
      | "Write" >> beam.io.WriteToTFRecord(f"{data.rstrip('/')}/{split}/{SIMULATED}", file_name_suffix=".tfrecord.gz",
                                           num_shards=num_shards, shard_name_template="-SSSSS-of-NNNNN"))
 
@@ -128,6 +141,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--num-shards", type=int, default=1)
     parser.add_argument("--reference", default="original", choices=("projected", "original"),
                         help="what the noise is added to (default: the slice itself, see ldct_tf.simulate.REFERENCES)")
+    parser.add_argument("--textures", default="mixed", choices=("fitted", "mixed"),
+                        help="noise textures: the fitted FBP filter only, or (default) half fitted and half the other "
+                             "calibrated filters (ldct_tf.calibration.texture_variants)")
     parser.add_argument("--overwrite", action="store_true", help="replace this split's simulated shards")
     args, beam_args = parser.parse_known_args(argv)
     if args.realisations < 1 or args.num_shards < 1:
@@ -143,7 +159,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         FileSystems.delete([m.path for m in existing])  # this stage's own earlier output only
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    build_pipeline(pipeline, args.data, args.split, calibration, args.realisations, args.num_shards, args.reference)
+    build_pipeline(pipeline, args.data, args.split, calibration, args.realisations, args.num_shards, args.reference,
+                   args.textures)
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.perf_counter() - started
@@ -152,6 +169,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     entry = manifest.setdefault(SIMULATED, {})
     entry[args.split] = {
         "pairs": pairs, "source_slices": slices, "realisations": args.realisations, "reference": args.reference,
+        "textures": args.textures,
         "schema_version": records.SIMULATED_SCHEMA_VERSION,
         "calibration": {k: calibration_lib.simulation_parameters(calibration, k) for k in calibration["kernels"]},
         "default_kernel": calibration.get("default_kernel"),

@@ -219,3 +219,22 @@ def test_evaluate_simulate_uses_the_calibrated_level(sample, tmp_path):
     ratio = np.std(plain.low - plain.normal) / np.std(calibrated.low - calibrated.normal)
     i0 = calibration.simulation_parameters(shipped, "unknown kernel")["i0"]
     assert i0 > 2e5 and ratio == pytest.approx(np.sqrt(i0 / 1e5), rel=0.2)
+
+
+def test_mixed_textures_alternate_the_fitted_filter_with_the_other_calibrated_ones():
+    from ldct_tf import calibration
+    from pipelines.simulate_pairs import texture_of
+
+    base = {"i0": 4e5, "i0_range": [1e5, 6e5], "filter_name": "ramp", "dose_fraction": 0.25,
+            "electronic_noise": 10.0, "noise_model": "insert"}
+    cal = {"kernels": {"D45f": {**base, "filters": {"ramp": {"i0": 4e5, "i0_range": [1e5, 6e5]},
+                                                    "hann": {"i0": 2e5, "i0_range": [5e4, 3e5]},
+                                                    "cosine": {"i0": 3e5, "i0_range": [7e4, 4e5]}}}},
+           "default_kernel": "D45f"}
+    variants = calibration.texture_variants(cal, "B30f")  # not calibrated: the default kernel's textures
+    assert [v["filter_name"] for v in variants] == ["ramp", "cosine", "hann"]
+    assert variants[2]["i0"] == 2e5 and variants[2]["i0_range"] == [5e4, 3e5]
+    assert [texture_of(variants, k)["filter_name"] for k in range(6)] == ["ramp", "cosine", "ramp", "hann", "ramp",
+                                                                          "cosine"]
+    single = calibration.texture_variants({"kernels": {"D45f": base}, "default_kernel": "D45f"}, "D45f")
+    assert [texture_of(single, k)["filter_name"] for k in range(3)] == ["ramp"] * 3
