@@ -19,8 +19,11 @@ each patient on one side only; validation = unseen slices of those two; test = L
    ``hybrid_light`` (configs/v2_hybrid_light.yaml, unpaired terms 5-10x lighter);
 4. exports each as a SavedModel and scores it beside BM3D, NLM and the input on the validation slices (per kernel)
    and on the test patient;
-5. chooses the recipe on VALIDATION only: the highest mean abdomen PSNR among the recipes whose validation edge
-   sharpness is >= 0.95 (all recipes if none is); the test figures are reported, never used to choose.
+5. chooses the recipe on VALIDATION only: among the recipes that beat BM3D in mean validation abdomen PSNR and SSIM,
+   the one with the highest validation edge sharpness (the highest validation PSNR if none beats BM3D).  This mirrors
+   the targets (beat BM3D, keep edges).  The first rule, the highest PSNR among recipes with validation edge
+   sharpness >= 0.95, could not work: the quarter-dose input itself scores 0.96 on the validation slices, so only
+   near-identity recipes could pass it.  The test figures are reported, never used to choose.
 
 Writes ``benchmarks/results/ablation.json``; ``--ship`` exports the chosen recipe's generator there (model v2).
 Finished stages are kept in ``--work`` and not redone, so an interrupted run continues; ``--only`` trains some arms
@@ -49,7 +52,6 @@ HYBRIDS = {"hybrid": "v2_hybrid.yaml", "hybrid_light": "v2_hybrid_light.yaml"}
 #: Single-stage arms trained from scratch for the whole budget: name -> config.
 SINGLE = {"simulated_edges": "v2_simulated_edges.yaml"}
 ARMS = ("cyclegan_v1_recipe", "simulated_only", *SINGLE, *HYBRIDS)
-MIN_EDGE_SHARPNESS = 0.95
 
 
 def _done(model_dir: Path) -> Optional[dict]:
@@ -187,12 +189,18 @@ def score(arms: dict, root: Path, work: Path) -> dict:
 def choose(validation: dict) -> dict:
     """The rule of the module docstring, applied to the validation figures only."""
     mean = validation["all"]["mean"]
-    sharp = [a for a in ARMS if (mean[a]["edge_sharpness"] or 0) >= MIN_EDGE_SHARPNESS]
-    pool = sharp or list(ARMS)
-    best = max(pool, key=lambda a: mean[a]["psnr_abdomen"])
-    return {"chosen": best, "rule": f"highest validation abdomen PSNR among recipes with validation edge sharpness "
-                                     f">= {MIN_EDGE_SHARPNESS} (all recipes if none)",
-            "eligible": pool, "validation_psnr_abdomen": {a: mean[a]["psnr_abdomen"] for a in ARMS}}
+    bm3d = mean["bm3d"]
+    beats = [a for a in ARMS if a in mean and mean[a]["psnr_abdomen"] > bm3d["psnr_abdomen"]
+             and mean[a]["ssim_abdomen"] > bm3d["ssim_abdomen"]]
+    if beats:
+        best = max(beats, key=lambda a: mean[a]["edge_sharpness"])
+    else:
+        best = max((a for a in ARMS if a in mean), key=lambda a: mean[a]["psnr_abdomen"])
+    return {"chosen": best, "rule": "among recipes that beat BM3D in validation abdomen PSNR and SSIM, the highest "
+                                     "validation edge sharpness (the highest validation abdomen PSNR if none does)",
+            "beat_bm3d_on_validation": beats,
+            "validation_psnr_abdomen": {a: mean[a]["psnr_abdomen"] for a in ARMS if a in mean},
+            "validation_edge_sharpness": {a: mean[a]["edge_sharpness"] for a in ARMS if a in mean}}
 
 
 def test_targets(test: dict, arm: str) -> dict:
