@@ -55,7 +55,10 @@ SINGLE = {"simulated_edges": "v2_simulated_edges.yaml"}
 #: ``simulated_projected``: v2_simulated.yaml on the first stream design (noise added to the projector round trip of
 #: the slice, fitted texture only), written to its own copy of the shards: what changed in the stream is ablated too.
 PROJECTED_SHARDS = "shards_projected"
-ARMS = ("cyclegan_v1_recipe", "simulated_only", "simulated_projected", *SINGLE, *HYBRIDS)
+#: Single-stage arms on the first stream design: name -> config (the loss is what differs from simulated_projected).
+PROJECTED_SINGLE = {"simulated_projected_edges": "v2_simulated_edges.yaml",
+                    "simulated_projected_l1": "v2_simulated_l1.yaml"}
+ARMS = ("cyclegan_v1_recipe", "simulated_only", "simulated_projected", *PROJECTED_SINGLE, *SINGLE, *HYBRIDS)
 
 
 def _done(model_dir: Path) -> Optional[dict]:
@@ -121,6 +124,8 @@ def train_arm(arm: str, shards: Path, work: Path, cpu_minutes: float) -> None:
     elif arm == "simulated_projected":
         projected = projected_stream(shards, work)
         stages = [_train(configs / "v2_simulated.yaml", projected, model_dir, cpu_minutes / 2) for _ in range(2)]
+    elif arm in PROJECTED_SINGLE:
+        stages = [_train(configs / PROJECTED_SINGLE[arm], projected_stream(shards, work), model_dir, cpu_minutes)]
     elif arm in SINGLE:
         stages = [_train(configs / SINGLE[arm], shards, model_dir, cpu_minutes)]
     else:
