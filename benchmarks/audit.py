@@ -278,7 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "met": bool(np.median(audit_seconds) < 1.0)},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from ldct_tf.audit import _jsonable
+    from ldct_tf.evaluation.report import jsonable as _jsonable
 
     (RESULTS / "audit.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n")
     print(json.dumps(_jsonable({"audit": flags, "detectability": result["detectability"],
