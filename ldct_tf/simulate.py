@@ -50,8 +50,8 @@ MU_WATER_PER_MM = 0.0192
 ELECTRONIC_NOISE_VAR = 10.0
 NOISE_MODELS = ("insert", "poisson", "gaussian")
 #: What the noise is added to.  ``"projected"``: the slice through the projector and FBP (noise-free in the
-#: simulator's own geometry, but skimage's radon/iradon round trip blurs it: edge sharpness 0.82 of the original on
-#: L096_D45f_00).  ``"original"``: the input slice itself, as Mayo's projection-domain noise insertion does - FBP is
+#: simulator's own geometry, but skimage's radon/iradon round trip blurs it,
+#: tests/test_simulate.py).  ``"original"``: the input slice itself, as Mayo's projection-domain noise insertion does - FBP is
 #: linear, so the reconstructed noise is added to the image and only the noise passes through the projector.
 REFERENCES = ("projected", "original")
 
