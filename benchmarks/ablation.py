@@ -50,15 +50,23 @@ BASELINES = ("bm3d", "nlm", "none")
 #: Hybrid arms: name -> config.  Each is warm-started from ``simulated_only`` at half its budget and trained the other
 #: half with the CycleGAN terms on the real streams plus the simulated term.
 HYBRIDS = {"hybrid": "v2_hybrid.yaml", "hybrid_light": "v2_hybrid_light.yaml"}
-#: Single-stage arms trained from scratch for the whole budget: name -> config.
-SINGLE = {"simulated_edges": "v2_simulated_edges.yaml"}
-#: ``simulated_projected``: v2_simulated.yaml on the first stream design (noise added to the projector round trip of
-#: the slice, fitted texture only), written to its own copy of the shards: what changed in the stream is ablated too.
-PROJECTED_SHARDS = "shards_projected"
-#: Single-stage arms on the first stream design: name -> config (the loss is what differs from simulated_projected).
-PROJECTED_SINGLE = {"simulated_projected_edges": "v2_simulated_edges.yaml",
-                    "simulated_projected_l1": "v2_simulated_l1.yaml"}
-ARMS = ("cyclegan_v1_recipe", "simulated_only", "simulated_projected", *PROJECTED_SINGLE, *SINGLE, *HYBRIDS)
+#: The simulated streams besides the default one (``--reference original --textures mixed``), each written by the
+#: benchmark into its own copy of the low and normal shards, so that what changed in the stream is ablated too:
+#: name -> (folder, ``simulate_pairs --reference``, ``--textures``).  ``projected`` is the first stream design (noise
+#: added to the slice's projector round trip, whose blur the denoiser then learns); ``fitted`` separates the two changes
+#: of the default stream (sharp target, and mixed textures).
+STREAMS = {"projected": ("shards_projected", "projected", "fitted"),
+           "fitted": ("shards_fitted", "original", "fitted")}
+#: Single-stage arms trained from scratch for the whole budget: name -> (config, stream; None = the default stream).
+#: ``simulated_projected`` (two halves, v2_simulated.yaml on the projected stream) predates this table.
+SINGLE = {"simulated_edges": ("v2_simulated_edges.yaml", None),
+          "simulated_projected_edges": ("v2_simulated_edges.yaml", "projected"),
+          "simulated_projected_l1": ("v2_simulated_l1.yaml", "projected"),
+          "simulated_projected_edges3": ("v2_simulated_edges3.yaml", "projected"),
+          "simulated_fitted": ("v2_simulated.yaml", "fitted"),
+          "simulated_fitted_edges": ("v2_simulated_edges.yaml", "fitted"),
+          "simulated_fitted_edges3": ("v2_simulated_edges3.yaml", "fitted")}
+ARMS = ("cyclegan_v1_recipe", "simulated_only", "simulated_projected", *SINGLE, *HYBRIDS)
 
 
 def _done(model_dir: Path) -> Optional[dict]:
@@ -88,13 +96,13 @@ def _train_simulated_only(shards: Path, work: Path, cpu_minutes: float) -> None:
     (sim / "arm_done.json").write_text(json.dumps({"stages": [first, second]}))
 
 
-def projected_stream(shards: Path, work: Path) -> Path:
-    """A copy of the low and normal shards with the first design's simulated stream (``--reference projected
-    --textures fitted``), made once."""
+def stream(shards: Path, work: Path, name: str) -> Path:
+    """A copy of the low and normal shards with the simulated stream ``STREAMS[name]``, made once."""
     from ldct_tf import data as data_lib
     from pipelines import simulate_pairs
 
-    out = work / PROJECTED_SHARDS
+    folder, reference, textures = STREAMS[name]
+    out = work / folder
     if (out / "manifest.json").exists() and data_lib.simulated_pair_count(data_lib.read_manifest(str(out))):
         return out
     if out.exists():
@@ -105,7 +113,7 @@ def projected_stream(shards: Path, work: Path) -> Path:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     realisations = data_lib.read_manifest(str(shards))[simulate_pairs.SIMULATED]["train"]["realisations"]
     simulate_pairs.run(["--data", str(out), "--calibration", str(CALIBRATION_FILE), "--realisations",
-                        str(realisations), "--reference", "projected", "--textures", "fitted"])
+                        str(realisations), "--reference", reference, "--textures", textures])
     return out
 
 
@@ -122,12 +130,12 @@ def train_arm(arm: str, shards: Path, work: Path, cpu_minutes: float) -> None:
         _train_simulated_only(shards, work, cpu_minutes)
         return
     elif arm == "simulated_projected":
-        projected = projected_stream(shards, work)
+        projected = stream(shards, work, "projected")
         stages = [_train(configs / "v2_simulated.yaml", projected, model_dir, cpu_minutes / 2) for _ in range(2)]
-    elif arm in PROJECTED_SINGLE:
-        stages = [_train(configs / PROJECTED_SINGLE[arm], projected_stream(shards, work), model_dir, cpu_minutes)]
     elif arm in SINGLE:
-        stages = [_train(configs / SINGLE[arm], shards, model_dir, cpu_minutes)]
+        config_name, stream_name = SINGLE[arm]
+        data = shards if stream_name is None else stream(shards, work, stream_name)
+        stages = [_train(configs / config_name, data, model_dir, cpu_minutes)]
     else:
         half = work / "simulated_only_half"
         if not (half / "generator.keras").exists():
@@ -304,7 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "calibration_not_done": calibration.get("not_calibrated"),
         "calibration_check_against_pairs": check,
         "simulation_cost": manifest["simulated"]["train"],
-        "simulation_cost_projected_stream": data_lib.read_manifest(str(work / PROJECTED_SHARDS))["simulated"]["train"],
+        "simulation_cost_other_streams": {n: data_lib.read_manifest(str(work / f))["simulated"]["train"]
+                                          for n, (f, _, _) in STREAMS.items() if (work / f / "manifest.json").exists()},
         "cpu_minutes_per_recipe": args.cpu_minutes,
         "training": training,
         "validation": scored["val"], "test": scored["test"],

@@ -74,6 +74,7 @@ class LossConfig:
     # CycleGAN; with every other weight 0 the run is supervised on simulated pairs alone.
     simulated: float = 0.0
     simulated_loss: str = "mse"  # mse | l1 | mse_gradient (MSE plus the MSE of image gradients: keeps edges)
+    gradient_weight: float = 1.0  # weight of the gradient MSE inside mse_gradient (MSE + w * gradient MSE)
 
 
 @dataclass

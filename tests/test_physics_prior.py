@@ -98,6 +98,24 @@ def test_gradient_term_charges_blur_more_than_an_offset_of_equal_mse():
     assert float(gradient_mse_loss(edge, offset)) < 1e-6 < float(gradient_mse_loss(edge, blurred))
 
 
+def test_gradient_weight_scales_only_the_gradient_part_of_mse_gradient():
+    """``loss.gradient_weight`` w makes the simulated term MSE + w x gradient MSE (0 = plain MSE), computed on the
+    generator's own output for the same simulated batch."""
+    from ldct_tf.losses import gradient_mse_loss, mse_loss
+
+    rng = np.random.default_rng(2)
+    low, ref = (tf.constant(_smooth_images(rng, 2)) for _ in range(2))
+    plain, _ = _build(["loss.simulated=1", "loss.simulated_loss=mse_gradient", "loss.gradient_weight=0"])
+    weighted, _ = _build(["loss.simulated=1", "loss.simulated_loss=mse_gradient", "loss.gradient_weight=3"])
+    weighted.low_to_normal.set_weights(plain.low_to_normal.get_weights())
+    denoised = plain.low_to_normal(low, training=False)
+    mse, grad = float(mse_loss(ref, denoised)), float(gradient_mse_loss(ref, denoised))
+    terms = {w: float(m._simulated_term(low, ref, training=False)) for w, m in ((0.0, plain), (3.0, weighted))}
+    assert grad > 0
+    assert terms[0.0] == pytest.approx(mse, rel=1e-5)
+    assert terms[3.0] == pytest.approx(mse + 3 * grad, rel=1e-5)
+
+
 def test_hybrid_step_adds_the_simulated_term_to_the_unpaired_terms():
     model, _ = _build(["loss.perceptual=0", "loss.simulated=2"])
     assert not model.supervised_only

@@ -66,10 +66,10 @@ class CycleGAN(keras_compat.SkipSymbolicBuild, keras.Model):
 
     def compile(self, generator_optimizer, inverse_generator_optimizer, normal_critic_optimizer,
                 low_critic_optimizer, loss_weights: Optional[dict] = None, score_window: str = "abdomen",
-                simulated_loss: str = "mse", **kwargs):
+                simulated_loss: str = "mse", gradient_weight: float = 1.0, **kwargs):
         """Four optimizers (one per network), the loss weights (``adversarial``, ``cycle``, ``identity``,
-        ``perceptual``, ``simulated``) and the simulated-pair pixel loss (``losses.SIMULATED_LOSSES``); paired validation
-        slices are scored in ``score_window``."""
+        ``perceptual``, ``simulated``) and the simulated-pair pixel loss (``losses.SIMULATED_LOSSES``; ``mse_gradient``
+        is MSE + ``gradient_weight`` x gradient MSE); paired validation slices are scored in ``score_window``."""
         super().compile(**kwargs)
         self.generator_optimizer = generator_optimizer
         self.inverse_generator_optimizer = inverse_generator_optimizer
@@ -83,7 +83,10 @@ class CycleGAN(keras_compat.SkipSymbolicBuild, keras.Model):
         self.loss_weights_ = weights
         if simulated_loss not in SIMULATED_LOSSES:
             raise ValueError(f"simulated_loss must be one of {SIMULATED_LOSSES}, got {simulated_loss!r}")
+        if gradient_weight < 0:
+            raise ValueError(f"gradient_weight must be >= 0, got {gradient_weight!r}")
         self.simulated_loss = simulated_loss
+        self.gradient_weight = float(gradient_weight)
         self.score_window = ct.window(score_window)
 
     @property
@@ -118,7 +121,8 @@ class CycleGAN(keras_compat.SkipSymbolicBuild, keras.Model):
         if self.simulated_loss == "l1":
             return l1_loss(simulated_reference, denoised)
         if self.simulated_loss == "mse_gradient":
-            return mse_loss(simulated_reference, denoised) + gradient_mse_loss(simulated_reference, denoised)
+            return (mse_loss(simulated_reference, denoised)
+                    + self.gradient_weight * gradient_mse_loss(simulated_reference, denoised))
         return mse_loss(simulated_reference, denoised)
 
     def _loss_terms(self, low, normal, training: bool, simulated: Optional[tuple] = None) -> dict:

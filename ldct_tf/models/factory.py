@@ -47,7 +47,7 @@ def compile_cyclegan(model: CycleGAN, config: Config, loss_scaling: bool = False
 
     model.compile(adam(t.generator_lr), adam(t.generator_lr), adam(t.discriminator_lr), adam(t.discriminator_lr),
                   loss_weights={term: getattr(config.loss, term) for term in LOSS_TERMS},
-                  simulated_loss=config.loss.simulated_loss,
+                  simulated_loss=config.loss.simulated_loss, gradient_weight=config.loss.gradient_weight,
                   jit_compile=t.jit_compile)
     model.build_optimizers()
     return model
