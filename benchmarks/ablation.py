@@ -11,13 +11,13 @@ each patient on one side only; validation = unseen slices of those two; test = L
 2. writes the simulated-pair stream (``pipelines.simulate_pairs``: noise inserted into the normal-dose slices
    themselves, half the realisations with the fitted texture and half with the other calibrated FBP filters) and
    records its cost per slice;
-3. trains three recipes with EQUAL CPU budgets (process CPU time, so that other work on the machine does not tilt it):
+3. trains the recipes with EQUAL CPU budgets (process CPU time, so that other work on the machine does not tilt it):
    ``cyclegan_v1_recipe`` (configs/pretrained.yaml, the critics now really without normalisation),
-   ``simulated_only`` (configs/v2_simulated.yaml), ``simulated_projected`` (the same on the first stream design:
-   noise added to the slice's projector round trip, fitted texture only), ``simulated_edges`` (configs/v2_simulated_edges.yaml: the same
-   with MSE plus gradient MSE), and two hybrids warm-started from ``simulated_only`` at half its
-   budget, then half a budget of CycleGAN + simulated term: ``hybrid`` (configs/v2_hybrid.yaml) and
-   ``hybrid_light`` (configs/v2_hybrid_light.yaml, unpaired terms 5-10x lighter);
+   ``simulated_only`` (configs/v2_simulated.yaml on the default stream), ``simulated_projected`` (the same on the
+   first stream design), the single-stage arms of ``SINGLE`` (a loss or a stream of ``STREAMS`` changed, one at a
+   time), and two hybrids warm-started from ``simulated_only`` at half its budget, then half a budget of CycleGAN +
+   simulated term: ``hybrid`` (configs/v2_hybrid.yaml) and ``hybrid_light`` (configs/v2_hybrid_light.yaml, unpaired
+   terms 5-10x lighter);
 4. exports each as a SavedModel and scores it beside BM3D, NLM and the input on the validation slices (per kernel)
    and on the test patient;
 5. chooses the recipe on VALIDATION only: among the recipes that beat BM3D in mean validation abdomen PSNR and SSIM,
