@@ -69,12 +69,13 @@ SINGLE = {"simulated_edges": ("v2_simulated_edges.yaml", None),
 ARMS = ("cyclegan_v1_recipe", "simulated_only", "simulated_projected", *SINGLE, *HYBRIDS)
 
 
-def _done(model_dir: Path) -> Optional[dict]:
+def arm_record(model_dir: Path) -> Optional[dict]:
     marker = model_dir / "arm_done.json"
     return json.loads(marker.read_text()) if marker.exists() else None
 
 
-def _train(config_path: Path, shards: Path, model_dir: Path, cpu_minutes: float, overrides: Sequence[str] = ()) -> dict:
+def train_recipe(config_path: Path, shards: Path, model_dir: Path, cpu_minutes: float,
+                 overrides: Sequence[str] = ()) -> dict:
     from ldct_tf import config as config_lib
     from ldct_tf import train
 
@@ -87,12 +88,12 @@ def _train_simulated_only(shards: Path, work: Path, cpu_minutes: float) -> None:
     configs = REPO / "configs"
     sim, half = work / "simulated_only", work / "simulated_only_half"
     first = (json.loads((half / "training_summary.json").read_text()) if (half / "generator.keras").exists()
-             else _train(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2))
+             else train_recipe(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2))
     if not (half / "generator.keras").exists():
         half.mkdir(parents=True, exist_ok=True)
         for name in ("generator.keras", "config.yaml", "training_summary.json"):
             shutil.copy(sim / name, half / name)
-    second = _train(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2)
+    second = train_recipe(configs / "v2_simulated.yaml", shards, sim, cpu_minutes / 2)
     (sim / "arm_done.json").write_text(json.dumps({"stages": [first, second]}))
 
 
@@ -117,31 +118,38 @@ def stream(shards: Path, work: Path, name: str) -> Path:
     return out
 
 
+def arm_shards(arm: str, shards: Path, work: Path) -> Path:
+    """The shard folder (with its simulated stream) that ``arm`` trained on."""
+    if arm == "simulated_projected":
+        return stream(shards, work, "projected")
+    if arm in SINGLE and SINGLE[arm][1] is not None:
+        return stream(shards, work, SINGLE[arm][1])
+    return shards
+
+
 def train_arm(arm: str, shards: Path, work: Path, cpu_minutes: float) -> None:
     """Train one recipe at the CPU budget unless it is done (its ``arm_done.json`` exists)."""
     configs, model_dir = REPO / "configs", work / arm
-    if _done(model_dir):
+    if arm_record(model_dir):
         return
     if arm == "cyclegan_v1_recipe":
-        summary = _train(configs / "pretrained.yaml", shards, model_dir, cpu_minutes,
+        summary = train_recipe(configs / "pretrained.yaml", shards, model_dir, cpu_minutes,
                          ["train.steps=100000", "train.time_limit_minutes=0"])
         stages = [summary]
     elif arm == "simulated_only":
         _train_simulated_only(shards, work, cpu_minutes)
         return
     elif arm == "simulated_projected":
-        projected = stream(shards, work, "projected")
-        stages = [_train(configs / "v2_simulated.yaml", projected, model_dir, cpu_minutes / 2) for _ in range(2)]
+        projected = arm_shards(arm, shards, work)
+        stages = [train_recipe(configs / "v2_simulated.yaml", projected, model_dir, cpu_minutes / 2) for _ in range(2)]
     elif arm in SINGLE:
-        config_name, stream_name = SINGLE[arm]
-        data = shards if stream_name is None else stream(shards, work, stream_name)
-        stages = [_train(configs / config_name, data, model_dir, cpu_minutes)]
+        stages = [train_recipe(configs / SINGLE[arm][0], arm_shards(arm, shards, work), model_dir, cpu_minutes)]
     else:
         half = work / "simulated_only_half"
         if not (half / "generator.keras").exists():
             _train_simulated_only(shards, work, cpu_minutes)
         first = json.loads((half / "training_summary.json").read_text())
-        stages = [first, _train(configs / HYBRIDS[arm], shards, model_dir, cpu_minutes / 2,
+        stages = [first, train_recipe(configs / HYBRIDS[arm], shards, model_dir, cpu_minutes / 2,
                                 [f"train.init_from={half}"])]
     (model_dir / "arm_done.json").write_text(json.dumps({"stages": stages}))
 
@@ -152,7 +160,7 @@ def train_arms(shards: Path, work: Path, cpu_minutes: float, only: Sequence[str]
         train_arm(arm, shards, work, cpu_minutes)
     out = {}
     for arm in ARMS:
-        done = _done(work / arm)
+        done = arm_record(work / arm)
         if done is None:
             continue
         stages = done["stages"]
@@ -227,21 +235,21 @@ def score(arms: dict, root: Path, work: Path) -> dict:
     return scored
 
 
-def choose(validation: dict) -> dict:
-    """The rule of the module docstring, applied to the validation figures only."""
+def choose(validation: dict, arms: Sequence[str] = ARMS) -> dict:
+    """The rule of the module docstring, applied to the validation figures only, among ``arms``."""
     mean = validation["all"]["mean"]
     bm3d = mean["bm3d"]
-    beats = [a for a in ARMS if a in mean and mean[a]["psnr_abdomen"] > bm3d["psnr_abdomen"]
+    beats = [a for a in arms if a in mean and mean[a]["psnr_abdomen"] > bm3d["psnr_abdomen"]
              and mean[a]["ssim_abdomen"] > bm3d["ssim_abdomen"]]
     if beats:
         best = max(beats, key=lambda a: mean[a]["edge_sharpness"])
     else:
-        best = max((a for a in ARMS if a in mean), key=lambda a: mean[a]["psnr_abdomen"])
+        best = max((a for a in arms if a in mean), key=lambda a: mean[a]["psnr_abdomen"])
     return {"chosen": best, "rule": "among recipes that beat BM3D in validation abdomen PSNR and SSIM, the highest "
                                      "validation edge sharpness (the highest validation abdomen PSNR if none does)",
             "beat_bm3d_on_validation": beats,
-            "validation_psnr_abdomen": {a: mean[a]["psnr_abdomen"] for a in ARMS if a in mean},
-            "validation_edge_sharpness": {a: mean[a]["edge_sharpness"] for a in ARMS if a in mean}}
+            "validation_psnr_abdomen": {a: mean[a]["psnr_abdomen"] for a in arms if a in mean},
+            "validation_edge_sharpness": {a: mean[a]["edge_sharpness"] for a in arms if a in mean}}
 
 
 def test_targets(test: dict, arm: str) -> dict:

@@ -28,6 +28,9 @@ class DataConfig:
     shuffle_buffer: int = 256
     cache: bool = True  # keep decoded training slices in memory (about 1 MB per 512x512 slice)
     val_max_slices: int = 16  # whole validation slices scored per validation run
+    # The real unpaired streams keep only the kernels both doses hold (ldct_tf.data.matched_kernels): a critic that
+    # sees low-dose B30f against normal-dose D45f teaches kernel translation, not denoising.
+    kernel_matched: bool = False
 
 
 @dataclass

@@ -112,15 +112,46 @@ def _augment(patch: tf.Tensor) -> tf.Tensor:
     return tf.image.rot90(patch, k=tf.random.uniform([], 0, 4, dtype=tf.int32))
 
 
+def stream_kernels(data_dir: str, split: str, dose: str) -> set[str]:
+    """The reconstruction kernels of one split and dose's slices (only the kernel feature is parsed, not the pixels)."""
+    files = shard_files(data_dir, split, dose)
+    spec = {"kernel": tf.io.FixedLenFeature([], tf.string)}
+    found = tf.data.TFRecordDataset(files, compression_type="GZIP").map(
+        lambda x: tf.io.parse_single_example(x, spec)["kernel"])
+    return {k.decode() for k in found.as_numpy_iterator()}
+
+
+def matched_kernels(data_dir: str, split: str = "train") -> list[str]:
+    """Kernels that both the low- and the normal-dose stream of ``split`` hold.
+
+    Why: an unpaired critic that compares denoised low-dose slices of one kernel with normal-dose slices of another
+    learns the kernel's texture, and the adversarial term then pushes the denoiser to translate kernels (a smooth
+    B30f slice made to look D45f-sharp) rather than to remove noise.  ``data.kernel_matched`` keeps only these.
+    Raises ``ValueError`` naming the folder when the two streams share no kernel.
+    """
+    low, normal = stream_kernels(data_dir, split, "low"), stream_kernels(data_dir, split, "normal")
+    shared = sorted(low & normal)
+    if not shared:
+        raise ValueError(f"{data_dir}: data.kernel_matched: the {split} low-dose kernels {sorted(low)} and normal-dose "
+                         f"kernels {sorted(normal)} have none in common")
+    return shared
+
+
 def patch_stream(data_dir: str, dose: str, patch_size: int, batch_size: int, min_tissue_fraction: float = 0.5,
                  augment: bool = True, shuffle_buffer: int = 256, cache: bool = True,
-                 seed: Optional[int] = None, split: str = "train") -> tf.data.Dataset:
+                 seed: Optional[int] = None, split: str = "train",
+                 kernels: Optional[Sequence[str]] = None) -> tf.data.Dataset:
     """Endless batches ``[batch, patch, patch, 1]`` (model scale) of random patches of one dose.
 
     Each slice offers a few random crops; crops with less than ``min_tissue_fraction`` of tissue pixels are dropped.
-    ``cache`` keeps the decoded slices in memory after the first pass (about 1 MB per 512x512 slice).
+    ``cache`` keeps the decoded slices in memory after the first pass (about 1 MB per 512x512 slice).  ``kernels``
+    keeps only slices reconstructed with those kernels (None = all).
     """
-    slices = slice_dataset(data_dir, split, dose, shuffle_files=True, seed=seed).map(lambda hu, meta: hu)
+    slices = slice_dataset(data_dir, split, dose, shuffle_files=True, seed=seed)
+    if kernels is not None:
+        wanted = tf.constant(list(kernels))
+        slices = slices.filter(lambda hu, meta: tf.reduce_any(tf.equal(meta["kernel"], wanted)))
+    slices = slices.map(lambda hu, meta: hu)
     if cache:
         slices = slices.cache()
     options = tf.data.Options()
@@ -140,11 +171,13 @@ def patch_stream(data_dir: str, dose: str, patch_size: int, batch_size: int, min
 
 
 def unpaired_training_dataset(data_dir: str, patch_size: int, batch_size: int, seed: Optional[int] = None,
-                              **kwargs) -> tf.data.Dataset:
-    """``(low, normal)`` batches from two independent streams: never the same patient or position by design."""
-    low = patch_stream(data_dir, "low", patch_size, batch_size, seed=seed, **kwargs)
+                              kernel_matched: bool = False, **kwargs) -> tf.data.Dataset:
+    """``(low, normal)`` batches from two independent streams: never the same patient or position by design.
+    ``kernel_matched``: both streams keep only the kernels they share (:func:`matched_kernels`)."""
+    kernels = matched_kernels(data_dir) if kernel_matched else None
+    low = patch_stream(data_dir, "low", patch_size, batch_size, seed=seed, kernels=kernels, **kwargs)
     normal = patch_stream(data_dir, "normal", patch_size, batch_size, seed=None if seed is None else seed + 1,
-                          **kwargs)
+                          kernels=kernels, **kwargs)
     return tf.data.Dataset.zip((low, normal)).prefetch(tf.data.AUTOTUNE)
 
 
@@ -194,7 +227,8 @@ def training_dataset(data_dir: str, cfg, seed: Optional[int] = None) -> tf.data.
     d, t = cfg.data, cfg.train
     common = dict(min_tissue_fraction=d.min_tissue_fraction, augment=d.augment, shuffle_buffer=d.shuffle_buffer,
                   cache=d.cache)
-    unpaired = unpaired_training_dataset(data_dir, d.patch_size, t.batch_size, seed=seed, **common)
+    unpaired = unpaired_training_dataset(data_dir, d.patch_size, t.batch_size, seed=seed,
+                                         kernel_matched=d.kernel_matched, **common)
     if cfg.loss.simulated <= 0:
         return unpaired
     simulated = simulated_pair_stream(data_dir, d.patch_size, t.simulated_batch_size or t.batch_size,

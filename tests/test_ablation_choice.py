@@ -24,3 +24,27 @@ def test_without_a_recipe_beating_bm3d_the_highest_psnr_is_chosen():
         "cyclegan_v1_recipe": (22.0, 0.68, 0.92), "simulated_only": (25.0, 0.70, 0.89),
         "hybrid": (23.0, 0.75, 0.95), "bm3d": (25.7, 0.72, 0.81)}))
     assert choice["chosen"] == "simulated_only" and choice["beat_bm3d_on_validation"] == []
+
+
+def test_choice_among_given_arms_only():
+    choice = ablation.choose(_validation({
+        "simulated_only": (26.0, 0.76, 0.89), "simulated_only+continued": (26.1, 0.77, 0.90),
+        "simulated_only+adapted": (25.9, 0.76, 0.93), "bm3d": (25.7, 0.72, 0.81)}),
+        ["simulated_only", "simulated_only+continued", "simulated_only+adapted"])
+    assert choice["chosen"] == "simulated_only+adapted"
+    assert set(choice["validation_psnr_abdomen"]) == {"simulated_only", "simulated_only+continued",
+                                                      "simulated_only+adapted"}
+
+
+def test_adapted_continuation_is_the_base_run_plus_a_kernel_matched_critic(tmp_path):
+    from benchmarks import adaptation
+    from ldct_tf import config
+
+    base = ablation.REPO / "configs" / "v2_simulated_edges.yaml"
+    adapted = config.load(base, adaptation.continuation_overrides("adapted", tmp_path))
+    assert adapted.loss.adversarial == adaptation.ADVERSARIAL["adapted"] > 0
+    assert adapted.loss.cycle == adapted.loss.identity == 0 and adapted.data.kernel_matched is True
+    assert adapted.loss.simulated == 1 and adapted.train.init_from == str(tmp_path)
+    continued = config.load(base, adaptation.continuation_overrides("continued", tmp_path))
+    assert continued.loss.adversarial == 0 and continued.data.kernel_matched is False
+    assert continued.train.init_from == str(tmp_path)

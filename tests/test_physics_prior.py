@@ -207,7 +207,7 @@ def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp
     first = train.run(pre, str(shards), str(tmp_path / "pre"), verbose=0)
     assert first["steps"] == 2 and first["data"]["simulated"]["train"]["pairs"] > 0
     assert first["final_metrics"]["train"]["simulated_loss"] > 0
-    hybrid = config.load(SMOKE, ["loss.perceptual=0", "loss.simulated=1", "train.steps=1",
+    hybrid = config.load(SMOKE, ["loss.perceptual=0", "loss.simulated=1", "train.steps=1", "data.kernel_matched=true",
                                  f"train.init_from={tmp_path / 'pre'}"])
     second = train.run(hybrid, str(shards), str(tmp_path / "hybrid"), verbose=0)
     assert second["init_from"] == str(tmp_path / "pre")
