@@ -134,7 +134,7 @@ def train_arm(arm: str, shards: Path, work: Path, cpu_minutes: float) -> None:
         return
     if arm == "cyclegan_v1_recipe":
         summary = train_recipe(configs / "pretrained.yaml", shards, model_dir, cpu_minutes,
-                         ["train.steps=100000", "train.time_limit_minutes=0"])
+                               ["train.steps=100000", "train.time_limit_minutes=0"])
         stages = [summary]
     elif arm == "simulated_only":
         _train_simulated_only(shards, work, cpu_minutes)
@@ -150,7 +150,7 @@ def train_arm(arm: str, shards: Path, work: Path, cpu_minutes: float) -> None:
             _train_simulated_only(shards, work, cpu_minutes)
         first = json.loads((half / "training_summary.json").read_text())
         stages = [first, train_recipe(configs / HYBRIDS[arm], shards, model_dir, cpu_minutes / 2,
-                                [f"train.init_from={half}"])]
+                                      [f"train.init_from={half}"])]
     (model_dir / "arm_done.json").write_text(json.dumps({"stages": stages}))
 
 
@@ -263,6 +263,16 @@ def test_targets(test: dict, arm: str) -> dict:
                                                                   "model": distance[arm], "bm3d": distance["bm3d"]}}
 
 
+def ship(model_dir: Path, target: Path, metadata: dict) -> None:
+    """Export the run in ``model_dir`` as ``target`` (``.../NAME/VERSION``), its resolved config in the metadata."""
+    from ldct_tf import config as config_lib
+    from ldct_tf.export import export_generator, load_generator
+
+    cfg = config_lib.load(model_dir / "config.yaml")
+    export_generator(load_generator(model_dir, cfg), target.parent, version=int(target.name),
+                     metadata={**metadata, "config": cfg.to_dict()})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-minutes", type=float, default=40.0, help="CPU budget per recipe (process CPU time)")
@@ -330,17 +340,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
     }
     if args.ship:
-        from ldct_tf import config as config_lib
-        from ldct_tf.export import export_generator, load_generator
-
-        ship = Path(args.ship)
-        model_dir = work / choice["chosen"]
-        export_generator(load_generator(model_dir, config_lib.load(model_dir / "config.yaml")), ship.parent,
-                         version=int(ship.name), metadata={
-                             "recipe": choice["chosen"], "choice": choice, "calibration": result["calibration"],
-                             "data": result["data"], "training": training[choice["chosen"]],
-                             "benchmark": "python -m benchmarks.ablation"})
-        result["shipped"] = str(ship)
+        ship(work / choice["chosen"], Path(args.ship), {
+            "recipe": choice["chosen"], "choice": choice, "calibration": result["calibration"], "data": result["data"],
+            "training": training[choice["chosen"]], "benchmark": "python -m benchmarks.ablation"})
+        result["shipped"] = args.ship
     from ldct_tf import evaluate
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -109,29 +109,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arms = [chosen, *(arm_name(chosen, n) for n in CONTINUATIONS)]
     scored = ablation.score(arms, root, work)
     choice = ablation.choose(scored["val"], arms)
-    val, test = scored["val"]["all"]["mean"], scored["test"]["all"]["mean"]
     keys = ("psnr_abdomen", "ssim_abdomen", "edge_sharpness", "noise_sd_hu")
+
+    def change_vs_continued(split: str) -> dict:
+        mean, control = scored[split]["all"]["mean"], scored[split]["all"]["mean"][arm_name(chosen, "continued")]
+        return {n: {k: mean[arm_name(chosen, n)][k] - control[k] for k in keys} for n in ADVERSARIAL}
+
     result = {"benchmark": "adaptation", "base_recipe": chosen, "cpu_minutes_per_continuation": args.cpu_minutes / 2,
               "training": training,
-              "validation_change_vs_continued": {
-                  n: {k: val[arm_name(chosen, n)][k] - val[arm_name(chosen, "continued")][k] for k in keys
-                      if k in val[arm_name(chosen, n)]} for n in ADVERSARIAL},
-              "test_change_vs_continued": {
-                  n: {k: test[arm_name(chosen, n)][k] - test[arm_name(chosen, "continued")][k] for k in keys
-                      if k in test[arm_name(chosen, n)]} for n in ADVERSARIAL},
+              "validation_change_vs_continued": change_vs_continued("val"),
+              "test_change_vs_continued": change_vs_continued("test"),
               "validation": scored["val"], "test": scored["test"], "choice": choice,
               "test_targets_of_chosen": ablation.test_targets(scored["test"], choice["chosen"]),
               "seconds": round(time.perf_counter() - started, 1)}
     if args.ship and choice["chosen"] != chosen:
-        from ldct_tf import config as config_lib
-        from ldct_tf.export import export_generator, load_generator
-
-        ship, model_dir = Path(args.ship), work / choice["chosen"]
-        export_generator(load_generator(model_dir, config_lib.load(model_dir / "config.yaml")), ship.parent,
-                         version=int(ship.name), metadata={
-                             "recipe": choice["chosen"], "choice": choice, "training": training,
-                             "benchmark": "python -m benchmarks.ablation, then python -m benchmarks.adaptation"})
-        result["shipped"] = str(ship)
+        ablation.ship(work / choice["chosen"], Path(args.ship), {
+            "recipe": choice["chosen"], "choice": choice, "training": training,
+            "benchmark": "python -m benchmarks.ablation, then python -m benchmarks.adaptation"})
+        result["shipped"] = args.ship
     from ldct_tf.evaluation.report import jsonable
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
