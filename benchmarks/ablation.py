@@ -57,15 +57,21 @@ HYBRIDS = {"hybrid": "v2_hybrid.yaml", "hybrid_light": "v2_hybrid_light.yaml"}
 #: of the default stream (sharp target, and mixed textures).
 STREAMS = {"projected": ("shards_projected", "projected", "fitted"),
            "fitted": ("shards_fitted", "original", "fitted")}
-#: Single-stage arms trained from scratch for the whole budget: name -> (config, stream; None = the default stream).
-#: ``simulated_projected`` (two halves, v2_simulated.yaml on the projected stream) predates this table.
-SINGLE = {"simulated_edges": ("v2_simulated_edges.yaml", None),
-          "simulated_projected_edges": ("v2_simulated_edges.yaml", "projected"),
-          "simulated_projected_l1": ("v2_simulated_l1.yaml", "projected"),
-          "simulated_projected_edges3": ("v2_simulated_edges3.yaml", "projected"),
-          "simulated_fitted": ("v2_simulated.yaml", "fitted"),
-          "simulated_fitted_edges": ("v2_simulated_edges.yaml", "fitted"),
-          "simulated_fitted_edges3": ("v2_simulated_edges3.yaml", "fitted")}
+#: Single-stage arms trained from scratch for the whole budget: name -> (config, stream; None = the default stream,
+#: overrides).  An override's ``{normal_i0}`` is the calibration's :func:`ldct_tf.calibration.normal_dose_i0`, so the
+#: Noisier2Noise arms follow the calibration this run uses.  ``simulated_projected`` (two halves, v2_simulated.yaml on
+#: the projected stream) predates this table.
+N2N = ("loss.noisier2noise_i0={normal_i0}",)
+EDGES3 = ("loss.simulated_loss=mse_gradient", "loss.gradient_weight=3")
+SINGLE = {"simulated_edges": ("v2_simulated_edges.yaml", None, ()),
+          "simulated_projected_edges": ("v2_simulated_edges.yaml", "projected", ()),
+          "simulated_projected_l1": ("v2_simulated_l1.yaml", "projected", ()),
+          "simulated_projected_edges3": ("v2_simulated_edges3.yaml", "projected", ()),
+          "simulated_fitted": ("v2_simulated.yaml", "fitted", ()),
+          "simulated_fitted_edges": ("v2_simulated_edges.yaml", "fitted", ()),
+          "simulated_fitted_edges3": ("v2_simulated_edges3.yaml", "fitted", ()),
+          "simulated_fitted_n2n": ("v2_simulated_n2n.yaml", "fitted", N2N),
+          "simulated_fitted_n2n_edges3": ("v2_simulated_n2n.yaml", "fitted", N2N + EDGES3)}
 ARMS = ("cyclegan_v1_recipe", "simulated_only", "simulated_projected", *SINGLE, *HYBRIDS)
 
 
@@ -143,7 +149,12 @@ def train_arm(arm: str, shards: Path, work: Path, cpu_minutes: float) -> None:
         projected = arm_shards(arm, shards, work)
         stages = [train_recipe(configs / "v2_simulated.yaml", projected, model_dir, cpu_minutes / 2) for _ in range(2)]
     elif arm in SINGLE:
-        stages = [train_recipe(configs / SINGLE[arm][0], arm_shards(arm, shards, work), model_dir, cpu_minutes)]
+        config, _, overrides = SINGLE[arm]
+        from ldct_tf import calibration as calibration_lib
+
+        values = {"normal_i0": calibration_lib.normal_dose_i0(calibration_lib.load(CALIBRATION_FILE))}
+        stages = [train_recipe(configs / config, arm_shards(arm, shards, work), model_dir, cpu_minutes,
+                               [o.format(**values) for o in overrides])]
     else:
         half = work / "simulated_only_half"
         if not (half / "generator.keras").exists():

@@ -189,14 +189,26 @@ def load(path: str | Path) -> dict:
     return calibration
 
 
+def _kernel_entry(calibration: dict, kernel: Optional[str]) -> dict:
+    """The calibration of ``kernel``, or the default kernel's when it was not calibrated."""
+    kernels = calibration["kernels"]
+    return kernels.get(kernel or "") or kernels[calibration.get("default_kernel") or next(iter(kernels))]
+
+
 def simulation_parameters(calibration: dict, kernel: Optional[str] = None) -> dict:
     """The simulation parameters for ``kernel`` (the default kernel's when it was not calibrated): the keyword
     arguments of :func:`ldct_tf.simulate.simulate_low_dose` plus ``i0_range``, the spread of the per-slice i0
     estimates of the low-dose set (patients differ: the simulated stream samples i0 across it)."""
-    kernels = calibration["kernels"]
-    entry = kernels.get(kernel or "") or kernels[calibration.get("default_kernel") or next(iter(kernels))]
+    entry = _kernel_entry(calibration, kernel)
     return {key: entry[key] for key in ("dose_fraction", "i0", "i0_range", "filter_name", "electronic_noise",
                                         "noise_model")}
+
+
+def normal_dose_i0(calibration: dict, kernel: Optional[str] = None) -> float:
+    """The i0 whose noise the normal-dose slices themselves carry, fitted from the normal side alone
+    (``fit.i0_from_normal_only``): what ``loss.noisier2noise_i0`` needs to know how much noise the reference has."""
+    entry = _kernel_entry(calibration, kernel)
+    return float(entry["fit"]["i0_from_normal_only"])
 
 
 def texture_variants(calibration: dict, kernel: Optional[str] = None) -> list[dict]:
@@ -208,8 +220,7 @@ def texture_variants(calibration: dict, kernel: Optional[str] = None) -> list[di
     that kernel) are still covered.
     """
     fitted = simulation_parameters(calibration, kernel)
-    kernels = calibration["kernels"]
-    entry = kernels.get(kernel or "") or kernels[calibration.get("default_kernel") or next(iter(kernels))]
+    entry = _kernel_entry(calibration, kernel)
     others = [{**fitted, "filter_name": name, "i0": fit["i0"], "i0_range": fit["i0_range"]}
               for name, fit in sorted((entry.get("filters") or {}).items()) if name != fitted["filter_name"]]
     return [fitted, *others]

@@ -33,7 +33,8 @@ def validate(config: Config) -> Config:
     for key in ("time_limit_minutes", "cpu_limit_minutes"):
         _check(getattr(t, key) >= 0, f"train.{key} must be >= 0 (0 = no limit), got {getattr(t, key)!r}")
     _check(t.simulated_batch_size >= 0, f"train.simulated_batch_size must be >= 0, got {t.simulated_batch_size!r}")
-    for key in ("adversarial", "cycle", "identity", "perceptual", "simulated", "gradient_weight"):
+    for key in ("adversarial", "cycle", "identity", "perceptual", "simulated", "gradient_weight",
+                "noisier2noise_i0"):
         _check(getattr(loss, key) >= 0, f"loss.{key} must be >= 0, got {getattr(loss, key)!r}")
     _check(loss.simulated_loss in ("mse", "l1", "mse_gradient"),
            f"loss.simulated_loss must be mse, l1 or mse_gradient, got {loss.simulated_loss!r}")

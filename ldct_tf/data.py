@@ -186,19 +186,46 @@ def simulated_pair_count(manifest: dict, split: str = "train") -> int:
     return int(manifest.get("simulated", {}).get(split, {}).get("pairs", 0))
 
 
+def noisier2noise_target(pair: tf.Tensor, i0: tf.Tensor, dose_fraction: tf.Tensor,
+                         normal_i0: float) -> tf.Tensor:
+    """``[low, reference]`` HU -> ``[low, target]``: the Noisier2Noise target (Moran et al., CVPR 2020) of a pair
+    whose reference is a real normal-dose slice (``simulate_pairs --reference original``).
+
+    Why: that reference keeps the scanner's resolution but also its own noise ``n``; a denoiser trained on it learns
+    to keep ``n`` (about 27 HU left on L286).  The low image is ``reference + m`` with inserted noise ``m`` of the same
+    texture and ``ratio`` times ``n``'s variance, so ``E[x | low] = E[target | low]`` for
+    ``target = reference - (low - reference) / ratio``: an MSE-type loss on it learns the noise-free slice at full
+    resolution without ever seeing one.  Under the ``insert`` model, in the quantum limit, the inserted variance is
+    ``(1 - k) / (k i0)`` and the slice's own is ``1 / normal_i0``: ``ratio = (1 - k) normal_i0 / (k i0)`` per
+    realisation (the stream samples i0 across the calibrated range).
+    """
+    ratio = (1.0 - dose_fraction) * normal_i0 / (dose_fraction * i0)
+    low, reference = pair[..., :1], pair[..., 1:]
+    return tf.concat([low, reference - (low - reference) / ratio], axis=-1)
+
+
 def simulated_pair_stream(data_dir: str, patch_size: int, batch_size: int, min_tissue_fraction: float = 0.5,
                           augment: bool = True, shuffle_buffer: int = 256, cache: bool = True,
-                          seed: Optional[int] = None, split: str = "train") -> tf.data.Dataset:
+                          seed: Optional[int] = None, split: str = "train",
+                          noisier2noise_i0: float = 0.0) -> tf.data.Dataset:
     """Endless batches ``(simulated_low, reference)`` ``[batch, patch, patch, 1]`` (model scale): the same random
     crop, flip and rotation of a simulated low-dose realisation and its noiseless reference (they are cropped as
-    one two-channel image, so they stay aligned); tissue is judged on the reference."""
+    one two-channel image, so they stay aligned); tissue is judged on the target.  ``noisier2noise_i0`` > 0 replaces
+    the reference by :func:`noisier2noise_target` (once per record, before the cache)."""
     files = sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{split}/simulated-*{SHARD_SUFFIX}"))
     if not files:
         raise ValueError(f"{data_dir}: split {split!r} has no simulated pairs; run python -m pipelines.simulate_pairs")
+
+    def parse(serialized):
+        pair, meta = records.parse_simulated(serialized)
+        if noisier2noise_i0 > 0:
+            return noisier2noise_target(pair, meta["i0"], meta["dose_fraction"], noisier2noise_i0)
+        return pair
+
     pairs = (tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
              .interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
                          cycle_length=min(len(files), 8), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-             .map(lambda x: records.parse_simulated(x)[0], num_parallel_calls=tf.data.AUTOTUNE))
+             .map(parse, num_parallel_calls=tf.data.AUTOTUNE))
     if cache:
         pairs = pairs.cache()
 
@@ -232,7 +259,8 @@ def training_dataset(data_dir: str, cfg, seed: Optional[int] = None) -> tf.data.
     if cfg.loss.simulated <= 0:
         return unpaired
     simulated = simulated_pair_stream(data_dir, d.patch_size, t.simulated_batch_size or t.batch_size,
-                                      seed=None if seed is None else seed + 2, **common)
+                                      seed=None if seed is None else seed + 2,
+                                      noisier2noise_i0=cfg.loss.noisier2noise_i0, **common)
     return (tf.data.Dataset.zip((unpaired, simulated))
             .map(lambda real, sim: (real[0], real[1], sim[0], sim[1]))
             .prefetch(tf.data.AUTOTUNE))
