@@ -207,6 +207,10 @@ def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp
     first = train.run(pre, str(shards), str(tmp_path / "pre"), verbose=0)
     assert first["steps"] == 2 and first["data"]["simulated"]["train"]["pairs"] > 0
     assert first["final_metrics"]["train"]["simulated_loss"] > 0
+    n2n = config.load(SMOKE, ["loss.adversarial=0", "loss.cycle=0", "loss.identity=0", "loss.perceptual=0",
+                              "loss.simulated=1", "train.steps=1", "train.simulated_batch_size=4",
+                              "loss.noisier2noise_i0=4e5"])
+    assert train.run(n2n, str(shards), str(tmp_path / "n2n"), verbose=0)["final_metrics"]["train"]["simulated_loss"] > 0
     hybrid = config.load(SMOKE, ["loss.perceptual=0", "loss.simulated=1", "train.steps=1", "data.kernel_matched=true",
                                  f"train.init_from={tmp_path / 'pre'}"])
     second = train.run(hybrid, str(shards), str(tmp_path / "hybrid"), verbose=0)
@@ -222,6 +226,14 @@ def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp
     (source / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(train.TrainingError, match="simulate_pairs"):
         train.run(hybrid, str(source), str(tmp_path / "none"), verbose=0)
+    # Noisier2Noise targets need the original slice as the reference: a projected stream is refused with one line.
+    projected = shards.parent / "projected"
+    shutil.copytree(shards, projected)
+    manifest = json.loads((projected / "manifest.json").read_text())
+    manifest["simulated"]["train"]["reference"] = "projected"
+    (projected / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(train.TrainingError, match="--reference original"):
+        train.run(n2n, str(projected), str(tmp_path / "n2n_projected"), verbose=0)
 
 
 def test_evaluate_simulate_uses_the_calibrated_level(sample, tmp_path):

@@ -24,6 +24,7 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
     ("train.batch_size=0", "train.batch_size must be >= 1"),
     ("loss.cycle=-1", "loss.cycle must be >= 0"),
     ("loss.gradient_weight=-2", "loss.gradient_weight must be >= 0"),
+    ("loss.noisier2noise_i0=-1", "loss.noisier2noise_i0 must be >= 0"),
     ("data.patch_size=30", "multiple of 2\\*\\*model.depth"),
     ("model.disc_norm=layer", "disc_norm must be one of"),
     ("loss.simulated_loss=huber", "simulated_loss must be mse, l1 or mse_gradient"),
