@@ -14,10 +14,10 @@ each patient on one side only; validation = unseen slices of those two; test = L
 3. trains the recipes with EQUAL CPU budgets (process CPU time, so that other work on the machine does not tilt it):
    ``cyclegan_v1_recipe`` (configs/pretrained.yaml, the critics now really without normalisation),
    ``simulated_only`` (configs/v2_simulated.yaml on the default stream), ``simulated_projected`` (the same on the
-   first stream design), the single-stage arms of ``SINGLE`` (a loss or a stream of ``STREAMS`` changed, one at a
-   time), and two hybrids warm-started from ``simulated_only`` at half its budget, then half a budget of CycleGAN +
-   simulated term: ``hybrid`` (configs/v2_hybrid.yaml) and ``hybrid_light`` (configs/v2_hybrid_light.yaml, unpaired
-   terms 5-10x lighter);
+   first stream design), the single-stage arms of ``SINGLE`` (a loss, a stream of ``STREAMS`` or the target changed,
+   one at a time; Noisier2Noise targets are ``loss.noisier2noise_i0``), and two hybrids warm-started from
+   ``simulated_only`` at half its budget, then half a budget of CycleGAN + simulated term: ``hybrid``
+   (configs/v2_hybrid.yaml) and ``hybrid_light`` (configs/v2_hybrid_light.yaml, unpaired terms 5-10x lighter);
 4. exports each as a SavedModel and scores it beside BM3D, NLM and the input on the validation slices (per kernel)
    and on the test patient;
 5. chooses the recipe on VALIDATION only: among the recipes that beat BM3D in mean validation abdomen PSNR and SSIM,
@@ -59,8 +59,9 @@ STREAMS = {"projected": ("shards_projected", "projected", "fitted"),
            "fitted": ("shards_fitted", "original", "fitted")}
 #: Single-stage arms trained from scratch for the whole budget: name -> (config, stream; None = the default stream,
 #: overrides).  An override's ``{normal_i0}`` is the calibration's :func:`ldct_tf.calibration.normal_dose_i0`, so the
-#: Noisier2Noise arms follow the calibration this run uses.  ``simulated_projected`` (two halves, v2_simulated.yaml on
-#: the projected stream) predates this table.
+#: Noisier2Noise arms follow the calibration this run uses; ``{fit_i0}`` is its fitted i0 (the normal-dose slices
+#: assumed as noisy as the fit implies: inserted variance exactly (1 - k) / k times theirs at that i0).
+#: ``simulated_projected`` (two halves, v2_simulated.yaml on the projected stream) predates this table.
 N2N = ("loss.noisier2noise_i0={normal_i0}",)
 EDGES3 = ("loss.simulated_loss=mse_gradient", "loss.gradient_weight=3")
 SINGLE = {"simulated_edges": ("v2_simulated_edges.yaml", None, ()),
@@ -71,7 +72,9 @@ SINGLE = {"simulated_edges": ("v2_simulated_edges.yaml", None, ()),
           "simulated_fitted_edges": ("v2_simulated_edges.yaml", "fitted", ()),
           "simulated_fitted_edges3": ("v2_simulated_edges3.yaml", "fitted", ()),
           "simulated_fitted_n2n": ("v2_simulated_n2n.yaml", "fitted", N2N),
-          "simulated_fitted_n2n_edges3": ("v2_simulated_n2n.yaml", "fitted", N2N + EDGES3)}
+          "simulated_fitted_n2n_edges3": ("v2_simulated_n2n.yaml", "fitted", N2N + EDGES3),
+          "simulated_fitted_n2n_fit_i0": ("v2_simulated_n2n.yaml", "fitted", ("loss.noisier2noise_i0={fit_i0}",)),
+          "simulated_n2n": ("v2_simulated_n2n.yaml", None, N2N)}
 ARMS = ("cyclegan_v1_recipe", "simulated_only", "simulated_projected", *SINGLE, *HYBRIDS)
 
 
@@ -152,7 +155,9 @@ def train_arm(arm: str, shards: Path, work: Path, cpu_minutes: float) -> None:
         config, _, overrides = SINGLE[arm]
         from ldct_tf import calibration as calibration_lib
 
-        values = {"normal_i0": calibration_lib.normal_dose_i0(calibration_lib.load(CALIBRATION_FILE))}
+        calibration = calibration_lib.load(CALIBRATION_FILE)
+        values = {"normal_i0": calibration_lib.normal_dose_i0(calibration),
+                  "fit_i0": calibration_lib.simulation_parameters(calibration)["i0"]}
         stages = [train_recipe(configs / config, arm_shards(arm, shards, work), model_dir, cpu_minutes,
                                [o.format(**values) for o in overrides])]
     else:
