@@ -61,7 +61,9 @@ STREAMS = {"projected": ("shards_projected", "projected", "fitted"),
 #: overrides).  An override's ``{normal_i0}`` is the calibration's :func:`ldct_tf.calibration.normal_dose_i0`, so the
 #: Noisier2Noise arms follow the calibration this run uses; ``{fit_i0}`` is its fitted i0 (the normal-dose slices
 #: assumed as noisy as the fit implies: inserted variance exactly (1 - k) / k times theirs at that i0).
-#: ``simulated_projected`` (two halves, v2_simulated.yaml on the projected stream) predates this table.
+#: They use the single-texture stream only: a ratio from ``normal_i0`` holds for the fitted filter's texture, not for
+#: the other filters of the mixed stream.  ``simulated_projected`` (two halves, v2_simulated.yaml on the projected
+#: stream) predates this table.
 N2N = ("loss.noisier2noise_i0={normal_i0}",)
 EDGES3 = ("loss.simulated_loss=mse_gradient", "loss.gradient_weight=3")
 SINGLE = {"simulated_edges": ("v2_simulated_edges.yaml", None, ()),
@@ -74,7 +76,7 @@ SINGLE = {"simulated_edges": ("v2_simulated_edges.yaml", None, ()),
           "simulated_fitted_n2n": ("v2_simulated_n2n.yaml", "fitted", N2N),
           "simulated_fitted_n2n_edges3": ("v2_simulated_n2n.yaml", "fitted", N2N + EDGES3),
           "simulated_fitted_n2n_fit_i0": ("v2_simulated_n2n.yaml", "fitted", ("loss.noisier2noise_i0={fit_i0}",)),
-          "simulated_n2n": ("v2_simulated_n2n.yaml", None, N2N)}
+          "simulated_fitted_n2n_edges": ("v2_simulated_n2n.yaml", "fitted", (*N2N, "loss.simulated_loss=mse_gradient"))}
 ARMS = ("cyclegan_v1_recipe", "simulated_only", "simulated_projected", *SINGLE, *HYBRIDS)
 
 

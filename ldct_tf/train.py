@@ -125,10 +125,13 @@ def run(cfg: config_lib.Config, data_dir: str, model_dir: str, *, resume: bool =
     if simulated and not data.simulated_pair_count(manifest):
         raise TrainingError(f"{data_dir}: loss.simulated > 0 needs simulated pairs; run python -m "
                             "pipelines.simulate_pairs on it first")
-    reference = manifest.get("simulated", {}).get("train", {}).get("reference")
-    if simulated and cfg.loss.noisier2noise_i0 > 0 and reference != "original":
-        raise TrainingError(f"{data_dir}: loss.noisier2noise_i0 needs simulated pairs whose reference is the "
-                            f"original slice (pipelines.simulate_pairs --reference original), these have {reference!r}")
+    stream = manifest.get("simulated", {}).get("train", {})
+    if simulated and cfg.loss.noisier2noise_i0 > 0 and (stream.get("reference"), stream.get("textures")) != (
+            "original", "fitted"):
+        raise TrainingError(f"{data_dir}: loss.noisier2noise_i0 needs simulated pairs of the normal-dose slice itself "
+                            "in its fitted noise texture (pipelines.simulate_pairs --reference original --textures "
+                            f"fitted); these have --reference {stream.get('reference')} --textures "
+                            f"{stream.get('textures')}")
 
     strategy = make_strategy(cpu_replicas)
     replicas = strategy.num_replicas_in_sync

@@ -201,16 +201,26 @@ def test_simulate_pairs_stage_writes_a_readable_deterministic_stream(simulated_s
 def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp_path):
     from ldct_tf import train
 
-    shards, _, _ = simulated_shards
+    from pipelines import simulate_pairs
+
+    shards, _, cal = simulated_shards
     pre = config.load(SMOKE, ["loss.adversarial=0", "loss.cycle=0", "loss.identity=0", "loss.perceptual=0",
                               "loss.simulated=1", "train.steps=2", "train.simulated_batch_size=4"])
     first = train.run(pre, str(shards), str(tmp_path / "pre"), verbose=0)
     assert first["steps"] == 2 and first["data"]["simulated"]["train"]["pairs"] > 0
     assert first["final_metrics"]["train"]["simulated_loss"] > 0
+    # Noisier2Noise targets train on a single-texture stream of the slices themselves; the mixed stream is refused.
     n2n = config.load(SMOKE, ["loss.adversarial=0", "loss.cycle=0", "loss.identity=0", "loss.perceptual=0",
                               "loss.simulated=1", "train.steps=1", "train.simulated_batch_size=4",
                               "loss.noisier2noise_i0=4e5"])
-    assert train.run(n2n, str(shards), str(tmp_path / "n2n"), verbose=0)["final_metrics"]["train"]["simulated_loss"] > 0
+    with pytest.raises(train.TrainingError, match="--textures fitted"):
+        train.run(n2n, str(shards), str(tmp_path / "n2n_mixed"), verbose=0)
+    fitted = shards.parent / "fitted"
+    shutil.copytree(shards, fitted)
+    simulate_pairs.run(["--data", str(fitted), "--calibration", str(cal), "--realisations", "2", "--textures", "fitted",
+                        "--overwrite"])
+    summary = train.run(n2n, str(fitted), str(tmp_path / "n2n"), verbose=0)
+    assert summary["final_metrics"]["train"]["simulated_loss"] > 0
     hybrid = config.load(SMOKE, ["loss.perceptual=0", "loss.simulated=1", "train.steps=1", "data.kernel_matched=true",
                                  f"train.init_from={tmp_path / 'pre'}"])
     second = train.run(hybrid, str(shards), str(tmp_path / "hybrid"), verbose=0)
@@ -228,11 +238,10 @@ def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp
         train.run(hybrid, str(source), str(tmp_path / "none"), verbose=0)
     # Noisier2Noise targets need the original slice as the reference: a projected stream is refused with one line.
     projected = shards.parent / "projected"
-    shutil.copytree(shards, projected)
-    manifest = json.loads((projected / "manifest.json").read_text())
-    manifest["simulated"]["train"]["reference"] = "projected"
-    (projected / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(train.TrainingError, match="--reference original"):
+    shutil.copytree(fitted, projected)
+    simulate_pairs.run(["--data", str(projected), "--calibration", str(cal), "--realisations", "1", "--textures",
+                        "fitted", "--reference", "projected", "--overwrite"])
+    with pytest.raises(train.TrainingError, match="these have --reference projected"):
         train.run(n2n, str(projected), str(tmp_path / "n2n_projected"), verbose=0)
 
 
