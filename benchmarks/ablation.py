@@ -20,7 +20,8 @@ each patient on one side only; validation = unseen slices of those two; test = L
    (configs/v2_hybrid.yaml) and ``hybrid_light`` (configs/v2_hybrid_light.yaml, unpaired terms 5-10x lighter);
 4. exports each as a SavedModel and scores it beside BM3D, NLM and the input on the validation slices (per kernel)
    and on the test patient;
-5. chooses the recipe on VALIDATION only: among the recipes that beat BM3D in mean validation abdomen PSNR and SSIM,
+5. chooses the recipe on VALIDATION only (then, in ``benchmarks.blend_choice``, the share of the input its export
+   mixes back, by the same rule): among the recipes that beat BM3D in mean validation abdomen PSNR and SSIM,
    the one with the highest validation edge sharpness (the highest validation PSNR if none beats BM3D).  This mirrors
    the targets (beat BM3D, keep edges).  The first rule, the highest PSNR among recipes with validation edge
    sharpness >= 0.95, could not work: the quarter-dose input itself scores 0.96 on the validation slices, so only
@@ -281,14 +282,14 @@ def test_targets(test: dict, arm: str) -> dict:
                                                                   "model": distance[arm], "bm3d": distance["bm3d"]}}
 
 
-def ship(model_dir: Path, target: Path, metadata: dict) -> None:
+def ship(model_dir: Path, target: Path, metadata: dict, input_blend: float = 0.0) -> None:
     """Export the run in ``model_dir`` as ``target`` (``.../NAME/VERSION``), its resolved config in the metadata."""
     from ldct_tf import config as config_lib
     from ldct_tf.export import export_generator, load_generator
 
     cfg = config_lib.load(model_dir / "config.yaml")
     export_generator(load_generator(model_dir, cfg), target.parent, version=int(target.name),
-                     metadata={**metadata, "config": cfg.to_dict()})
+                     metadata={**metadata, "config": cfg.to_dict()}, input_blend=input_blend)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -336,6 +337,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check = calibration_check(root, calibration)
     scored = score(ARMS, root, work)
     choice = choose(scored["val"])
+    from benchmarks import blend_choice
+
+    blend = blend_choice.run(choice["chosen"], root, work, scored)
     result = {
         "benchmark": "ablation", "machine": machine_info(), "versions": versions(),
         "data": {"low_stream": f"{mayo_data.LOW_PATIENT} quarter dose", "normal_stream_and_simulation_source":
@@ -355,18 +359,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "validation": scored["val"], "test": scored["test"],
         "choice": choice,
         "test_targets_of_chosen": test_targets(scored["test"], choice["chosen"]),
+        "input_blend": blend,
         "seconds": round(time.perf_counter() - started, 1),
     }
     if args.ship:
         ship(work / choice["chosen"], Path(args.ship), {
             "recipe": choice["chosen"], "choice": choice, "calibration": result["calibration"], "data": result["data"],
-            "training": training[choice["chosen"]], "benchmark": "python -m benchmarks.ablation"})
+            "training": training[choice["chosen"]], "benchmark": "python -m benchmarks.ablation",
+            "input_blend_choice": blend["choice"]}, input_blend=blend["choice"]["input_blend"])
         result["shipped"] = args.ship
     from ldct_tf import evaluate
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(evaluate.jsonable(result), indent=1) + "\n")
-    print(json.dumps({"choice": choice, "test_targets": result["test_targets_of_chosen"]}, indent=1, default=str))
+    print(json.dumps({"choice": choice, "input_blend": blend["choice"]["input_blend"],
+                      "test_targets": blend["test_targets"]}, indent=1, default=str))
     print(f"Wrote {args.out}")
     return 0
 

@@ -79,7 +79,8 @@ def ldct_tf_version() -> str:
 def export_generator(generator: "keras.Model", output: str | Path, *, version: Optional[int] = None,
                      metadata: Optional[dict] = None, float16_weights: bool = False,
                      size_multiple: Optional[int] = None, warmup_size: int = 512,
-                     serving_base: Optional[str] = "/models", min_size: Optional[int] = None) -> Path:
+                     serving_base: Optional[str] = "/models", min_size: Optional[int] = None,
+                     input_blend: float = 0.0) -> Path:
     """Write saved_models-style ``OUTPUT/VERSION/`` (next free integer when ``version`` is None); returns the version
     folder.
 
@@ -89,7 +90,10 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
     and width the graph accepts) to :func:`~ldct_tf.serving_graph.min_input_size` of it.  ``warmup_size`` is the
     slice size of the warm-up requests (0: none).  ``serving_base`` is the folder the server sees the models root as
     (``/models`` in the Docker image), written into ``models.config`` beside ``OUTPUT``; None skips the config files.
+    ``input_blend`` mixes that share of the input into the output inside the graph (``serving_graph.blend_input``).
     """
+    if not 0.0 <= input_blend < 1.0:
+        raise ValueError(f"input_blend must be in [0, 1), got {input_blend!r}")
     multiple = int(size_multiple or infer_size_multiple(generator))
     min_size = int(min_size or min_input_size(multiple))
     if warmup_size and warmup_size < min_size:
@@ -104,7 +108,7 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
     if final.exists():
         raise FileExistsError(f"{final}: version {version} already exists; choose another --version or omit it")
 
-    module = DenoiserModule(generator, multiple, float16_weights, min_size)
+    module = DenoiserModule(generator, multiple, float16_weights, min_size, input_blend)
     signatures = {
         DEFAULT_SIGNATURE: module.serve_hu.get_concrete_function(),
         BYTES_SIGNATURE: module.serve_bytes.get_concrete_function(),
@@ -119,6 +123,7 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
         "size_multiple": multiple,
         "min_size": min_size,
         "float16_weights": bool(float16_weights),
+        "input_blend": float(input_blend),
         "parameters": int(sum(np.prod(v.shape) for v in generator.weights)),
         "hu_clip": [ct.HU_MIN, ct.HU_MAX],
         "signatures": saved_model.SIGNATURES,
@@ -293,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where TF Serving sees the models root, written into models.config (default /models, "
                              "the Docker image's; give the absolute path for a local tensorflow_model_server)")
     parser.add_argument("--warmup-size", type=int, default=512, help="slice size of the warm-up requests (0: none)")
+    parser.add_argument("--input-blend", type=float, default=0.0,
+                        help="share of the low-dose input mixed back into the output, in [0, 1) (default 0)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. export.name=my_model")
     return parser
 
@@ -318,7 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         version_dir = export_generator(
             generator, output, version=args.version, metadata=training_metadata(model_dir, cfg),
             float16_weights=cfg.export.float16_weights, size_multiple=size_multiple(cfg.model.depth),
-            warmup_size=args.warmup_size, serving_base=args.serving_base)
+            warmup_size=args.warmup_size, serving_base=args.serving_base, input_blend=args.input_blend)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -53,8 +53,10 @@ class DenoiserModule(tf.Module):
     """
 
     def __init__(self, generator: "keras.Model", size_multiple: int, float16_weights: bool = False,
-                 min_size: int | None = None):
+                 min_size: int | None = None, input_blend: float = 0.0):
         super().__init__(name="ldct_denoiser")
+        if not 0.0 <= input_blend < 1.0:
+            raise ValueError(f"input_blend must be in [0, 1), got {input_blend!r}")
         dtype = tf.float16 if float16_weights else tf.float32
         generator = keras_compat.with_traceable_upsampling(generator)
         # A closure, not an attribute: an attribute would make the Keras model a tracked dependency and save a
@@ -67,6 +69,7 @@ class DenoiserModule(tf.Module):
                               for v in generator.non_trainable_variables]
         self._multiple = int(size_multiple)
         self._min_size = int(min_size or min_input_size(size_multiple))
+        self._blend = float(input_blend)
         self.size_multiple = tf.constant(self._multiple, tf.int32)
         self.min_size = tf.constant(self._min_size, tf.int32)
 
@@ -76,12 +79,13 @@ class DenoiserModule(tf.Module):
         return tf.cast(self._run_generator(weights, others, x), tf.float32)
 
     def denoise(self, hu: tf.Tensor, input_name: str = HU_INPUT) -> tf.Tensor:
-        """[N, H, W, 1] float HU (already validated) -> denoised float32 HU of the same shape."""
+        """[N, H, W, 1] float HU (already validated) -> denoised float32 HU of the same shape: the network's output,
+        with ``input_blend`` of the (clipped) input mixed back in (:func:`blend_input`)."""
         hu = require_min_size(tf.ensure_shape(hu, [None, None, None, 1]), self._min_size, input_name)
         shape = tf.shape(hu)
         x = ct.pad_to_multiple(ct.to_model(hu), self._multiple, value=_AIR_MODEL, axes=(1, 2))
         y = self._model(x)[:, :shape[1], :shape[2], :]
-        return ct.from_model(y)
+        return blend_input(ct.from_model(y), hu, self._blend)
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name=HU_INPUT)])
     def serve_hu(self, hu):
@@ -97,6 +101,21 @@ class DenoiserModule(tf.Module):
         hu, is_png = decode_images(image_bytes, height, width)
         denoised = self.denoise(hu[..., tf.newaxis], BYTES_INPUT)[..., 0]
         return {BYTES_OUTPUT: encode_images(denoised, is_png)}
+
+
+def blend_input(denoised_hu, hu, weight: float):
+    """``(1 - weight) * denoised + weight * clip(hu)`` (numpy or tensors): the share of the low-dose input mixed back,
+    as vendors' iterative reconstructions blend with FBP.
+
+    Why: a denoiser trained for the mean squared error smooths what it is unsure of, edges included; a small share of
+    the input brings back edge contrast and noise texture at a known cost in noise.  The input is clipped to the
+    scanner range first, as the network sees it.  ``benchmarks.ablation`` chooses the share on validation.
+    """
+    if not weight:
+        return denoised_hu
+    clipped = (tf.clip_by_value(hu, ct.HU_MIN, ct.HU_MAX) if isinstance(hu, tf.Tensor)
+               else np.clip(np.asarray(hu, np.float32), ct.HU_MIN, ct.HU_MAX))
+    return (1.0 - weight) * denoised_hu + weight * clipped
 
 
 def _var_name(variable) -> str:

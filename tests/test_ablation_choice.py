@@ -48,3 +48,17 @@ def test_adapted_continuation_is_the_base_run_plus_a_kernel_matched_critic(tmp_p
     continued = config.load(base, adaptation.continuation_overrides("continued", tmp_path))
     assert continued.loss.adversarial == 0 and continued.data.kernel_matched is False
     assert continued.train.init_from == str(tmp_path)
+
+
+def test_input_blend_share_is_the_sharpest_that_still_beats_bm3d():
+    from benchmarks import blend_choice
+
+    # Mixing the input back raises edge sharpness and, past some share, costs PSNR: the rule stops before BM3D wins.
+    figures = {blend_choice.blend_name(b): {"psnr_abdomen": 26.2 - 4 * b * b, "ssim_abdomen": 0.77 - 0.05 * b,
+                                            "edge_sharpness": 0.90 + 0.12 * b} for b in blend_choice.BLENDS}
+    bm3d = {"psnr_abdomen": 25.76, "ssim_abdomen": 0.728, "edge_sharpness": 0.81}
+    choice = blend_choice.choose_blend({"mean": figures}, bm3d)
+    assert choice["input_blend"] == 0.3  # 26.2 - 4 * 0.35**2 = 25.71 is below BM3D
+    # When even the plain output does not beat BM3D, the highest PSNR (no blend here) is kept.
+    weak = {**bm3d, "psnr_abdomen": 26.5}
+    assert blend_choice.choose_blend({"mean": figures}, weak)["input_blend"] == 0.0

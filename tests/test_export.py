@@ -274,3 +274,22 @@ def test_warmup_size_below_the_minimum_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="warmup_size 4 is below the model's minimum input size 8"):
         export.export_generator(smoke_generator(), tmp_path / "m", warmup_size=4)
     assert not (tmp_path / "m").exists()
+
+
+def test_input_blend_mixes_the_clipped_input_back_inside_the_graph(exported, tmp_path, capsys):
+    generator, _, version_dir, run = exported
+    plain = export.SavedModelDenoiser(version_dir)
+    assert plain.metadata["input_blend"] == 0.0
+    code = export.main(["--model-dir", str(run), "--output", str(tmp_path / "blended"), "--warmup-size", "0",
+                        "--serving-base", str(tmp_path), "--input-blend", "0.3"])
+    assert code == 0
+    blended = export.SavedModelDenoiser(tmp_path / "blended")
+    assert blended.metadata["input_blend"] == 0.3
+    hu = np.random.default_rng(5).normal(40, 60, (2, 32, 40)).astype(np.float32)
+    hu[:, :3] = -2048.0  # padding outside the scan circle: clipped to -1024 before it is mixed back
+    expected = 0.7 * plain(hu) + 0.3 * np.clip(hu, ct.HU_MIN, ct.HU_MAX)
+    np.testing.assert_allclose(blended(hu), expected, atol=0.05)
+    assert np.abs(blended(hu) - plain(hu)).mean() > 1.0
+    # A share outside [0, 1) is one line and writes nothing.
+    assert export.main(["--model-dir", str(run), "--output", str(tmp_path / "bad"), "--input-blend", "1"]) == 1
+    assert "input_blend must be in [0, 1)" in capsys.readouterr().err and not (tmp_path / "bad").exists()
