@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "versions": versions(),
         "data": {"test": f"{TEST_PATIENT} ({len(pairs)} real quarter/full-dose pairs, never seen in training or "
                          "used for any choice)", "pairs_used_for_training": 0},
-        "models": {name: {k: m.get(k) for k in ("recipe", "benchmark", "data", "calibration")}
+        "models": {name: {k: m.get(k) for k in ("recipe", "input_blend", "benchmark", "data", "calibration")}
                    for name, m in metadata.items()},
         "evaluation_seconds": round(time.perf_counter() - started, 1),
         "metrics": summary["metrics"],
