@@ -80,7 +80,7 @@ class LossConfig:
     gradient_weight: float = 1.0  # weight of the gradient MSE inside mse_gradient (MSE + w * gradient MSE)
     # > 0: the simulated term's target is the Noisier2Noise estimate of the noise-free slice instead of the stream's
     # reference (ldct_tf.data.noisier2noise_target); the value is the i0 whose noise the normal-dose slices
-    # themselves carry (a calibration's fit.i0_from_normal_only).  Needs a stream with --reference original.
+    # themselves carry (a calibration's fit.i0_from_normal_only).  Needs --reference original --textures fitted.
     noisier2noise_i0: float = 0.0
 
 
