@@ -37,7 +37,7 @@ class AIModel:
 
     def derivation_text(self) -> str:
         return (f"Denoised by AI model {self.name} version {self.version} (ldct_tf {self.software_version}, "
-                f"unpaired CycleGAN generator, via {self.where}); {RESEARCH_USE}")
+                f"denoising network, via {self.where}; its model card says how it was trained); {RESEARCH_USE}")
 
 
 def append_text(existing: Optional[str], addition: str, limit: int, separator: str = "; ") -> str:

@@ -69,7 +69,7 @@ class ModelInfo:
     where: str  # "SavedModel" or "TF Serving": how it was run
 
     def derivation_description(self) -> str:
-        return (f"Low-dose CT denoised by ldct_tf {package_version()} (unpaired CycleGAN generator): model {self.name} "
+        return (f"Low-dose CT denoised by ldct_tf {package_version()} (denoising network): model {self.name} "
                 f"version {self.version} via {self.where}; {ai_marking.RESEARCH_USE}")
 
     def ai_model(self) -> ai_marking.AIModel:
