@@ -57,6 +57,19 @@ class TrainingError(Exception):
     """A problem with the run's inputs or folders, reported as one line."""
 
 
+def _check_simulated_stream(cfg: config_lib.Config, manifest: dict, data_dir: str) -> None:
+    """The shards hold the simulated stream that ``loss.simulated`` (and ``loss.noisier2noise_i0``) needs."""
+    if not data.simulated_pair_count(manifest):
+        raise TrainingError(f"{data_dir}: loss.simulated > 0 needs simulated pairs; run python -m "
+                            "pipelines.simulate_pairs on it first")
+    stream = manifest["simulated"]["train"]
+    if cfg.loss.noisier2noise_i0 > 0 and (stream.get("reference"), stream.get("textures")) != ("original", "fitted"):
+        raise TrainingError(f"{data_dir}: loss.noisier2noise_i0 needs simulated pairs of the normal-dose slice itself "
+                            "in its fitted noise texture (pipelines.simulate_pairs --reference original --textures "
+                            f"fitted); these have --reference {stream.get('reference')} --textures "
+                            f"{stream.get('textures')}")
+
+
 def _writable(model_dir: str) -> None:
     """Fail before any work when the model folder cannot be written (the error would otherwise come after an epoch)."""
     if "://" in model_dir:
@@ -118,20 +131,12 @@ def run(cfg: config_lib.Config, data_dir: str, model_dir: str, *, resume: bool =
         manifest = data.read_manifest(data_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise TrainingError(str(exc)) from None
+    simulated = cfg.loss.simulated > 0
+    if simulated:
+        _check_simulated_stream(cfg, manifest, data_dir)  # before the model folder is made: bad data leaves nothing
     _writable(model_dir)
     if resume:
         _check_same_architecture(cfg, model_dir)
-    simulated = cfg.loss.simulated > 0
-    if simulated and not data.simulated_pair_count(manifest):
-        raise TrainingError(f"{data_dir}: loss.simulated > 0 needs simulated pairs; run python -m "
-                            "pipelines.simulate_pairs on it first")
-    stream = manifest.get("simulated", {}).get("train", {})
-    if simulated and cfg.loss.noisier2noise_i0 > 0 and (stream.get("reference"), stream.get("textures")) != (
-            "original", "fitted"):
-        raise TrainingError(f"{data_dir}: loss.noisier2noise_i0 needs simulated pairs of the normal-dose slice itself "
-                            "in its fitted noise texture (pipelines.simulate_pairs --reference original --textures "
-                            f"fitted); these have --reference {stream.get('reference')} --textures "
-                            f"{stream.get('textures')}")
 
     strategy = make_strategy(cpu_replicas)
     replicas = strategy.num_replicas_in_sync

@@ -215,6 +215,7 @@ def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp
                               "loss.noisier2noise_i0=4e5"])
     with pytest.raises(train.TrainingError, match="--textures fitted"):
         train.run(n2n, str(shards), str(tmp_path / "n2n_mixed"), verbose=0)
+    assert not (tmp_path / "n2n_mixed").exists()  # refused before the model folder is made
     fitted = shards.parent / "fitted"
     shutil.copytree(shards, fitted)
     simulate_pairs.run(["--data", str(fitted), "--calibration", str(cal), "--realisations", "2", "--textures", "fitted",
