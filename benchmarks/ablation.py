@@ -236,22 +236,27 @@ def score(arms: dict, root: Path, work: Path) -> dict:
         groups = {"all": rows}
         if split == "val":
             groups.update({k: [r for r in rows if r["kernel"] == k] for k in sorted({r["kernel"] for r in rows})})
-        scored[split] = {}
-        for group, members in groups.items():
-            pairs = [evaluate.load_pair(root / "mayo_pairs" / r["quarter_dose"], root / "mayo_pairs" / r["full_dose"],
-                                        name=Path(r["full_dose"]).stem) for r in members]
-            out_dir = work / "reports" / f"{split}_{group}"
-            if out_dir.exists():
-                shutil.rmtree(out_dir)  # this benchmark's own report folder
-            summary = evaluate.evaluate(pairs, {n: (lambda d: lambda hu: d(hu))(d) for n, d in denoisers.items()},
-                                        out_dir, info={"split": split, "group": group})
-            scored[split][group] = {
-                "slices": len(pairs),
-                "mean": {n: {m: v["mean"] for m, v in f.items()} for n, f in summary["metrics"].items()},
-                "nps_mean_freq_distance_to_reference": {n: v["mean"] for n, v in
-                                                        summary["nps_mean_freq_distance_to_reference"].items()},
-            }
+        scored[split] = {group: score_rows(root, members, denoisers, work / "reports" / f"{split}_{group}",
+                                           {"split": split, "group": group})
+                         for group, members in groups.items()}
     return scored
+
+
+def score_rows(root: Path, rows: Sequence[dict], denoisers: dict, out_dir: Path, info: dict) -> dict:
+    """The pairs of ``rows`` (pairs.csv rows) scored with ``denoisers`` (name -> HU slice function) into ``out_dir``,
+    this benchmark's own report folder: slice count, mean of every metric, NPS distance to the reference."""
+    from ldct_tf import evaluate
+
+    pairs = [evaluate.load_pair(root / "mayo_pairs" / r["quarter_dose"], root / "mayo_pairs" / r["full_dose"],
+                                name=Path(r["full_dose"]).stem) for r in rows]
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    summary = evaluate.evaluate(pairs, {n: (lambda d: lambda hu: d(hu))(d) for n, d in denoisers.items()}, out_dir,
+                                info=info)
+    return {"slices": len(pairs),
+            "mean": {n: {m: v["mean"] for m, v in f.items()} for n, f in summary["metrics"].items()},
+            "nps_mean_freq_distance_to_reference": {n: v["mean"] for n, v in
+                                                    summary["nps_mean_freq_distance_to_reference"].items()}}
 
 
 def choose(validation: dict, arms: Sequence[str] = ARMS) -> dict:

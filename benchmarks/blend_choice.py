@@ -26,20 +26,13 @@ def blend_name(weight: float) -> str:
 
 def score_blends(version: Path, root: Path, work: Path, split: str, blends=BLENDS) -> dict:
     """The SavedModel ``version`` at each share, scored on ``split`` as ``ablation.score`` scores a recipe."""
-    from ldct_tf import evaluate
     from ldct_tf.saved_model import SavedModelDenoiser
     from ldct_tf.serving_graph import blend_input
 
     model = SavedModelDenoiser(version)
-    rows = mayo_data.pairs_of(root, split)
-    pairs = [evaluate.load_pair(root / "mayo_pairs" / r["quarter_dose"], root / "mayo_pairs" / r["full_dose"],
-                                name=Path(r["full_dose"]).stem) for r in rows]
     denoisers = {blend_name(b): (lambda b: lambda hu: blend_input(model(hu), hu, b))(b) for b in blends}
-    summary = evaluate.evaluate(pairs, denoisers, work / "reports" / f"blend_{split}", info={"split": split})
-    return {"slices": len(pairs),
-            "mean": {n: {m: v["mean"] for m, v in f.items()} for n, f in summary["metrics"].items()},
-            "nps_mean_freq_distance_to_reference": {n: v["mean"] for n, v in
-                                                    summary["nps_mean_freq_distance_to_reference"].items()}}
+    return ablation.score_rows(root, mayo_data.pairs_of(root, split), denoisers, work / "reports" / f"blend_{split}",
+                               {"split": split})
 
 
 def choose_blend(validation: dict, bm3d: dict, blends=BLENDS) -> dict:
