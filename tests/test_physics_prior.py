@@ -200,7 +200,6 @@ def test_simulate_pairs_stage_writes_a_readable_deterministic_stream(simulated_s
 
 def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp_path):
     from ldct_tf import train
-
     from pipelines import simulate_pairs
 
     shards, _, cal = simulated_shards
