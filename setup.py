@@ -54,12 +54,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["ldct_tf", "ldct_tf.*", "pipelines", "pipelines.*"]),
+    packages=find_packages(include=["ldct_tf", "ldct_tf.*", "ldct_tf.pipeline", "ldct_tf.pipeline.*"]),
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "ldct-pipeline=pipelines.dicom_to_tfrecord:main",
+            "ldct-pipeline=ldct_tf.pipeline.dicom_to_tfrecord:main",
             "ldct-train=ldct_tf.train:main",
             "ldct-export=ldct_tf.export:main",
             "ldct-denoise=ldct_tf.denoise:main",

@@ -5,10 +5,10 @@
 On the development split of ``benchmarks.mayo_data`` (real low stream L143, normal stream and simulation source L096,
 each patient on one side only; validation = unseen slices of those two; test = L286), in one run:
 
-1. calibrates the simulator from the unpaired train split (``ldct_tf.calibration``), writes
+1. calibrates the simulator from the unpaired train split (``ldct_tf.simulate.calibration``), writes
    ``configs/calibration_aapm_mayo.json``, and checks it against the pair-based ``simulate.compare_with_real`` on the
    training-side pairs (L096, L143; their pairs are used only for this check, never for training);
-2. writes the simulated-pair stream (``pipelines.simulate_pairs``: noise inserted into the normal-dose slices
+2. writes the simulated-pair stream (``ldct_tf.pipeline.simulate_pairs``: noise inserted into the normal-dose slices
    themselves, half the realisations with the fitted texture and half with the other calibrated FBP filters) and
    records its cost per slice;
 3. trains the recipes with EQUAL CPU budgets (process CPU time, so that other work on the machine does not tilt it):
@@ -59,7 +59,7 @@ HYBRIDS = {"hybrid": "v2_hybrid.yaml", "hybrid_light": "v2_hybrid_light.yaml"}
 STREAMS = {"projected": ("shards_projected", "projected", "fitted"),
            "fitted": ("shards_fitted", "original", "fitted")}
 #: Single-stage arms trained from scratch for the whole budget: name -> (config, stream; None = the default stream,
-#: overrides).  An override's ``{normal_i0}`` is the calibration's :func:`ldct_tf.calibration.normal_dose_i0`, so the
+#: overrides).  An override's ``{normal_i0}`` is the calibration's :func:`ldct_tf.simulate.calibration.normal_dose_i0`, so the
 #: Noisier2Noise arms follow the calibration this run uses; ``{fit_i0}`` is its fitted i0 (the normal-dose slices
 #: assumed as noisy as the fit implies: inserted variance exactly (1 - k) / k times theirs at that i0).
 #: They use the single-texture stream only: a ratio from ``normal_i0`` holds for the fitted filter's texture, not for
@@ -112,7 +112,7 @@ def _train_simulated_only(shards: Path, work: Path, cpu_minutes: float) -> None:
 def stream(shards: Path, work: Path, name: str) -> Path:
     """A copy of the low and normal shards with the simulated stream ``STREAMS[name]``, made once."""
     from ldct_tf import data as data_lib
-    from pipelines import simulate_pairs
+    from ldct_tf.pipeline import simulate_pairs
 
     folder, reference, textures = STREAMS[name]
     out = work / folder
@@ -156,7 +156,7 @@ def train_arm(arm: str, shards: Path, work: Path, cpu_minutes: float) -> None:
         stages = [train_recipe(configs / "v2_simulated.yaml", projected, model_dir, cpu_minutes / 2) for _ in range(2)]
     elif arm in SINGLE:
         config, _, overrides = SINGLE[arm]
-        from ldct_tf import calibration as calibration_lib
+        from ldct_tf.simulate import calibration as calibration_lib
 
         calibration = calibration_lib.load(CALIBRATION_FILE)
         values = {"normal_i0": calibration_lib.normal_dose_i0(calibration),
@@ -195,7 +195,7 @@ def calibration_check(root: Path, calibration: dict) -> dict:
     calibrated kernel (``simulate.compare_with_real``)."""
     import numpy as np
 
-    from ldct_tf import calibration as calibration_lib
+    from ldct_tf.simulate import calibration as calibration_lib
     from ldct_tf import evaluate, simulate
 
     rows = []
@@ -318,9 +318,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"SKIPPED: no Mayo pairs under {root} (set LDCT_DATA_DIR to the shared data folder)")
         return 0
     from benchmarks.pipeline import machine_info, versions
-    from ldct_tf import calibration as calibration_lib
+    from ldct_tf.simulate import calibration as calibration_lib
     from ldct_tf import data as data_lib
-    from pipelines import simulate_pairs
+    from ldct_tf.pipeline import simulate_pairs
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "recipe": choice["chosen"], "choice": choice, "training": training,
             "benchmark": "python -m benchmarks.ablation, then python -m benchmarks.adaptation"})
         result["shipped"] = args.ship
-    from ldct_tf.evaluation.report import jsonable
+    from ldct_tf.evaluate.report import jsonable
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(jsonable(result), indent=1) + "\n")

@@ -7,7 +7,7 @@
    slice, then quarter dose is simulated with ``ldct_tf.simulate.simulate_low_dose`` at the kernel's calibrated noise
    (``configs/audit.yaml`` ``simulation``), with and without the lesions, same seed.  Cached (outside the repository:
    ``--cache``, default ``~/.cache/ldct_tf/audit_cases``), because each slice costs two simulations.
-2. Audit (``ldct_tf.audit_scores``) of four denoisers: ``oracle`` (returns the noise-free simulated slice: removes
+2. Audit (``ldct_tf.audit.scores``) of four denoisers: ``oracle`` (returns the noise-free simulated slice: removes
    exactly the noise and nothing else), the shipped ``model`` (saved_models/ldct_denoiser, SavedModel), ``median``
    (a 11x11 median filter: erases small lesions) and ``painter`` (the model's output plus one painted disc per slice).
 3. ``--calibrate``: thresholds chosen on patients L096 and L143 ONLY (never L286, the test patient): each criterion's
@@ -16,7 +16,7 @@
 4. Scores with the config's thresholds, per denoiser, on development and test slices separately: share of lesions
    whose patch is flagged (inserted lesions; painted discs for ``painter``), false flags per slice (flagged patches
    that contain no lesion or painted disc), share of slices flagged.
-5. Detectability (``ldct_tf.detectability``) of input, model, BM3D, NLM and the median: NPW d', CNR, contrast kept.
+5. Detectability (``ldct_tf.evaluate.detectability``) of input, model, BM3D, NLM and the median: NPW d', CNR, contrast kept.
 6. Cost: audit seconds per slice beside the model's inference seconds per slice, same run.
 
 Writes ``benchmarks/results/audit.json``.
@@ -50,7 +50,8 @@ def data_root() -> Path:
 
 
 def build_cases(rows: list[dict], per_slice: int, cache: Path, config: dict) -> list:
-    from ldct_tf import dicom, lesions
+    from ldct_tf import dicom
+    from ldct_tf.evaluate import lesions
 
     cache.mkdir(parents=True, exist_ok=True)
     dose = float(config.get("simulation", {}).get("dose_fraction", 0.25))
@@ -199,7 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from benchmarks.pipeline import machine_info, versions
-    from ldct_tf import audit_scores, baselines, detectability, lesions, metrics
+    from ldct_tf import baselines, metrics
+    from ldct_tf.audit import scores as audit_scores
+    from ldct_tf.evaluate import detectability
+    from ldct_tf.evaluate import lesions
     from ldct_tf.export import SavedModelDenoiser
 
     with open(root / "mayo_pairs" / "pairs.csv", newline="") as f:
@@ -278,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "met": bool(np.median(audit_seconds) < 1.0)},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from ldct_tf.evaluation.report import jsonable as _jsonable
+    from ldct_tf.evaluate.report import jsonable as _jsonable
 
     (RESULTS / "audit.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n")
     print(json.dumps(_jsonable({"audit": flags, "detectability": result["detectability"],

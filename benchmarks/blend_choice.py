@@ -27,7 +27,7 @@ def blend_name(weight: float) -> str:
 def score_blends(version: Path, root: Path, work: Path, split: str, blends=BLENDS) -> dict:
     """The SavedModel ``version`` at each share, scored on ``split`` as ``ablation.score`` scores a recipe."""
     from ldct_tf.saved_model import SavedModelDenoiser
-    from ldct_tf.serving_graph import blend_input
+    from ldct_tf.export.graph import blend_input
 
     model = SavedModelDenoiser(version)
     denoisers = {blend_name(b): (lambda b: lambda hu: blend_input(model(hu), hu, b))(b) for b in blends}

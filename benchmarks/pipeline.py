@@ -6,7 +6,7 @@ Data: ``$LDCT_DATA_DIR/mayo_pairs`` (default ``../shared/data/mayo_pairs`` next 
 
 * ``bare_loop``: one Python process that only reads each file with ``pydicom.dcmread`` and computes HU
   (``pixel_array.astype(float32) * RescaleSlope + RescaleIntercept``).  Nothing is written.
-* ``pipeline_multi_processing_1`` / ``_2``: ``pipelines.dicom_to_tfrecord.run`` on the DirectRunner with
+* ``pipeline_multi_processing_1`` / ``_2``: ``ldct_tf.pipeline.dicom_to_tfrecord.run`` on the DirectRunner with
   ``--direct_running_mode multi_processing --direct_num_workers 1`` / ``2``.
 * ``pipeline_in_memory``: the same with the DirectRunner's defaults (in_memory), as a reference.
 
@@ -63,10 +63,10 @@ BEAM_ARGS = {
 DESCRIPTIONS = {
     BARE: "single-process loop producing the pipeline's output: ldct_tf.dicom.read_slices (pydicom decode, HU), "
           "int16, pseudonyms, records.encode, tf.io.TFRecordWriter GZIP at the pipeline's level 1",
-    MP1: "pipelines.dicom_to_tfrecord.run, DirectRunner multi_processing, 1 worker process",
-    MP2: "pipelines.dicom_to_tfrecord.run, DirectRunner multi_processing, 2 worker processes",
-    IN_MEMORY: "pipelines.dicom_to_tfrecord.run, DirectRunner defaults (in_memory, in-process), reference",
-    DASK1: "pipelines.dicom_to_tfrecord.run on Beam's DaskRunner, local dask.distributed cluster of 1 worker process "
+    MP1: "ldct_tf.pipeline.dicom_to_tfrecord.run, DirectRunner multi_processing, 1 worker process",
+    MP2: "ldct_tf.pipeline.dicom_to_tfrecord.run, DirectRunner multi_processing, 2 worker processes",
+    IN_MEMORY: "ldct_tf.pipeline.dicom_to_tfrecord.run, DirectRunner defaults (in_memory, in-process), reference",
+    DASK1: "ldct_tf.pipeline.dicom_to_tfrecord.run on Beam's DaskRunner, local dask.distributed cluster of 1 worker process "
            "(1 thread), cluster start-up included",
     DASK2: "the same with 2 dask worker processes",
 }
@@ -244,7 +244,7 @@ def bare_loop(files: list[Path], doses: dict) -> int:
     import tensorflow as tf
 
     from ldct_tf import ct, dicom, records
-    from pipelines import transforms
+    from ldct_tf.pipeline import transforms
 
     level = transforms.WriteShardFn("", 1, 1).gzip_level
     options = tf.io.TFRecordOptions(compression_type="GZIP", compression_level=level)
@@ -281,7 +281,7 @@ def pipeline_argv(folders: list[Path], manifest: Path, output: Path, num_shards:
 
 def run_pipeline(name: str, folders: list[Path], manifest: Path, num_shards: int,
                  expected: int) -> tuple[dict, dict]:
-    from pipelines.dicom_to_tfrecord import run
+    from ldct_tf.pipeline.dicom_to_tfrecord import run
 
     output = Path(tempfile.mkdtemp(prefix=f"ldct_bench_{name}_"))
     try:
@@ -325,14 +325,14 @@ def per_slice_work(files: list[Path]) -> dict:
     """Diagnostic, outside Beam: mean ms per slice of each step the pipeline does to a slice, and of the bare loop.
 
     Uses the pipeline's own functions: gzip at level 1 with TFRecord framing, as the pipeline's shard writer does
-    (``pipelines.tfrecord_sink``); gzip at zlib's default level, what Beam's ``WriteToTFRecord`` would spend, is timed
+    (``ldct_tf.pipeline.tfrecord_sink``); gzip at zlib's default level, what Beam's ``WriteToTFRecord`` would spend, is timed
     for reference and left out of the total.
     """
     import numpy as np
     import pydicom
 
     from ldct_tf import ct, dicom, records
-    from pipelines import tfrecord_sink, transforms
+    from ldct_tf.pipeline import tfrecord_sink, transforms
 
     import tensorflow  # noqa: F401  (records.encode imports it on first use: keep the import out of the timings)
 
@@ -443,7 +443,7 @@ def dask_child(workers: int, argv: list[str]) -> int:
     """One pipeline run on a fresh local dask.distributed cluster; prints its manifest and seconds."""
     from distributed import LocalCluster
 
-    from pipelines.dicom_to_tfrecord import run
+    from ldct_tf.pipeline.dicom_to_tfrecord import run
 
     start = time.perf_counter()
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -473,7 +473,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import pydicom  # noqa: F401
     import tensorflow  # noqa: F401
 
-    from pipelines.dicom_to_tfrecord import run  # noqa: F401
+    from ldct_tf.pipeline.dicom_to_tfrecord import run  # noqa: F401
 
     machine = machine_info()
     expected = len(files) * args.repeat
@@ -526,7 +526,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict = {
         "benchmark": "pipeline",
         "description": "slices per second converting real CT DICOM (Mayo full/quarter dose, 512x512) into "
-                       "TFRecord shards with pipelines.dicom_to_tfrecord, against a single-process loop producing the same output (decode, HU, tf.io.TFRecordWriter GZIP)",
+                       "TFRecord shards with ldct_tf.pipeline.dicom_to_tfrecord, against a single-process loop producing the same output (decode, HU, tf.io.TFRecordWriter GZIP)",
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks.pipeline", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine,
@@ -537,7 +537,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "inputs": [str(f) for f in folders], "order": f"interleaved; run r starts at system r mod {len(systems)}",
         },
         "timing_notes": [
-            "wall_seconds of a pipeline system is measured around the whole pipelines.dicom_to_tfrecord.run() call: "
+            "wall_seconds of a pipeline system is measured around the whole ldct_tf.pipeline.dicom_to_tfrecord.run() call: "
             "input matching, output checks, Beam pipeline construction, runner and worker process start-up "
             "(with the imports the workers do, TensorFlow included), the pipeline itself and the manifest",
             "pipeline_seconds is the pipeline's own figure (manifest 'seconds': construction + pipeline.run until "

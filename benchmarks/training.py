@@ -55,14 +55,14 @@ def _step_functions():
 
     found = {}
     for name in ("make_step_functions", "make_strategy"):
-        for module in ("ldct_tf.loop", "ldct_tf.train"):  # the training-loop module, when this checkout has it
+        for module in ("ldct_tf.train.loop", "ldct_tf.train"):  # the training-loop module, when this checkout has it
             try:
                 found[name] = getattr(importlib.import_module(module), name)
                 break
             except (ImportError, AttributeError):
                 continue
         else:
-            raise SystemExit(f"benchmarks.training: no {name} in ldct_tf.loop or ldct_tf.train")
+            raise SystemExit(f"benchmarks.training: no {name} in ldct_tf.train.loop or ldct_tf.train")
     return found["make_step_functions"], found["make_strategy"]
 
 
@@ -104,7 +104,7 @@ def build_system(system: str, data_dir: str):
     flops_iterator = iter(strategy.experimental_distribute_dataset(_synthetic(batch, patch)))
 
     if system == "supervised":
-        from ldct_tf.losses import l1_loss
+        from ldct_tf.models.losses import l1_loss
         from ldct_tf.models.generator import build_generator
 
         m, t = cfg.model, cfg.train
@@ -237,8 +237,8 @@ def make_shards(out: Path) -> str | None:
     data_root = Path(os.environ.get("LDCT_DATA_DIR", REPO.parent / "shared" / "data")) / "mayo_pairs"
     if not (data_root / "pairs.csv").exists():
         return None
-    from ldct_tf.sample_data import write_mayo_dose_manifest
-    from pipelines.dicom_to_tfrecord import run
+    from ldct_tf.demo.sample_data import write_mayo_dose_manifest
+    from ldct_tf.pipeline.dicom_to_tfrecord import run
 
     manifest = write_mayo_dose_manifest(data_root, out / "doses.csv")
     shards = out / "shards"

@@ -209,9 +209,9 @@ def tune(name: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]], values: Opti
     }
 
 
-if __name__ == "__main__":  # python -m ldct_tf.baselines: the tuning CLI (ldct_tf.baseline_tuning)
+if __name__ == "__main__":  # python -m ldct_tf.baselines: the tuning CLI (ldct_tf.evaluate.baseline_tuning)
     import sys
 
-    from ldct_tf.baseline_tuning import main
+    from ldct_tf.evaluate.baseline_tuning import main
 
     sys.exit(main())

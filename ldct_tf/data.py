@@ -24,7 +24,7 @@ def read_manifest(data_dir: str) -> dict:
     """The pipeline's ``manifest.json``; a missing one or another schema version raises with the folder named."""
     path = f"{data_dir.rstrip('/')}/{MANIFEST}"
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{data_dir}: no {MANIFEST}; is this the output folder of pipelines.dicom_to_tfrecord?")
+        raise FileNotFoundError(f"{data_dir}: no {MANIFEST}; is this the output folder of ldct_tf.pipeline.dicom_to_tfrecord?")
     with tf.io.gfile.GFile(path, "r") as handle:
         manifest = json.load(handle)
     version = manifest.get("schema_version")
@@ -182,7 +182,7 @@ def unpaired_training_dataset(data_dir: str, patch_size: int, batch_size: int, s
 
 
 def simulated_pair_count(manifest: dict, split: str = "train") -> int:
-    """Simulated pairs that ``pipelines.simulate_pairs`` wrote for ``split`` (0 when it has not run)."""
+    """Simulated pairs that ``ldct_tf.pipeline.simulate_pairs`` wrote for ``split`` (0 when it has not run)."""
     return int(manifest.get("simulated", {}).get(split, {}).get("pairs", 0))
 
 
@@ -214,7 +214,7 @@ def simulated_pair_stream(data_dir: str, patch_size: int, batch_size: int, min_t
     the reference by :func:`noisier2noise_target` (once per record, before the cache)."""
     files = sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{split}/simulated-*{SHARD_SUFFIX}"))
     if not files:
-        raise ValueError(f"{data_dir}: split {split!r} has no simulated pairs; run python -m pipelines.simulate_pairs")
+        raise ValueError(f"{data_dir}: split {split!r} has no simulated pairs; run python -m ldct_tf.pipeline.simulate_pairs")
 
     def parse(serialized):
         pair, meta = records.parse_simulated(serialized)

@@ -13,7 +13,7 @@
   ``logging.basicConfig`` still takes effect.
 
 ``ldct_tf/__init__.py`` calls :func:`quiet_tensorflow` (before any module imports TensorFlow) and
-``pipelines/__init__.py`` calls :func:`import_beam_quietly`.  Checked with TensorFlow 2.21.0 and Beam 2.77.0.
+``ldct_tf.pipeline/__init__.py`` calls :func:`import_beam_quietly`.  Checked with TensorFlow 2.21.0 and Beam 2.77.0.
 """
 
 from __future__ import annotations

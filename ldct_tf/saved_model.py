@@ -1,7 +1,7 @@
 """The exported denoiser's contract: signature and tensor names, the bytes encodings, the version layout, the metadata
 file, the shapes callers may send, and loading a version (:class:`SavedModelDenoiser`).
 
-Everything that talks to an exported model (the local denoiser, ``ldct_tf.serving``'s client, the loopback TF
+Everything that talks to an exported model (the local denoiser, ``ldct_tf.denoise.serving_client``'s client, the loopback TF
 Serving stand-in, the exporter) reads these names from here, so the writer and the readers cannot drift apart.
 TensorFlow is imported only when a model is loaded: the serving client needs the contract, not TensorFlow.
 """

@@ -42,7 +42,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory):
     """4 patients x (normal, low) x 3 slices of CT_small-based DICOM with fake identifiers."""
-    from ldct_tf import sample_data
+    from ldct_tf.demo import sample_data
 
     return sample_data.write_sample_dataset(tmp_path_factory.mktemp("sample"), n_patients=4, slices_per_series=3)
 
@@ -50,7 +50,7 @@ def sample(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_run(sample, tmp_path_factory):
     """One pipeline run over the sample archive (plus a folder of bad files); returns (output, manifest)."""
-    from pipelines.dicom_to_tfrecord import run
+    from ldct_tf.pipeline.dicom_to_tfrecord import run
 
     bad = tmp_path_factory.mktemp("bad_inputs")
     (bad / "notes.txt").write_text("not a DICOM file\n")

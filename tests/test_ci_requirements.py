@@ -21,9 +21,9 @@ def _pytest(test: str, tmp_path, ci: bool, **env) -> subprocess.CompletedProcess
 
 
 @pytest.mark.parametrize("test, env, reason", [
-    ("tests/test_denoise.py::test_abdomen_series_without_uids", {"LDCT_DATA_DIR": "/nonexistent/shared/data"},
+    ("tests/denoise/test_denoise.py::test_abdomen_series_without_uids", {"LDCT_DATA_DIR": "/nonexistent/shared/data"},
      "shared real-CT data not found"),
-    ("tests/test_denoise.py::test_derived_files_pass_dciodvfy", {"PATH": "/nonexistent-bin"},
+    ("tests/denoise/test_denoise.py::test_derived_files_pass_dciodvfy", {"PATH": "/nonexistent-bin"},
      "dciodvfy (Debian dicom3tools) not installed"),
 ])
 def test_missing_requirement_skips_locally_and_fails_in_ci(test, env, reason, tmp_path):

@@ -11,7 +11,7 @@ from tests.conftest import REPO
 
 SCRIPT = """
 import logging
-import pipelines.dicom_to_tfrecord  # imports Beam and ldct_tf
+import ldct_tf.pipeline.dicom_to_tfrecord  # imports Beam and ldct_tf
 import tensorflow as tf
 tf.constant(1.0) + 1.0  # initialises the devices (where cuInit is called)
 assert not logging.getLogger().handlers, "the root logger was configured as a side effect"

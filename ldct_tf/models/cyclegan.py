@@ -9,7 +9,7 @@ Reads like the method (Zhu et al. 2017, as applied to LDCT by Kang et al. 2019 a
   ``F(G(low)) ~ low`` and ``G(F(normal)) ~ normal``, identity ``G(normal) ~ normal`` and ``F(low) ~ low`` (a denoiser
   must leave clean images alone), and a VGG19 perceptual distance on the cycle reconstructions; then both critics;
 * the physics noise prior: with a batch ``(low, normal, simulated_low, simulated_reference)`` and a ``simulated``
-  weight, a pixel loss (MSE, L1, or MSE plus gradient MSE) of G on simulated pairs (``pipelines.simulate_pairs``) joins the unpaired terms;
+  weight, a pixel loss (MSE, L1, or MSE plus gradient MSE) of G on simulated pairs (``ldct_tf.pipeline.simulate_pairs``) joins the unpaired terms;
   with every unpaired weight 0 only G and that loss are computed (supervised pretraining on simulated pairs);
 * ``call`` runs G, so the trained model can be saved and used as a denoiser.
 
@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from ldct_tf import ct, keras_compat
 from ldct_tf.config import LossConfig
-from ldct_tf.losses import (SIMULATED_LOSSES, PerceptualLoss, gradient_mse_loss, l1_loss, lsgan_discriminator_loss,
+from ldct_tf.models.losses import (SIMULATED_LOSSES, PerceptualLoss, gradient_mse_loss, l1_loss, lsgan_discriminator_loss,
                             lsgan_generator_loss, mse_loss)
 
 UNPAIRED_TERMS = ("adversarial", "cycle", "identity", "perceptual")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from ldct_tf.config import Config
-from ldct_tf.losses import PerceptualLoss
+from ldct_tf.models.losses import PerceptualLoss
 from ldct_tf.models.cyclegan import LOSS_TERMS, CycleGAN
 from ldct_tf.models.discriminator import build_discriminator
 from ldct_tf.models.generator import build_generator

@@ -1,0 +1,365 @@
+"""``python -m ldct_tf.denoise INPUT OUTPUT [--model PATH | --server URL]``: DICOM in, denoised DICOM out.
+
+INPUT is a CT file, a series folder or a folder of studies; every CT series found becomes a new *derived* series in
+OUTPUT (``ldct_tf.dicom.derived_dataset``: new Series/SOP Instance UIDs, ImageType DERIVED\\SECONDARY, the input's
+pixel type and rescale, every patient, study and geometry tag kept), so that a PACS viewer shows it beside the
+original.  OUTPUT mirrors INPUT's folder layout and file names; a folder that holds several series gets one
+``series_N`` subfolder per series.
+
+Why the work is split the way it is: the core (:func:`denoise`) takes any *denoiser*, a callable from a float32 HU
+batch ``[N, H, W]`` to a denoised HU batch of the same shape, so that a local SavedModel
+(``ldct_tf.export.SavedModelDenoiser``), a TF Serving endpoint (``ldct_tf.denoise.serving_client.ServingClient``) and the tests'
+plain functions all run through the same code.  Files are read twice (a scan that groups and checks every file, then
+the batch-by-batch pass that denoises and writes), so that bad files are known and reported before anything is
+written and memory stays at one batch of slices however large the input is.
+
+Never writes into INPUT: an OUTPUT inside INPUT is refused, and so is any output file that would replace an input file.
+Never leaves a partial series: a series with a slice that fails the plausibility checks (``ldct_tf.dicom.plausibility``,
+the pipeline's checks) is not written at all, the output's writability and path lengths are checked before the model
+runs, and each series is staged and moved into place whole (``ldct_tf.denoise.output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ldct_tf import audit, dicom
+from ldct_tf.dicom import ai_marking
+from ldct_tf.denoise import output as denoise_output
+# The planning half of a run (what is read, what is written where); re-exported as part of this API.
+from ldct_tf.denoise.plan import (SeriesPlan, Skipped, _warn_skipped, check_outputs, check_paths,  # noqa: F401
+                                  list_files, plan, scan)
+
+log = logging.getLogger("ldct_tf.denoise")
+
+#: Float32 HU batch [N, H, W] -> denoised float32 HU batch, same shape.
+Denoiser = Callable[[np.ndarray], np.ndarray]
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "saved_models" / "ldct_denoiser"
+DEFAULT_SERVER_MODEL = "ldct_denoiser"
+DEFAULT_BATCH_SIZE = 8
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("ldct_tf")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that is not installed
+        return "(not installed)"
+
+
+DenoiseError = denoise_output.DenoiseError  # a problem with the command as a whole: one line, exit status 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What produced the denoised series, written into every derived file's DerivationDescription."""
+
+    name: str
+    version: str
+    where: str  # "SavedModel" or "TF Serving": how it was run
+
+    def derivation_description(self) -> str:
+        return (f"Low-dose CT denoised by ldct_tf {package_version()} (denoising network): model {self.name} "
+                f"version {self.version} via {self.where}; {ai_marking.RESEARCH_USE}")
+
+    def ai_model(self) -> ai_marking.AIModel:
+        """What the derived files' Contributing Equipment Sequence says made them (``ldct_tf.dicom.ai_marking``)."""
+        return ai_marking.AIModel(self.name, self.version, package_version(), self.where)
+
+    def series_suffix(self) -> str:
+        return f" denoised {self.name} v{self.version}"
+
+
+@dataclass
+class DenoiseSummary:
+    series: int = 0
+    slices: int = 0
+    seconds: float = 0.0
+    skipped: list[Skipped] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)  # one output folder per derived series
+    audits: list[Path] = field(default_factory=list)  # one audit sidecar per derived series (unless --no-audit)
+    flagged_slices: int = 0  # slices the audit flagged, over all series
+
+    @property
+    def slices_per_second(self) -> float:
+        return self.slices / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        text = (f"denoised {self.series} series, {self.slices} slices in {self.seconds:.1f} s "
+                f"({self.slices_per_second:.2f} slices/s)")
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)} file(s)"
+        if self.audits:
+            text += f"; audit flagged {self.flagged_slices} slice(s) (see audit/ in each series folder)"
+        return text
+
+
+# --------------------------------------------------------------------------------------------------- denoising
+
+def _batches(paths: Sequence[tuple[Path, Path]], batch_size: int):
+    for start in range(0, len(paths), batch_size):
+        yield paths[start:start + batch_size]
+
+
+def _run_denoiser(denoiser: Denoiser, hu: np.ndarray, model: ModelInfo) -> np.ndarray:
+    try:
+        out = np.asarray(denoiser(hu), dtype=np.float32)
+    except ValueError as exc:  # SavedModelDenoiser reports the graph's InvalidArgument errors this way
+        raise DenoiseError(f"model {model.name} v{model.version}: {exc}") from None
+    if out.shape != hu.shape:
+        raise DenoiseError(f"model {model.name} v{model.version} returned shape {out.shape} for input {hu.shape}")
+    if not np.all(np.isfinite(out)):
+        raise DenoiseError(f"model {model.name} v{model.version} returned NaN or Inf values")
+    return out
+
+
+def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch_size: int,
+                   bar: Optional[tqdm] = None, output: Optional[Path] = None,
+                   auditor: Optional[audit.SeriesAudit] = None, deidentifier=None) -> tuple[int, list[Skipped]]:
+    """Denoise and write one series, ``batch_size`` slices per denoiser call; returns (slices written, skipped).
+
+    The files are staged under ``output`` (default: the series folder) and moved into place when the whole series
+    is written; on any error (a file that changed since the scan included) nothing of the series is left.
+    ``auditor`` audits every written slice against its input (``ldct_tf.audit``); ``deidentifier`` (a
+    ``ldct_tf.dicom.deidentify.Deidentifier`` shared by the run) de-identifies the derived files.
+    """
+    derived = dicom.DerivedSeries.new(model.derivation_description(), model.series_suffix(), model=model.ai_model(),
+                                      deidentifier=deidentifier)
+    written, skipped = 0, []
+    with denoise_output.StagedSeries(output or item.folder) as staged:
+        final_audit = auditor.folder if auditor is not None else None
+        if final_audit is not None:  # the audit's PNGs and sidecar are staged with the series they describe
+            auditor.folder = staged.path_for(final_audit / audit.SIDECAR).parent
+        for chunk in _batches(list(zip(item.files, item.outputs)), batch_size):
+            written += _write_chunk(chunk, denoiser, model, derived, staged, bar, auditor, skipped)
+        if final_audit is not None:
+            if written:
+                auditor.write()
+                for staged_file in auditor.folder.iterdir():
+                    if staged_file.name != audit.SIDECAR:
+                        staged.path_for(final_audit / staged_file.name)
+            auditor.folder = final_audit
+        staged.commit()
+    return written, skipped
+
+
+def _write_chunk(chunk, denoiser: Denoiser, model: ModelInfo, derived: dicom.DerivedSeries,
+                 staged: denoise_output.StagedSeries, bar: Optional[tqdm], auditor: Optional[audit.SeriesAudit],
+                 skipped: list) -> int:
+    written, loaded = 0, []
+    for path, out in chunk:
+        try:
+            ds, hu, info = dicom.read_ct_dataset(path)
+        except dicom.NotUsableCT as exc:
+            raise DenoiseError(f"{path}: changed since the scan ({exc.reason}: {exc.detail}); its series was not "
+                               f"written") from None
+        loaded.append((ds, hu, out, info))
+    start = 0  # one denoiser call per run of equal-sized slices (a series may mix sizes, a batch cannot)
+    while start < len(loaded):
+        end = start + 1
+        while end < len(loaded) and loaded[end][1].shape == loaded[start][1].shape:
+            end += 1
+        group = loaded[start:end]
+        denoised = _run_denoiser(denoiser, np.stack([hu for _, hu, _, _ in group]).astype(np.float32), model)
+        for (ds, hu, out, info), slice_hu in zip(group, denoised):
+            try:
+                written_ds = dicom.write_derived_slice(ds, slice_hu, derived, staged.path_for(out))
+            except OSError as exc:
+                raise DenoiseError(f"{out}: cannot write ({exc.strerror or type(exc).__name__})") from None
+            except ValueError as exc:  # e.g. --deidentify refusing a file with burned-in text: that slice only
+                skipped.append(Skipped(str(ds.get("filename", "") or out.name), str(exc)))
+                _warn_skipped(skipped[-1])
+                continue
+            written += 1
+            if auditor is not None:
+                auditor.add(hu, slice_hu, info.pixel_spacing_mm, int(written_ds.get("InstanceNumber", 0) or 0),
+                            str(written_ds.SOPInstanceUID))
+        if bar is not None:
+            bar.update(len(group))
+        start = end
+    return written
+
+
+def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: Denoiser, model: ModelInfo, *,
+            batch_size: int = DEFAULT_BATCH_SIZE, overwrite: bool = False,
+            progress: Optional[bool] = None, audit_series: bool = True, audit_config: Optional[str] = None,
+            deidentify: bool = False, pseudonym_salt: Optional[str] = None) -> DenoiseSummary:
+    """Denoise every CT series under ``input_path`` into derived series under ``output``.
+
+    ``audit_series`` writes each series' change audit (``ldct_tf.audit``) to ``SERIES_FOLDER/audit/``;
+    ``deidentify`` writes the derived series under the PS3.15 basic profile (``ldct_tf.dicom.deidentify``; pseudonyms
+    keyed by ``pseudonym_salt``, random when None) with anonymous folder and file names.
+
+    Files that are not usable CT are skipped with a warning naming them (``summary.skipped``); problems with the
+    command as a whole (paths, a model that returns the wrong shape) raise :class:`DenoiseError`.  ``progress``
+    None shows the bar only on a terminal.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    input_path, output = Path(input_path), Path(output)
+    if not input_path.exists():
+        raise DenoiseError(f"{input_path}: input not found")
+    check_paths(input_path, output)
+    started = time.perf_counter()
+    files = list_files(input_path)
+    series, skipped = scan(files, progress)
+    plans = plan(input_path, output, series, anonymous_names=deidentify)
+    check_outputs(plans, files, overwrite)
+    # before the model runs: a path the file system cannot hold fails now, not after the first series
+    denoise_output.check_path_lengths(output, [out for item in plans for out in item.outputs])
+    if denoise_output.remove_stale_staging(output):
+        log.warning("removed the partial series that an interrupted earlier run left in %s", output)
+    summary = DenoiseSummary(skipped=skipped)
+    deidentifier = None
+    if deidentify:
+        from ldct_tf.dicom.deidentify import Deidentifier
+
+        deidentifier = Deidentifier(pseudonym_salt)
+    total = sum(len(p.files) for p in plans)
+    disable = None if progress is None else not progress
+    with tqdm(total=total, desc="denoising", unit="slice", disable=disable) as bar:
+        for item in plans:
+            auditor = audit.new_series_audit(item.folder / audit.AUDIT_FOLDER, audit_config) if audit_series \
+                else None
+            written, late = denoise_series(item, denoiser, model, batch_size, bar, output, auditor, deidentifier)
+            summary.skipped.extend(late)
+            if written:
+                summary.series += 1
+                summary.slices += written
+                summary.folders.append(item.folder)
+                if auditor is not None:
+                    summary.audits.append(auditor.folder / audit.SIDECAR)
+                    summary.flagged_slices += auditor.report()["flagged_slices"]
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+def load_saved_model(path: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[Denoiser, ModelInfo]:
+    """A local SavedModel: a model folder (newest version) or one version's folder."""
+    path = Path(path)
+    if not path.exists() or not (path.is_dir() and (any(p.name.isdigit() for p in path.iterdir())
+                                                    or (path / "saved_model.pb").exists())):
+        hint = ("export one with `python -m ldct_tf.export --model-dir MODEL_DIR --output saved_models/ldct_denoiser` "
+                "(MODEL_DIR from `python -m ldct_tf.train`), or pass --model PATH or --server URL")
+        raise DenoiseError(f"{path}: no exported model here; {hint}")
+    from ldct_tf.export import SavedModelDenoiser  # TensorFlow is imported only when a local model is used
+
+    try:
+        loaded = SavedModelDenoiser(path, batch_size=batch_size)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DenoiseError(str(exc)) from None
+    return loaded, ModelInfo(str(loaded.name), str(loaded.version), "SavedModel")
+
+
+def connect_server(url: str, model_name: str = DEFAULT_SERVER_MODEL, version: Optional[int] = None,
+                   timeout_s: float = 60.0, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[Denoiser, ModelInfo]:
+    """A TF Serving endpoint (REST ``http://host:8501`` or gRPC ``host:8500``; see ``ldct_tf.denoise.serving_client``).
+
+    Asks the server for the model's status first, so that a wrong URL or model name fails before any file is read,
+    and so that the derived series can name the version that actually answers (the newest AVAILABLE one unless
+    ``version`` pins one).
+    """
+    from ldct_tf.denoise.serving_client import ServingClient, ServingError
+
+    try:
+        client = ServingClient(url, model=model_name, version=version, timeout_s=timeout_s, batch_size=batch_size)
+        status = client.status()
+    except (ValueError, ServingError, OSError) as exc:
+        raise DenoiseError(f"TF Serving at {url}, model {model_name!r}: {exc}") from None
+    available = [int(v["version"]) for v in status.get("versions", []) if v.get("state") == "AVAILABLE"]
+    if not available:
+        raise DenoiseError(f"TF Serving at {url}: model {model_name!r} has no AVAILABLE version "
+                           f"({status.get('versions')})")
+    shown = str(version) if version is not None else str(max(available))
+
+    def predict(hu: np.ndarray) -> np.ndarray:
+        try:
+            return client.predict(hu)
+        except ServingError as exc:
+            raise DenoiseError(f"TF Serving at {url}: {exc}") from None
+
+    return predict, ModelInfo(model_name, shown, "TF Serving")
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ldct_tf.denoise",
+        description="Denoise low-dose CT: each CT series under INPUT becomes a derived DICOM series under OUTPUT.")
+    parser.add_argument("input", help="a CT DICOM file, a series folder, or a folder of studies")
+    parser.add_argument("output", help="output folder (created; must not be inside INPUT)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help=f"SavedModel folder (newest version) or one version's folder "
+                                        f"(default: {DEFAULT_MODEL})")
+    source.add_argument("--server", help="TF Serving URL instead of a local model: http://host:8501 (REST) or "
+                                         "host:8500 / grpc://host:8500 (gRPC)")
+    parser.add_argument("--server-model", default=DEFAULT_SERVER_MODEL, help="model name on the server "
+                                                                           "(default %(default)s)")
+    parser.add_argument("--server-version", type=int, help="model version on the server (default: its newest)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per server request (default 60)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="slices per model call (default %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace files left in OUTPUT by an earlier run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-audit", action="store_true",
+                        help="skip the per-slice change audit (default: SERIES/audit/audit.json and a PNG per "
+                             "flagged slice)")
+    parser.add_argument("--audit-config", help="audit thresholds (default configs/audit.yaml)")
+    parser.add_argument("--deidentify", action="store_true",
+                        help="write the derived series under the DICOM PS3.15 Basic Application Level "
+                             "Confidentiality Profile (pseudonyms, new UIDs, anonymous file names)")
+    parser.add_argument("--pseudonym-salt", default=os.environ.get("LDCT_PSEUDONYM_SALT"),
+                        help="key for --deidentify's pseudonyms (default $LDCT_PSEUDONYM_SALT, else random per run: "
+                             "the same salt gives the same pseudonym for the same patient across runs)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    try:
+        if args.batch_size < 1:
+            raise DenoiseError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_paths(Path(args.input), Path(args.output))  # before loading a model: fail fast on wrong paths
+        if args.server:
+            denoiser, model = connect_server(args.server, args.server_model, args.server_version, args.timeout,
+                                              args.batch_size)
+        else:
+            denoiser, model = load_saved_model(args.model or DEFAULT_MODEL, args.batch_size)
+        print(f"model: {model.name} version {model.version} ({model.where})", flush=True)
+        with logging_redirect_tqdm():
+            summary = denoise(args.input, args.output, denoiser, model, batch_size=args.batch_size,
+                              overwrite=args.overwrite, progress=False if args.no_progress else None,
+                              audit_series=not args.no_audit, audit_config=args.audit_config,
+                              deidentify=args.deidentify, pseudonym_salt=args.pseudonym_salt)
+    except (DenoiseError, audit.AuditConfigError) as exc:
+        print(f"ldct_tf.denoise: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    for folder in summary.folders:
+        print(f"  wrote {folder}")
+    if summary.slices == 0:
+        print(f"ldct_tf.denoise: error: no usable CT slices found in {args.input}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""``python -m ldct_tf.export``: the trained generator as a SavedModel that TF Serving (or Python) runs on HU slices.
+
+    python -m ldct_tf.export --model-dir runs/cpu_small --output saved_models/ldct_denoiser [--version N]
+
+Layout written (TF Serving's): ``saved_models/NAME/VERSION/`` (the next free integer version unless ``--version``),
+holding ``saved_model.pb``, ``variables/``, ``metadata.json`` (what the model is: config, training step, data summary,
+versions) and ``assets.extra/tf_serving_warmup_requests`` (so the server's first real request is fast).  Beside the
+model folders, ``saved_models/models.config`` lists every exported model for ``--model_config_file`` and
+``saved_models/batching_parameters.txt`` is a starting point for ``--batching_parameters_file``.
+
+Signatures (callers speak HU; the graph does clipping, scaling, padding to the network's multiple and cropping back):
+
+* ``serving_default``: input ``hu`` float32 ``[batch, height, width, 1]``, height and width at least
+  ``min_size`` (twice the network's size multiple, in ``metadata.json``; see ``serving_graph.min_input_size``);
+  output ``denoised_hu`` float32, same shape.
+* ``denoise_bytes`` (compact REST requests, ``{"b64": ...}`` instead of a megabyte of JSON floats): inputs
+  ``image_bytes`` string ``[batch]`` (each a 16-bit greyscale PNG holding ``HU + 1024``, or raw little-endian int16 HU,
+  row-major), ``height`` and ``width`` int32 ``[batch]`` (the raw image's size; for a PNG 0 or its own size); output
+  ``denoised_bytes`` string ``[batch]``, each in the encoding of its input.  TF Serving's REST API base64-encodes
+  outputs whose name ends in ``_bytes``.
+
+Bad input (NaN or Inf, wrong rank or channel count, smaller than ``min_size``, a byte string of the wrong length, an
+8-bit PNG) fails inside the graph with an ``InvalidArgument`` error that says what was expected, so TF Serving and
+Python report the same thing.  The names are the contract in :mod:`ldct_tf.saved_model`, the graph is
+:mod:`ldct_tf.export.graph`; this module writes versions and TF Serving's files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from ldct_tf import ct, saved_model  # noqa: E402
+from ldct_tf.saved_model import (BYTES_SIGNATURE, DEFAULT_SIGNATURE, METADATA_FILE,  # noqa: E402,F401 (re-exported)
+                                 SavedModelDenoiser, resolve_version_dir)
+from ldct_tf.export.graph import DenoiserModule, infer_size_multiple, min_input_size  # noqa: E402
+
+if TYPE_CHECKING:  # keras is only needed to export, not to run a SavedModel
+    import keras
+
+# SavedModelDenoiser and resolve_version_dir live in ldct_tf.saved_model; imported here too for existing callers.
+__all__ = ["SavedModelDenoiser", "export_generator", "load_generator", "main", "model_folders",
+           "resolve_version_dir", "write_batching_parameters", "write_models_config", "write_warmup_requests"]
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+MODELS_CONFIG = "models.config"
+BATCHING_FILE = "batching_parameters.txt"
+
+
+# --- writing a version --------------------------------------------------------------------------------------------
+
+
+def _next_version(model_folder: Path) -> int:
+    taken = [int(p.name) for p in model_folder.iterdir() if p.is_dir() and p.name.isdigit()] \
+        if model_folder.is_dir() else []
+    return max(taken, default=0) + 1
+
+
+def ldct_tf_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ldct_tf")
+    except Exception:  # not installed (running from a checkout)
+        return "unknown"
+
+
+def export_generator(generator: "keras.Model", output: str | Path, *, version: Optional[int] = None,
+                     metadata: Optional[dict] = None, float16_weights: bool = False,
+                     size_multiple: Optional[int] = None, warmup_size: int = 512,
+                     serving_base: Optional[str] = "/models", min_size: Optional[int] = None,
+                     input_blend: float = 0.0) -> Path:
+    """Write saved_models-style ``OUTPUT/VERSION/`` (next free integer when ``version`` is None); returns the version
+    folder.
+
+    The version is written to a hidden temporary folder beside it and renamed at the end, so a TF Serving instance
+    watching ``OUTPUT`` never loads a half-written model.  An existing version is never overwritten.
+    ``size_multiple`` defaults to what the generator's stride-2 layers imply, ``min_size`` (the smallest height
+    and width the graph accepts) to :func:`~ldct_tf.export.graph.min_input_size` of it.  ``warmup_size`` is the
+    slice size of the warm-up requests (0: none).  ``serving_base`` is the folder the server sees the models root as
+    (``/models`` in the Docker image), written into ``models.config`` beside ``OUTPUT``; None skips the config files.
+    ``input_blend`` mixes that share of the input into the output inside the graph (``serving_graph.blend_input``).
+    """
+    if not 0.0 <= input_blend < 1.0:
+        raise ValueError(f"input_blend must be in [0, 1), got {input_blend!r}")
+    multiple = int(size_multiple or infer_size_multiple(generator))
+    min_size = int(min_size or min_input_size(multiple))
+    if warmup_size and warmup_size < min_size:
+        raise ValueError(f"warmup_size {warmup_size} is below the model's minimum input size {min_size}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if version is None:
+        version = _next_version(output)
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be a positive integer, got {version!r}")
+    final = output / str(version)
+    if final.exists():
+        raise FileExistsError(f"{final}: version {version} already exists; choose another --version or omit it")
+
+    module = DenoiserModule(generator, multiple, float16_weights, min_size, input_blend)
+    signatures = {
+        DEFAULT_SIGNATURE: module.serve_hu.get_concrete_function(),
+        BYTES_SIGNATURE: module.serve_bytes.get_concrete_function(),
+    }
+    info = {
+        "name": output.name,
+        "version": version,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "ldct_tf_version": ldct_tf_version(),
+        "tensorflow_version": tf.__version__,
+        "keras_version": _keras_version(),
+        "size_multiple": multiple,
+        "min_size": min_size,
+        "float16_weights": bool(float16_weights),
+        "input_blend": float(input_blend),
+        "parameters": int(sum(np.prod(v.shape) for v in generator.weights)),
+        "hu_clip": [ct.HU_MIN, ct.HU_MAX],
+        "signatures": saved_model.SIGNATURES,
+        **(metadata or {}),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=output))
+    try:
+        tf.saved_model.save(module, str(tmp), signatures=signatures)
+        (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2, default=str))
+        if warmup_size:
+            write_warmup_requests(tmp / WARMUP_FILE, output.name, warmup_size)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if serving_base is not None:
+        write_models_config(output.parent, serving_base)
+        write_batching_parameters(output.parent / BATCHING_FILE)
+    return final
+
+
+def _keras_version() -> str:
+    try:
+        import keras
+
+        return keras.__version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+def write_warmup_requests(path: Path, model_name: str, size: int = 512) -> Path:
+    """TF Serving's warm-up file: a TFRecord of ``PredictionLog`` protos, one per signature, replayed at load time so
+    the first real request does not pay for graph optimisation and kernel selection at the usual slice size."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    water = np.zeros((1, size, size, 1), np.float32)  # 0 HU
+    requests = []
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = DEFAULT_SIGNATURE
+    request.inputs[saved_model.HU_INPUT].CopyFrom(tf.make_tensor_proto(water))
+    requests.append(request)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = BYTES_SIGNATURE
+    request.inputs[saved_model.BYTES_INPUT].CopyFrom(
+        tf.make_tensor_proto(np.array([saved_model.int16_bytes(water[0, ..., 0])], dtype=object)))
+    request.inputs[saved_model.HEIGHT_INPUT].CopyFrom(tf.make_tensor_proto(np.array([size], np.int32)))
+    request.inputs[saved_model.WIDTH_INPUT].CopyFrom(tf.make_tensor_proto(np.array([size], np.int32)))
+    requests.append(request)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for request in requests:
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+    return path
+
+
+def model_folders(root: str | Path) -> list[Path]:
+    """Model folders under a models root: sub-folders holding at least one integer version with a SavedModel."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and saved_model.versions(p))
+
+
+def write_models_config(root: str | Path, serving_base: str = "/models") -> Path:
+    """``ROOT/models.config``: TF Serving's ``ModelServerConfig`` (text format) listing every model under ROOT.
+
+    ``serving_base`` is where the server sees ROOT: ``/models`` when ROOT is mounted there in the Docker image, or
+    ROOT's absolute path for a locally installed ``tensorflow_model_server``.  Written with the real proto, so the
+    file is what the server parses.
+    """
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    root = Path(root)
+    config = model_server_config_pb2.ModelServerConfig()
+    for folder in model_folders(root):
+        entry = config.model_config_list.config.add()
+        entry.name = folder.name
+        entry.base_path = f"{serving_base.rstrip('/')}/{folder.name}"
+        entry.model_platform = "tensorflow"
+        entry.model_version_policy.latest.num_versions = 1
+    path = root / MODELS_CONFIG
+    header = (f"# TF Serving model config written by ldct_tf.export; base paths as the server sees {root}: "
+              f"{serving_base}\n")
+    path.write_text(header + text_format.MessageToString(config))
+    return path
+
+
+def write_batching_parameters(path: str | Path, max_batch_size: int = 8, batch_timeout_micros: int = 5000,
+                              num_batch_threads: int = 4) -> Path:
+    """A ``--batching_parameters_file`` for ``--enable_batching`` (TF Serving's ``BatchingParameters``, text format).
+
+    Server-side batching merges requests along the batch axis, so it only helps when clients send slices of one size
+    (512x512 for most CT); requests of other sizes should not be mixed into the same batches.  ``num_batch_threads``
+    should match the serving machine's cores (not the exporting machine's, hence a fixed default).
+    """
+    threads = num_batch_threads
+    path = Path(path)
+    path.write_text(
+        "# TF Serving batching parameters written by ldct_tf.export (use with --enable_batching).\n"
+        "# Batches merge requests along the batch axis: send slices of one size (e.g. 512x512).\n"
+        "# Set num_batch_threads to the serving machine's number of cores.\n"
+        f"max_batch_size {{ value: {max_batch_size} }}\n"
+        f"batch_timeout_micros {{ value: {batch_timeout_micros} }}\n"
+        f"num_batch_threads {{ value: {threads} }}\n"
+        "max_enqueued_batches { value: 100 }\n"
+        f"allowed_batch_sizes: 1\nallowed_batch_sizes: {max(2, max_batch_size // 2)}\n"
+        f"allowed_batch_sizes: {max_batch_size}\n"
+        "pad_variable_length_inputs: false\n")
+    return path
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------------
+
+def load_generator(model_dir: Path, cfg) -> "keras.Model":
+    """``MODEL_DIR/generator.keras``, rebuilt in float32 when it was trained under mixed precision."""
+    import keras
+
+    from ldct_tf.models.generator import build_generator
+
+    path = model_dir / "generator.keras"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no trained generator (python -m ldct_tf.train writes it at the end)")
+    try:
+        generator = keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot load the generator: {exc}") from exc
+    if any(getattr(layer, "dtype_policy", None) is not None and layer.dtype_policy.name != "float32"
+           for layer in generator.layers):
+        m = cfg.model
+        rebuilt = build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm,
+                                  name=generator.name)
+        rebuilt.set_weights(generator.get_weights())
+        generator = rebuilt
+    return generator
+
+
+def training_metadata(model_dir: Path, cfg) -> dict:
+    """Config, training step and data summary from a training run folder (no patient identifiers are stored there)."""
+    summary_file = model_dir / "training_summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    step = summary.get("steps")
+    checkpoint = model_dir / "checkpoints" / "checkpoint.json"
+    if step is None and checkpoint.exists():
+        step = json.loads(checkpoint.read_text()).get("step")
+    return {
+        "source_model_dir": str(model_dir),
+        "training": {"step": step,
+                     **{k: summary[k] for k in ("seconds", "strategy", "replicas", "mixed_precision",
+                                                "final_metrics", "vgg19_pretrained", "validation") if k in summary}},
+        "data": summary.get("data", {}),
+        # The simulated-pair stream it was trained on, with the simulator calibration (physics noise prior); None
+        # for a pure CycleGAN.
+        "simulation_calibration": (summary.get("data") or {}).get("simulated"),
+        "warm_start_from": summary.get("init_from"),
+        "config": cfg.to_dict(),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ldct_tf.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True, help="a training run folder (python -m ldct_tf.train)")
+    parser.add_argument("--output", help="model folder, saved_models/NAME (default: saved_models/<export.name>)")
+    parser.add_argument("--version", type=int, help="version number (default: the next free integer)")
+    parser.add_argument("--float16-weights", action="store_true",
+                        help="store the weights as float16 (half the size; computed in float32)")
+    parser.add_argument("--config", help="config YAML (default: MODEL_DIR/config.yaml)")
+    parser.add_argument("--serving-base", default="/models",
+                        help="where TF Serving sees the models root, written into models.config (default /models, "
+                             "the Docker image's; give the absolute path for a local tensorflow_model_server)")
+    parser.add_argument("--warmup-size", type=int, default=512, help="slice size of the warm-up requests (0: none)")
+    parser.add_argument("--input-blend", type=float, default=0.0,
+                        help="share of the low-dose input mixed back into the output, in [0, 1) (default 0)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. export.name=my_model")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ldct_tf import config as config_lib
+    from ldct_tf.models.generator import size_multiple
+
+    args = build_parser().parse_args(argv)
+    model_dir = Path(args.model_dir)
+    config_path = args.config or (model_dir / "config.yaml" if (model_dir / "config.yaml").exists() else None)
+    try:
+        cfg = config_lib.load(config_path, args.overrides)
+    except config_lib.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.float16_weights:
+        cfg.export.float16_weights = True
+    print("Resolved config:\n" + cfg.to_yaml(), flush=True)
+    output = Path(args.output) if args.output else Path("saved_models") / cfg.export.name
+    try:
+        generator = load_generator(model_dir, cfg)
+        version_dir = export_generator(
+            generator, output, version=args.version, metadata=training_metadata(model_dir, cfg),
+            float16_weights=cfg.export.float16_weights, size_multiple=size_multiple(cfg.model.depth),
+            warmup_size=args.warmup_size, serving_base=args.serving_base, input_blend=args.input_blend)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Exported {output.name} version {version_dir.name} to {version_dir}")
+    print(f"Models config: {output.parent / MODELS_CONFIG}; batching parameters: {output.parent / BATCHING_FILE}")
+    print(f"Inspect: saved_model_cli show --all --dir {version_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

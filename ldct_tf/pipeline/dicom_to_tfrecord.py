@@ -1,0 +1,309 @@
+"""``python -m ldct_tf.pipeline.dicom_to_tfrecord``: clinical DICOM -> de-identified, labelled, split TFRecord shards.
+
+Runs unchanged on the DirectRunner and on Dataflow (or any Beam runner): every option this module does not know is
+passed to Beam's PipelineOptions.  Examples::
+
+    python -m ldct_tf.pipeline.dicom_to_tfrecord --input /data/ct --dose-manifest doses.csv --output /data/shards \\
+        --salt "$SALT"    # DirectRunner; add --direct_num_workers N --direct_running_mode multi_processing on
+                          # machines with many cores (on 2 cores it is no faster: benchmarks/results/pipeline.json)
+
+    python -m ldct_tf.pipeline.dicom_to_tfrecord --input gs://bucket/ct --dose-manifest gs://bucket/doses.csv \\
+        --output gs://bucket/shards --salt "$SALT" --runner DataflowRunner --project P --region R \\
+        --temp_location gs://bucket/tmp --setup_file ./setup.py
+
+Exit status 0 when the run finished, whatever it rejected (see ``OUT/rejected/`` and ``manifest.json``); 2 with a
+one-line message for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+from typing import Optional, Sequence
+
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from ldct_tf import records
+from ldct_tf.pipeline import input_checks, site_local, transforms
+from ldct_tf.pipeline.dose import DoseClassifier, DoseManifest, DoseManifestError, DoseRules, is_remote, normalise_path
+
+SUMMARY_NAME = ".pipeline_summary.json"
+FACTS_NAME = ".input_facts.json"
+DEFAULT_SALT = "ldct_tf-default-salt"
+_GLOB_CHARS = set("*?[")
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs; reported as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ldct_tf.pipeline.dicom_to_tfrecord",
+        description="Convert folders of clinical CT DICOM into de-identified gzip TFRecord shards of HU slices. "
+        "Unknown options go to Apache Beam (--runner, --direct_num_workers, Dataflow options, ...).",
+    )
+    parser.add_argument("--input", action="append", required=True,
+                        help="a DICOM file, a folder (searched recursively) or a glob; local or gs://; repeatable")
+    parser.add_argument("--output", required=True, help="output folder (local or gs://)")
+    parser.add_argument("--dose-manifest", help="CSV with header 'path,dose' (path = file, folder or "
+                        "SeriesInstanceUID; dose = low|normal); relative paths are relative to the CSV")
+    rules = parser.add_argument_group("dose rules on DICOM tags (used where the manifest is silent)")
+    rules.add_argument("--low-dose-description", help="regex on SeriesDescription meaning low dose")
+    rules.add_argument("--normal-dose-description", help="regex on SeriesDescription meaning normal dose")
+    rules.add_argument("--low-dose-max-ctdivol", type=float, help="CTDIvol (mGy) at or below this: low dose")
+    rules.add_argument("--normal-dose-min-ctdivol", type=float, help="CTDIvol (mGy) at or above this: normal dose")
+    rules.add_argument("--low-dose-max-mas", type=float, help="exposure (mAs) at or below this: low dose")
+    rules.add_argument("--normal-dose-min-mas", type=float, help="exposure (mAs) at or above this: normal dose")
+    parser.add_argument("--splits", default="train=0.8,val=0.1,test=0.1",
+                        help="fractions of PATIENTS per split (default %(default)s)")
+    parser.add_argument("--salt", default=os.environ.get("LDCT_SALT"),
+                        help="secret salt for the patient/series pseudonyms (default: $LDCT_SALT; keep it private)")
+    parser.add_argument("--num-shards", type=int, default=4,
+                        help="shards per split and dose (default %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shards, rejected list and manifest of an earlier run in --output")
+    return parser
+
+
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Each --input -> a Beam match pattern (folders become ``folder/**``); lists the files they match (each once).
+
+    Raises UsageError for an input that matches no file, so a typo never gives an empty dataset.
+    """
+    patterns, files = [], set()
+    for raw in inputs:
+        path = raw if is_remote(raw) else os.path.abspath(os.path.expanduser(raw))
+        if not (_GLOB_CHARS & set(path)):
+            is_dir = os.path.isdir(path) if not is_remote(path) else not FileSystems.exists(path)
+            if is_dir:
+                path = path.rstrip("/") + "/**"
+        try:
+            found = [m for result in FileSystems.match([path]) for m in result.metadata_list]
+        except Exception as exc:  # Beam raises BeamIOError when nothing matches, or for unreachable buckets
+            raise UsageError(f"--input {raw}: no input files found ({type(exc).__name__})") from None
+        if not found:
+            raise UsageError(f"--input {raw}: no input files found")
+        patterns.append(path)
+        files.update(normalise_path(m.path) for m in found)
+    return patterns, sorted(files)
+
+
+def _output_files(output: str) -> list[str]:
+    """Files of an earlier run of this pipeline in ``output`` (shards, rejected lists, manifest)."""
+    patterns = [f"{output}/{split}/{dose}-*{transforms.SHARD_SUFFIX}" for split in records.SPLITS
+                for dose in records.DOSES]
+    patterns += [f"{output}/rejected/rejected-*.jsonl", f"{output}/manifest.json", f"{output}/{SUMMARY_NAME}",
+                 f"{output}/{FACTS_NAME}", *site_local.output_patterns(output)]
+    found = []
+    for result in FileSystems.match(patterns):
+        found.extend(m.path for m in result.metadata_list)
+    return found
+
+
+def prepare_output(output: str, patterns: Sequence[str], overwrite: bool) -> str:
+    """Check the output folder is usable before any work: writable, not inside an input, no earlier run unless asked."""
+    output = output.rstrip("/") if is_remote(output) else os.path.abspath(os.path.expanduser(output))
+    for pattern in patterns:
+        root = pattern.split("*", 1)[0].rstrip("/")
+        if root and normalise_path(output).startswith(normalise_path(root) + "/"):
+            raise UsageError(f"--output {output} is inside the input {pattern}; choose a folder outside it")
+    try:
+        FileSystems.mkdirs(output)
+    except Exception:
+        pass  # exists already, or an object store without folders; the probe below decides
+    probe = f"{output}/.write_probe-{uuid.uuid4().hex}"
+    try:
+        with FileSystems.create(probe) as handle:
+            handle.write(b"ok")
+        FileSystems.delete([probe])
+    except Exception as exc:
+        raise UsageError(f"--output {output} is not writable ({type(exc).__name__}: {exc})") from None
+    earlier = _output_files(output)
+    if earlier and not overwrite:
+        raise UsageError(f"--output {output} already holds an earlier run ({len(earlier)} files); "
+                         "pass --overwrite to replace it or choose another folder")
+    if earlier:
+        FileSystems.delete(earlier)
+    return output
+
+
+def build_pipeline(pipeline: beam.Pipeline, patterns: Sequence[str], output: str, classifier: DoseClassifier,
+                   salt: str, fractions: dict[str, float], num_shards: int) -> None:
+    """Wire the transforms: read -> de-duplicate -> classify -> split -> encode -> write shards, rejected list (paths
+    only in the site-local folder), summary and the facts behind the driver's warnings."""
+    decoded = pipeline | "Inputs" >> beam.Create(list(patterns)) | "Read" >> transforms.ReadDicomSlices()
+    unique = decoded.slices | "Deduplicate" >> input_checks.DeduplicateSlices()
+    classified = unique.slices | "ClassifyDose" >> transforms.ClassifyDose(classifier)
+    duplicates = unique[input_checks.DUPLICATES] | "CountDuplicates" >> beam.CombineGlobally(sum)
+    facts = (classified.slices | "InputFacts" >> input_checks.InputFacts(salt, classifier.manifest)
+         | "AddDuplicates" >> beam.Map(lambda facts, n: {**facts, "duplicates_dropped": int(n)},
+                                        n=beam.pvalue.AsSingleton(duplicates))
+         | "WriteFacts" >> beam.ParDo(transforms.WriteJson(f"{output}/{FACTS_NAME}")))
+    assigned = classified.slices | "AssignSplit" >> transforms.AssignSplit(salt, fractions)
+    encoded = assigned.slices | "ToExamples" >> transforms.ToExamples()
+    shards = encoded | "WriteShards" >> transforms.WriteShards(output, num_shards)
+    rejected = ((decoded[transforms.REJECTED], classified[transforms.REJECTED], assigned[transforms.REJECTED])
+                | "AllRejected" >> beam.Flatten())
+    rejected_files = (rejected | "Shareable" >> beam.Map(site_local.shareable, salt)
+                      | "WriteRejected" >> transforms.WriteRejected(output))
+    rejected_paths = rejected | "WriteRejectedPaths" >> site_local.WriteRejectedPaths(output, salt)
+    summary = ((encoded, rejected) | "Summarise" >> transforms.Summarise()
+               | "WriteSummary" >> beam.ParDo(transforms.WriteJson(f"{output}/{SUMMARY_NAME}")))
+    # One last transform that depends on every sink: Beam 2.77's DaskRunner computes only the last transform's
+    # graph (dask_runner.py: "we can get away with computing just the last value"), which would skip the shards
+    # and the rejected lists.  Harmless on every other runner.
+    _ = (shards, rejected_files, rejected_paths, summary, facts) | "AllWritten" >> beam.Flatten()
+
+
+def _counters(result) -> dict[str, int]:
+    try:
+        query = result.metrics().query(MetricsFilter().with_namespace(transforms.NAMESPACE))
+    except Exception:  # some runners do not report metrics
+        return {}
+    counters: dict[str, int] = {}
+    for counter in query["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        counters[counter.key.metric.name] = counters.get(counter.key.metric.name, 0) + int(value or 0)
+    return dict(sorted(counters.items()))
+
+
+def _read_json(path: str) -> dict:
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def write_manifest(output: str, options: dict, counters: dict[str, int], seconds: float, input_files: int,
+                   num_shards: int, warnings: Sequence[str] = (), duplicates_dropped: int = 0) -> dict:
+    """Merge the pipeline's summary with the run's options and shard list into ``OUT/manifest.json``."""
+    summary_path = f"{output}/{SUMMARY_NAME}"
+    summary = _read_json(summary_path)
+    transforms.fill_missing_shards(output, summary["counts"], num_shards)
+    shards = sorted(m.path for r in FileSystems.match([f"{output}/*/*{transforms.SHARD_SUFFIX}"])
+                    for m in r.metadata_list)
+    manifest = {
+        "schema_version": records.SCHEMA_VERSION,
+        **summary,
+        "slices": int(sum(sum(d.values()) for d in summary["counts"].values())),
+        "input_files": input_files,
+        "duplicates_dropped": int(duplicates_dropped),
+        "warnings": list(warnings),
+        "shards": [s[len(output) + 1:] if s.startswith(output + "/") else s for s in shards],
+        "pipeline_options": options,
+        "counters": counters,
+        "seconds": round(seconds, 2),
+        "created_by": "ldct_tf.pipeline.dicom_to_tfrecord",
+    }
+    with FileSystems.create(f"{output}/manifest.json") as handle:
+        handle.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+    FileSystems.delete([summary_path])
+    return manifest
+
+
+def print_summary(manifest: dict, output: str, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time: notebooks and test runners replace sys.stdout
+    print(f"\nConverted {manifest['slices']} slices from {manifest['input_files']} files in "
+          f"{manifest['seconds']:.1f} s into {output}", file=out)
+    if manifest.get("duplicates_dropped"):
+        print(f"dropped {manifest['duplicates_dropped']} duplicate slice(s): same SOP Instance UID as a slice "
+              f"already converted (an input given twice, or copies of a file)", file=out)
+    print(f"{'split':<6} {'low':>8} {'normal':>8}   patients (low/normal)", file=out)
+    for split in records.SPLITS:
+        c, p = manifest["counts"][split], manifest["patients"][split]
+        print(f"{split:<6} {c['low']:>8} {c['normal']:>8}   {p['low']}/{p['normal']}", file=out)
+    print(f"rejected: {manifest['rejected']}", file=out)
+    for reason, n in manifest["rejected_by_reason"].items():
+        print(f"  {reason:<28} {n}", file=out)
+    if manifest["rejected"]:
+        print(f"  (one line per rejected file in {output}/rejected/; their paths are only in "
+              f"{output}/{site_local.FOLDER}/)", file=out)
+    if manifest["counters"]:
+        print("Beam counters: " + ", ".join(f"{k}={v}" for k, v in manifest["counters"].items()), file=out)
+    for warning in manifest.get("warnings", []):
+        print(f"WARNING: {warning}", file=out)
+    print(f"Shareable: the shards, manifest.json and rejected/. Keep {site_local.FOLDER}/ at your site "
+          f"(it names your input paths).", file=out)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """Parse, validate, run the pipeline, write the manifest; returns it. Raises UsageError for bad usage."""
+    return run_with_output(argv)[0]
+
+
+def run_with_output(argv: Optional[Sequence[str]] = None) -> tuple[dict, str]:
+    """:func:`run`, also returning the output folder (which the shareable manifest does not name)."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    try:
+        fractions = transforms.parse_splits(args.splits)
+        rules = DoseRules(args.low_dose_description, args.normal_dose_description, args.low_dose_max_ctdivol,
+                          args.normal_dose_min_ctdivol, args.low_dose_max_mas, args.normal_dose_min_mas)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.num_shards < 1:
+        raise UsageError(f"--num-shards must be >= 1, got {args.num_shards}")
+    try:
+        manifest = DoseManifest.load(args.dose_manifest) if args.dose_manifest else None
+    except DoseManifestError as exc:
+        raise UsageError(str(exc)) from None
+    if manifest is None and rules.empty:
+        raise UsageError("no dose source: give --dose-manifest CSV and/or dose rules "
+                         "(--low-dose-max-ctdivol, --low-dose-description, ...)")
+    salt = args.salt
+    if not salt:
+        print("WARNING: no --salt (or $LDCT_SALT): using the public default salt, so pseudonyms can be reversed "
+              "by anyone who can guess patient IDs. Pass a secret salt for real patient data.", file=sys.stderr)
+        salt = DEFAULT_SALT
+    patterns, input_files = expand_inputs(args.input)
+    n_files = len(input_files)
+    output = prepare_output(args.output, patterns, args.overwrite)
+
+    # No path in the shareable manifest: input folders and file names may hold identifiers (site_local.py).
+    options = {k: v for k, v in vars(args).items() if k not in ("salt", "input", "output", "dose_manifest")}
+    options.update(inputs=len(patterns), dose_manifest=bool(args.dose_manifest), splits=fractions,
+                   default_salt=salt == DEFAULT_SALT,
+                   salt_fingerprint=hashlib.sha256(f"fingerprint\x00{salt}".encode()).hexdigest()[:12],
+                   beam_args=[a for a in beam_args if "/" not in a and "\\" not in a])  # paths (temp_location...) stay out
+    site_local.write_run_file(output, {"input": patterns, "output": output, "dose_manifest": args.dose_manifest,
+                                       "beam_args": list(beam_args)})
+    print(f"Reading {n_files} files from {len(patterns)} input(s); writing to {output}", file=sys.stderr)
+    start = time.perf_counter()
+    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+    build_pipeline(pipeline, patterns, output, DoseClassifier(manifest, rules), salt, fractions, args.num_shards)
+    result = pipeline.run()
+    result.wait_until_finish()
+    transforms.ensure_rejected_file(output)
+    seconds = time.perf_counter() - start
+    facts_path = f"{output}/{FACTS_NAME}"
+    facts = _read_json(facts_path)
+    FileSystems.delete([facts_path])
+    counts = _read_json(f"{output}/{SUMMARY_NAME}")["counts"]
+    warnings = (input_checks.manifest_warnings(manifest, input_files, facts.get("series_matched", []), salt)
+                + input_checks.patient_warnings(facts, counts))
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    written = write_manifest(output, options, _counters(result), seconds, n_files, args.num_shards, warnings,
+                             facts.get("duplicates_dropped", 0))
+    return written, output
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        manifest, output = run_with_output(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(manifest, output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

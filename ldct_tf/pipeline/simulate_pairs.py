@@ -1,0 +1,195 @@
+"""``python -m ldct_tf.pipeline.simulate_pairs``: the simulated-pair stream, a Beam stage beside the low and normal shards.
+
+    python -m ldct_tf.pipeline.simulate_pairs --data SHARDS --calibration calibration.json --realisations 4
+
+Reads the normal-dose shards of one split (``train`` by default) of a ``ldct_tf.pipeline.dicom_to_tfrecord`` output, makes
+``--realisations`` calibrated low-dose realisations of every slice (``ldct_tf.simulate.ProjectionSimulator``: one
+projection per slice, one FBP per realisation) with the reference of each, and writes them as
+``SHARDS/{split}/simulated-SSSSS-of-NNNNN.tfrecord.gz`` (``ldct_tf.records.encode_simulated``).  The manifest gains a
+``simulated`` entry (counts, realisations, the calibration used, the cost per slice).
+
+The projection costs 7-15 s per 512 x 512 slice on one core, so this is a separate, embarrassingly parallel stage:
+every slice is one element, and Dataflow (or any Beam runner; unknown options go to Beam) spreads them over workers.
+Training never waits for it.  ``--reference original`` (the default) adds the reconstructed noise to the slice
+itself, as Mayo's noise insertion does; ``projected`` uses the slice through the projector, whose round trip blurs
+edges (``ldct_tf.simulate.REFERENCES``) and teaches the denoiser that blur.  ``--textures mixed`` (the default)
+gives every odd realisation the noise texture of another calibrated FBP filter (``texture_of``).  Noise seeds derive from the slice's pseudonym, position and realisation number, so a
+re-run writes the same pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Iterable, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import apache_beam as beam  # noqa: E402
+from apache_beam.io.filesystems import FileSystems  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+
+from ldct_tf import records  # noqa: E402
+
+SIMULATED = "simulated"
+
+
+def shard_pattern(data: str, split: str, stream: str) -> str:
+    return f"{data.rstrip('/')}/{split}/{stream}-*.tfrecord.gz"
+
+
+def noise_seed(patient: str, instance: int, z_mm: float, realisation: int) -> int:
+    """Deterministic seed of one realisation (pseudonyms only: no identifier is hashed here)."""
+    digest = hashlib.sha256(f"{patient}\x00{instance}\x00{z_mm:.3f}\x00{realisation}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def sample_i0(params: dict, seed: int) -> float:
+    """An i0 drawn log-uniformly over the calibration's per-slice range (the fitted i0 when there is no range):
+    real patients differ in noise for the same protocol, and a denoiser trained on one level under- or over-smooths
+    the others."""
+    import numpy as np
+
+    low, high = params.get("i0_range") or (params["i0"], params["i0"])
+    return float(np.exp(np.random.default_rng(seed ^ 0x5EED).uniform(np.log(low), np.log(high))))
+
+
+def texture_of(variants: Sequence[dict], realisation: int) -> dict:
+    """Even realisations get the fitted texture (``variants[0]``); odd ones cycle through the other filters, so half
+    of the stream matches the calibrated kernel and the rest spans sharper to smoother noise."""
+    if realisation % 2 == 0 or len(variants) == 1:
+        return variants[0]
+    return variants[1 + (realisation // 2) % (len(variants) - 1)]
+
+
+class SimulatePairsFn(beam.DoFn):
+    """One normal-dose slice -> ``realisations`` encoded simulated pairs (or one rejection line)."""
+
+    def __init__(self, calibration: dict, realisations: int, reference: str = "original",
+                 textures: str = "mixed") -> None:
+        self.calibration = calibration
+        self.realisations = realisations
+        self.reference = reference
+        self.textures = textures
+        self.pairs = beam.metrics.Metrics.counter("simulate", "pairs_written")
+        self.skipped = beam.metrics.Metrics.counter("simulate", "slices_skipped_not_square")
+        self.seconds = beam.metrics.Metrics.distribution("simulate", "milliseconds_per_slice")
+
+    def process(self, serialized: bytes) -> Iterable[bytes]:
+        import numpy as np
+
+        from ldct_tf.simulate import calibration as calibration_lib
+        from ldct_tf import ct, simulate
+
+        started = time.perf_counter()
+        item = records.decode_numpy(serialized)
+        hu = item["image"].astype(np.float64)
+        if hu.shape[0] != hu.shape[1]:
+            self.skipped.inc()
+            return
+        variants = (calibration_lib.texture_variants(self.calibration, item["kernel"]) if self.textures == "mixed"
+                    else [calibration_lib.simulation_parameters(self.calibration, item["kernel"])])
+        spacing = tuple(float(v) for v in item["pixel_spacing_mm"])
+        simulator = simulate.ProjectionSimulator(hu, float(np.mean(spacing)))
+        for k in range(self.realisations):
+            params = texture_of(variants, k)
+            seed = noise_seed(item["patient"], item["instance"], item["z_mm"], k)
+            i0 = sample_i0(params, seed)
+            low, reference = simulator.pair(params["dose_fraction"], i0, params["electronic_noise"], seed=seed,
+                                            noise_model=params["noise_model"], filter_name=params["filter_name"],
+                                            reference=self.reference)
+            reference = ct.hu_to_int16(reference)
+            self.pairs.inc()
+            yield records.encode_simulated(records.SimulatedPairRecord(
+                low=ct.hu_to_int16(low), reference=reference, patient=item["patient"], kernel=item["kernel"],
+                split=item["split"], realisation=k, i0=i0, dose_fraction=params["dose_fraction"],
+                filter_name=params["filter_name"], pixel_spacing_mm=spacing))
+        self.seconds.update(int(1000 * (time.perf_counter() - started)))
+
+
+def build_pipeline(pipeline: beam.Pipeline, data: str, split: str, calibration: dict, realisations: int,
+                   num_shards: int, reference: str = "original", textures: str = "mixed") -> None:
+    (pipeline
+     | "ReadNormal" >> beam.io.ReadFromTFRecord(shard_pattern(data, split, "normal"))
+     | "Reshuffle" >> beam.Reshuffle()  # one slice per work item: the projection is the expensive part
+     | "Simulate" >> beam.ParDo(SimulatePairsFn(calibration, realisations, reference, textures))
+     | "Write" >> beam.io.WriteToTFRecord(f"{data.rstrip('/')}/{split}/{SIMULATED}", file_name_suffix=".tfrecord.gz",
+                                          num_shards=num_shards, shard_name_template="-SSSSS-of-NNNNN"))
+
+
+def _counter(result, name: str) -> int:
+    from apache_beam.metrics.metric import MetricsFilter
+
+    found = result.metrics().query(MetricsFilter().with_name(name))["counters"]
+    return int(sum(c.committed or c.attempted or 0 for c in found))
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the stage; returns the manifest's new ``simulated`` entry.  Raises ValueError for unusable input."""
+    from ldct_tf.simulate import calibration as calibration_lib
+    from ldct_tf import data as data_lib
+
+    parser = argparse.ArgumentParser(prog="python -m ldct_tf.pipeline.simulate_pairs", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="output folder of ldct_tf.pipeline.dicom_to_tfrecord")
+    parser.add_argument("--calibration", required=True, help="JSON written by python -m ldct_tf.simulate.calibration")
+    parser.add_argument("--realisations", type=int, default=4, help="noise realisations per slice (default 4)")
+    parser.add_argument("--split", default="train", choices=records.SPLITS)
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--reference", default="original", choices=("projected", "original"),
+                        help="what the noise is added to (default: the slice itself, see ldct_tf.simulate.REFERENCES)")
+    parser.add_argument("--textures", default="mixed", choices=("fitted", "mixed"),
+                        help="noise textures: the fitted FBP filter only, or (default) half fitted and half the other "
+                             "calibrated filters (ldct_tf.simulate.calibration.texture_variants)")
+    parser.add_argument("--overwrite", action="store_true", help="replace this split's simulated shards")
+    args, beam_args = parser.parse_known_args(argv)
+    if args.realisations < 1 or args.num_shards < 1:
+        raise ValueError("--realisations and --num-shards must be >= 1")
+    manifest = data_lib.read_manifest(args.data)
+    if data_lib.slice_count(manifest, args.split, "normal") == 0:
+        raise ValueError(f"{args.data}: split {args.split!r} has no normal-dose slices to simulate from")
+    calibration = calibration_lib.load(args.calibration)
+    existing = FileSystems.match([shard_pattern(args.data, args.split, SIMULATED)])[0].metadata_list
+    if existing and not args.overwrite:
+        raise ValueError(f"{args.data}: split {args.split!r} already has simulated shards; pass --overwrite")
+    if existing:
+        FileSystems.delete([m.path for m in existing])  # this stage's own earlier output only
+    started = time.perf_counter()
+    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+    build_pipeline(pipeline, args.data, args.split, calibration, args.realisations, args.num_shards, args.reference,
+                   args.textures)
+    result = pipeline.run()
+    result.wait_until_finish()
+    seconds = time.perf_counter() - started
+    pairs = _counter(result, "pairs_written")
+    slices = data_lib.slice_count(manifest, args.split, "normal")
+    entry = manifest.setdefault(SIMULATED, {})
+    entry[args.split] = {
+        "pairs": pairs, "source_slices": slices, "realisations": args.realisations, "reference": args.reference,
+        "textures": args.textures,
+        "schema_version": records.SIMULATED_SCHEMA_VERSION,
+        "calibration": {k: calibration_lib.simulation_parameters(calibration, k) for k in calibration["kernels"]},
+        "default_kernel": calibration.get("default_kernel"),
+        "seconds": round(seconds, 1), "seconds_per_source_slice": round(seconds / max(slices, 1), 2),
+    }
+    with FileSystems.create(f"{args.data.rstrip('/')}/manifest.json") as handle:
+        handle.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+    return entry[args.split]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        entry = run(argv)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Wrote {entry['pairs']} simulated pairs from {entry['source_slices']} normal-dose slices in "
+          f"{entry['seconds']:.0f} s ({entry['seconds_per_source_slice']:.1f} s per slice)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

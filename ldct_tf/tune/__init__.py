@@ -1,0 +1,94 @@
+"""``python -m ldct_tf.tune``: Keras Tuner search over the CycleGAN's hyperparameters.
+
+    python -m ldct_tf.tune --config configs/cpu_small.yaml --data SHARDS --dir runs/tune \\
+        [--tuner random|hyperband|bayesian] [--max-trials N] [section.key=value ...]
+
+Writes ``DIR/best.yaml`` (the config of the best trial, which ``python -m ldct_tf.train --config DIR/best.yaml``
+takes as it is), ``DIR/results.csv`` and ``DIR/results.md`` (trial, status, values, objective, metrics, seconds; also
+printed), ``DIR/search.json`` (what was searched, to check a resumed search) and Keras Tuner's own state in
+``DIR/search/`` (``oracle.json``, ``trial_*/trial.json``, each trial's best weights and TensorBoard scalars).
+
+Search space: the config's ``tuning.space`` mapping, keyed by the same ``section.key`` names as command-line
+overrides, merged over :data:`DEFAULT_SPACE` (``tuning.default_space: false`` starts from nothing; an entry set to
+``null`` removes that key from the search).  An entry is ``{min, max[, step][, sampling: log]}`` (an ``int`` or
+``float`` range, typed by the config field), a list of choices, or ``{values: [...]}``; ``[true, false]`` on a boolean
+field is a Boolean.  ``configs/tuning_example.yaml`` lists every ``tuning`` key with its default.
+
+Objective (``tuning.objective``, default ``auto``): with true pairs in the validation split (the same slice at both
+doses, real or simulated with ``ldct_tf.simulate``), ``val_psnr``: the mean PSNR of the denoised low-dose slices
+against their normal-dose slices in the abdomen window (both clipped to [-160, 240] HU, data range 400), to
+maximise; ``val_ssim`` may be chosen instead.  Without pairs, ``val_unpaired`` (to minimise, HU) =
+the noise SD left in the denoised slice + the anatomy it removed; see :func:`unpaired_scores`.
+
+A trial trains ``tuning.epochs`` epochs of ``train.steps_per_epoch`` steps (Hyperband chooses its own epoch budgets,
+up to ``tuning.hyperband.max_epochs``) with the training loop's step function under the same ``tf.distribute``
+strategy as ``python -m ldct_tf.train``, and is scored after every epoch; its best epoch counts.
+
+Resuming: run the same command again with the same ``--dir``: finished trials are kept, a trial that was running when
+the search stopped is run again from its start (``--overwrite`` starts over).
+
+Distributed: Keras Tuner's chief/worker mode.  Start one chief (``KERASTUNER_TUNER_ID=chief``) and any number of
+workers (``KERASTUNER_TUNER_ID=tuner0``, ``tuner1``, ...), all with ``KERASTUNER_ORACLE_IP`` and
+``KERASTUNER_ORACLE_PORT`` naming the chief, and the same arguments; ``--dir`` should be storage they share
+(Hyperband continues one worker's trial on another).  The chief runs only the oracle; it writes the results and
+``best.yaml`` when the workers have finished.  Each worker runs its trials under its own local strategy.
+
+This module is the CLI; the search itself is the package :mod:`ldct_tf.tune` (``space``, ``scoring``,
+``hypermodel``, ``search``), whose Python API is :func:`run` (``tune.run(config, data_dir, out_dir, ...)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from ldct_tf import config as config_lib  # noqa: E402
+# The tests patch ``train_lib.make_step_functions`` (the training loop's module) to skip the step's tracing.
+from ldct_tf.train import loop as train_lib  # noqa: E402,F401
+from ldct_tf.config import TuningError  # noqa: E402
+# The search's public names, importable from here as before the search had its own package.
+from ldct_tf.tune.hypermodel import CycleGANHyperModel  # noqa: E402,F401
+from ldct_tf.tune.scoring import (SCORE_WINDOW, Validation, choose_objective, denoise_hu,  # noqa: E402,F401
+                                    unpaired_scores)
+from ldct_tf.tune.search import (TUNERS, best_config_yaml, make_tuner, results_table, run,  # noqa: E402,F401
+                                   write_results)
+from ldct_tf.tune.space import (DEFAULT_SPACE, TUNING_DEFAULTS, Dimension, apply_values,  # noqa: E402,F401
+                                  parse_dimension, search_space, tuning_settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ldct_tf.tune", description=__doc__.splitlines()[0])
+    config_lib.add_config_arguments(parser, "YAML config with an optional tuning: section "
+                                            "(configs/tuning_example.yaml)", "tuning.epochs=1")
+    train_lib.add_run_arguments(parser)
+    parser.add_argument("--dir", required=True, help="search folder: Keras Tuner state, results, best.yaml")
+    parser.add_argument("--tuner", choices=TUNERS, default="random", help="search algorithm (default random)")
+    parser.add_argument("--max-trials", type=int, help="trials in all, finished ones included (random, bayesian; "
+                                                       "default tuning.max_trials)")
+    parser.add_argument("--overwrite", action="store_true", help="discard an earlier search in --dir")
+    return parser
+
+
+def tune(argv: Optional[Sequence[str]] = None) -> dict:
+    """The CLI's work: parse ``argv``, load the config, :func:`ldct_tf.tune.search.run`.  Problems with the
+    config, the data or the search folder, and a search where no trial produced a score, exit with one line."""
+    args = build_parser().parse_args(argv)
+    cfg = config_lib.load_from_args(args)
+    try:
+        return run(cfg, args.data, args.dir, algorithm=args.tuner, max_trials=args.max_trials,
+                   overwrite=args.overwrite, cpu_replicas=args.cpu_replicas, verbose=args.verbose)
+    except TuningError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    tune(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,0 @@
-"""The Apache Beam DICOM -> TFRecord pipeline (``python -m pipelines.dicom_to_tfrecord``)."""
-
-from ldct_tf.quiet_logs import import_beam_quietly as _import_beam_quietly
-
-_import_beam_quietly()  # without Beam's "apitools not found" warning on every run (apache/beam#18230)

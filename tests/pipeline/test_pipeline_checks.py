@@ -1,0 +1,112 @@
+"""The pipeline's defences against inputs that used to pass silently: implausible rescale / HU / size, duplicate
+slices, dose-manifest entries that match nothing, one placeholder PatientID for everybody, and file names (which may
+hold identifiers) reaching the shareable output."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from ldct_tf import dicom
+from ldct_tf.dicom import plausibility
+from ldct_tf.demo import sample_data
+from ldct_tf.pipeline import site_local
+from ldct_tf.pipeline.dicom_to_tfrecord import run
+
+
+def _rewrite(path: Path, target: Path, **attributes) -> Path:
+    ds = pydicom.dcmread(path)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """Two 'Anonymous' studies, a bad-rescale/tiny folder whose file names hold a PatientID and an accession."""
+    root = tmp_path_factory.mktemp("archive")
+    hu = np.rint(sample_data.ct_small_hu())
+    studies = []
+    for i in range(2):
+        ident = sample_data.Identity("Anonymous", "Anonymous", accession=f"ACC77{i}")
+        studies.append(sample_data.write_series(root / "good" / f"study{i}", [hu, hu + 3], ident))
+    source = studies[0][0]
+    bad = root / "bad"
+    _rewrite(source, bad / "MRN5550123_ACC9981234_slope0.dcm", RescaleSlope=0)
+    _rewrite(source, bad / "MRN5550123_ACC9981234_slope1e6.dcm", RescaleSlope=1e6)
+    tiny = pydicom.dcmread(source)
+    tiny.Rows = tiny.Columns = 1
+    tiny.PixelData = np.array([[1000]], np.uint16).tobytes()
+    tiny.SOPInstanceUID = tiny.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    tiny.save_as(bad / "MRN5550123_ACC9981234_tiny.dcm", enforce_file_format=True)
+    manifest = root / "doses.csv"
+    manifest.write_text("path,dose\ngood,normal\nbad,normal\nelsewhere,low\n1.2.3.4.5.6,low\n")
+    (root / "elsewhere").mkdir()
+    return root, manifest
+
+
+def test_implausible_slices_are_refused_by_the_shared_reader(archive):
+    root, _ = archive
+    reasons = {}
+    for path in sorted((root / "bad").iterdir()):
+        with pytest.raises(dicom.NotUsableCT) as caught:
+            dicom.read_slices(path)
+        reasons[path.name.rsplit("_", 1)[1]] = caught.value.reason
+    assert reasons == {"slope0.dcm": plausibility.IMPLAUSIBLE_RESCALE, "slope1e6.dcm": plausibility.IMPLAUSIBLE_RESCALE,
+                       "tiny.dcm": plausibility.TOO_SMALL}
+    # The HU bounds alone catch a broken rescale too (e.g. when a frame's header is fine but its values are not).
+    assert plausibility.problem(64, 64, 1.0, 0.0, np.full((64, 64), 1e6))[0] == plausibility.IMPLAUSIBLE_HU
+    assert plausibility.problem(64, 64, 1.0, -1024.0, np.full((64, 64), -1024.0))[0] == plausibility.IMPLAUSIBLE_HU
+    assert plausibility.problem(512, 512, 1.0, -1024.0, np.linspace(-1024, 3000, 512 * 512)) is None
+
+
+@pytest.fixture(scope="module")
+def checked_run(archive, tmp_path_factory):
+    root, manifest = archive
+    out = tmp_path_factory.mktemp("checked") / "out"
+    good = str(root / "good")
+    result = run(["--input", good, "--input", good, "--input", good, "--input", str(root / "bad"),
+                  "--dose-manifest", str(manifest), "--output", str(out), "--salt", "s", "--num-shards", "1"])
+    return out, result
+
+
+def test_bad_values_rejected_duplicates_dropped_and_warnings(checked_run):
+    out, manifest = checked_run
+    # 4 good slices, given three times: written once each, the copies counted.
+    assert manifest["slices"] == 4 and manifest["duplicates_dropped"] == 8
+    assert manifest["rejected_by_reason"] == {plausibility.IMPLAUSIBLE_RESCALE: 2, plausibility.TOO_SMALL: 1}
+    warnings = manifest["warnings"]
+    assert any(w.startswith("dose manifest line 4:") and "matches no input file" in w for w in warnings)
+    assert any(w.startswith("dose manifest line 5:") and "SeriesInstanceUID" in w for w in warnings)
+    assert not any(w.startswith(("dose manifest line 2:", "dose manifest line 3:")) for w in warnings)
+    # Both studies say PatientID "Anonymous": one loud warning pointing at the manifest's patient column.
+    assert any("share ONE patient identifier" in w and "'patient' column" in w for w in warnings)
+    assert any("placeholder PatientID" in w for w in warnings)
+
+
+def test_shareable_output_names_no_path_or_file(archive, checked_run):
+    root, _ = archive
+    out, _ = checked_run
+    local = out / site_local.FOLDER
+    forbidden = [b"MRN5550123", b"ACC9981234", str(root).encode(), b"ACC770", b"ACC771"]
+    shared = [p for p in out.rglob("*") if p.is_file() and local not in p.parents]
+    assert any(p.name == "manifest.json" for p in shared) and any(p.parent.name == "rejected" for p in shared)
+    for path in shared:
+        blob = path.read_bytes()
+        blob = gzip.decompress(blob) if path.suffix == ".gz" else blob
+        for value in forbidden:
+            assert value not in blob, f"{value!r} in {path.relative_to(out)}"
+    # The operator can still find every rejected file: rejected/ and the site-local list share the "input" key.
+    rejected = [json.loads(l) for f in (out / "rejected").glob("*.jsonl") for l in f.read_text().splitlines()]
+    paths = {json.loads(l)["input"]: json.loads(l)["path"]
+             for f in local.glob("rejected_paths-*.jsonl") for l in f.read_text().splitlines()}
+    assert sorted(Path(paths[r["input"]]).parent for r in rejected) == [root / "bad"] * 3
+    assert json.loads((local / "run.json").read_text())["output"] == str(out)

@@ -1,0 +1,318 @@
+"""``python -m ldct_tf.tune``: search space parsing, the objectives, and searches over shards from the pipeline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import ndimage
+
+from ldct_tf import config, ct
+from ldct_tf import tune
+from tests.conftest import REPO
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+# The smallest CycleGAN the code builds (tracing its training step costs about 10 s of CPU instead of 30 s for the smoke
+# model) and a small space that keeps every trial that size.
+TINY = ["loss.perceptual=0", "loss.identity=0", "model.depth=1", "model.residual_blocks=0", "model.attention=false",
+        "model.disc_layers=1", "data.patch_size=16", "train.steps_per_epoch=1", "tuning.epochs=1",
+        "tuning.default_space=false", "tuning.space.train.generator_lr={min: 1e-4, max: 1e-3, sampling: log}",
+        "tuning.space.loss.cycle=[5, 10]"]
+
+
+@pytest.fixture(scope="module")
+def paired_shards(sample, tmp_path_factory):
+    """Pipeline shards whose val split holds paired slices (the shared ``sample_run`` puts no patient in val)."""
+    from ldct_tf.pipeline.dicom_to_tfrecord import run
+
+    out = tmp_path_factory.mktemp("tune_shards") / "out"
+    manifest = run(["--input", str(sample.root), "--dose-manifest", str(sample.dose_manifest), "--output", str(out),
+                    "--salt", "test-salt", "--splits", "train=0.5,val=0.5", "--num-shards", "1"])
+    assert manifest["counts"]["val"]["low"] > 0 and manifest["counts"]["val"]["normal"] > 0
+    return str(out)
+
+
+# --- search space -------------------------------------------------------------------------------------------------
+
+def test_default_space_covers_the_issue_and_parses_against_the_config():
+    dims = {d.key: d for d in tune.search_space(config.Config())}
+    assert set(dims) == set(tune.DEFAULT_SPACE)
+    assert dims["train.generator_lr"].kind == "float" and dims["train.generator_lr"].sampling == "log"
+    assert dims["model.depth"].kind == "int"
+    assert dims["model.attention"].kind == "boolean"
+    assert dims["model.norm"].values == ("instance", "batch")
+    assert all(isinstance(v, float) for v in dims["loss.perceptual"].values)
+
+
+def test_user_space_merges_over_the_defaults_nested_or_dotted():
+    cfg = config.load(SMOKE, ["tuning.space.model.depth=null", "tuning.space.loss.cycle=[5, 10]"])
+    cfg.tuning["space"]["model.base_filters"] = {"min": 4, "max": 16, "step": 4}
+    dims = {d.key: d for d in tune.search_space(cfg)}
+    assert "model.depth" not in dims
+    assert dims["loss.cycle"].values == (5.0, 10.0)  # coerced to the float field
+    assert (dims["model.base_filters"].min, dims["model.base_filters"].max, dims["model.base_filters"].step) == \
+        (4, 16, 4)
+    only = config.load(SMOKE, ["tuning.default_space=false", "tuning.space.model.norm=[batch]"])
+    assert [d.key for d in tune.search_space(only)] == ["model.norm"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tuning.space.model.colour=[1, 2]", "unknown key 'model.colour'"),
+    ("tuning.space.model.norm={min: 1, max: 2}", "takes a list of choices"),
+    ("tuning.space.train.generator_lr={min: 0, max: 1, sampling: log}", "needs min > 0"),
+    ("tuning.space.model.depth={min: 4, max: 2}", "must be below max"),
+    ("tuning.space.model.depth=[2, 2.5]", "expected int"),
+    ("tuning.space.loss.perceptual_layers=[[a]]", "only int, float, bool and str"),
+    ("tuning.epochs=0", "tuning.epochs"),
+    ("tuning.objective=best", "tuning.objective"),
+    ("tuning.trials=3", "unknown keys ['trials']"),
+])
+def test_bad_tuning_sections_name_the_key(override, message):
+    with pytest.raises(tune.TuningError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        tune.search_space(config.load(SMOKE, [override]))
+
+
+def test_example_config_lists_every_tuning_key_and_parses():
+    cfg = config.load(REPO / "configs" / "tuning_example.yaml")
+    assert set(cfg.tuning) == set(tune.TUNING_DEFAULTS)
+    assert {d.key for d in tune.search_space(cfg)} >= {"train.generator_lr", "loss.cycle", "model.attention"}
+
+
+def test_trial_values_become_a_config_the_trainer_reads(tmp_path):
+    cfg = tune.apply_values(config.load(SMOKE), {"model.attention": False, "train.generator_lr": 3e-4,
+                                                 "tuner/epochs": 2})
+    path = tmp_path / "best.yaml"
+    path.write_text(cfg.to_yaml())
+    again = config.load(path)
+    assert again.model.attention is False and again.train.generator_lr == 3e-4
+
+
+# --- objectives ---------------------------------------------------------------------------------------------------
+
+def _phantom(size: int = 96) -> np.ndarray:
+    """Water disc with a fat ring and two small contrast spots in air: piecewise constant HU."""
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    r = np.hypot(yy, xx)
+    hu = np.full((size, size), -1000.0)
+    hu[r < 44] = -100.0
+    hu[r < 38] = 40.0
+    hu[np.hypot(yy - 10, xx + 12) < 5] = 120.0
+    hu[np.hypot(yy + 14, xx - 8) < 3] = -20.0
+    return hu
+
+
+def test_unpaired_criterion_prefers_denoising_over_identity_blur_and_flattening():
+    rng = np.random.default_rng(0)
+    clean = _phantom()
+    low = clean + rng.normal(0, 40, clean.shape)
+    score = {name: tune.unpaired_scores(low, out)["unpaired"] for name, out in {
+        "identity": low,
+        "denoised": clean + rng.normal(0, 8, clean.shape),
+        "blurred": ndimage.gaussian_filter(low, 6),
+        "flat": np.full_like(low, 40.0),
+    }.items()}
+    assert score["denoised"] < min(score["identity"], score["blurred"], score["flat"]), score
+    parts = tune.unpaired_scores(low, low)
+    assert parts["residual_hu"] == 0 and 30 < parts["noise_hu"] < 50  # the added noise SD is 40 HU
+
+
+def test_validation_psnr_is_abdomen_window_psnr_of_the_cropped_output():
+    rng = np.random.default_rng(1)
+    normal = [_phantom(90), _phantom(70)]
+    low = [n + rng.normal(0, 30, n.shape) for n in normal]
+    validation = tune.Validation(low, normal, paired=True)
+    identity = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Identity()])
+    scores = validation.score(identity, multiple=8)  # 90 and 70 are padded to 96 and 72, then cropped back
+    expected = np.mean([10 * np.log10(400.0**2 / np.mean((np.clip(l, -160, 240) - np.clip(n, -160, 240)) ** 2))
+                        for l, n in zip(low, normal)])
+    assert scores["val_psnr"] == pytest.approx(expected, abs=1e-3)
+    assert scores["val_psnr"] == pytest.approx(validation.input_scores()["val_psnr"], abs=1e-3)
+    assert 0 < scores["val_ssim"] < 1
+
+
+def test_unpaired_validation_scores_the_denoised_slices_without_references():
+    rng = np.random.default_rng(2)
+    low = [_phantom(64) + rng.normal(0, 40, (64, 64))]
+    validation = tune.Validation(low, [], paired=False)
+    identity = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Identity()])
+    scores = validation.score(identity, multiple=4)
+    assert set(scores) == {"val_noise_hu", "val_residual_hu", "val_unpaired"}
+    assert scores["val_residual_hu"] == pytest.approx(0, abs=0.05)  # float32 round trip through the model scale
+    assert scores["val_unpaired"] == pytest.approx(validation.input_scores()["val_unpaired"], abs=0.05)
+
+
+def test_objective_follows_the_validation_split():
+    assert tune.choose_objective("auto", paired=True).name == "val_psnr"
+    auto_unpaired = tune.choose_objective("auto", paired=False)
+    assert (auto_unpaired.name, auto_unpaired.direction) == ("val_unpaired", "min")
+    assert tune.choose_objective("ssim", paired=True).direction == "max"
+    with pytest.raises(tune.TuningError, match="needs paired validation"):
+        tune.choose_objective("psnr", paired=False)
+
+
+# --- searches -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_training_steps(monkeypatch):
+    """Trials without training steps (the step's tracing costs about 30 s of CPU per trial): everything else, the
+    building, scoring, checkpoints and Keras Tuner's bookkeeping, runs for real."""
+    monkeypatch.setattr(tune.train_lib, "make_step_functions", lambda model, strategy: (lambda it: None, None))
+
+
+def _trial_folder(callbacks) -> str:
+    """The trial's folder name (``trial_2``), from the checkpoint callback Keras Tuner passes to ``fit``."""
+    for callback in callbacks or []:
+        path = getattr(callback, "filepath", None)
+        if isinstance(path, str) and os.path.basename(os.path.dirname(path)).startswith("trial_"):
+            return os.path.basename(os.path.dirname(path))
+    raise AssertionError("no trial checkpoint callback")
+
+
+@pytest.mark.slow
+def test_hyperband_search_continues_trials_from_their_checkpoints(paired_shards, tmp_path, monkeypatch, capsys):
+    """A real Hyperband search with real training steps: a trial that Hyperband continues starts from exactly the
+    weights its parent trial ended with (its checkpoint), not from a fresh initialisation."""
+    fit = tune.CycleGANHyperModel.fit
+    weights_at_start, weights_at_end, parent_of = {}, {}, {}
+
+    def generator_weights(model):
+        return [np.array(w) for w in model.low_to_normal.weights]
+
+    def recording_fit(self, hp, model, *args, callbacks=None, **kwargs):
+        folder = _trial_folder(callbacks)
+        parent_of[folder] = hp.values.get("tuner/trial_id")
+        weights_at_start[folder] = generator_weights(model)
+        result = fit(self, hp, model, *args, callbacks=callbacks, **kwargs)
+        weights_at_end[folder] = generator_weights(model)
+        return result
+
+    monkeypatch.setattr(tune.CycleGANHyperModel, "fit", recording_fit)
+    summary = tune.tune(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--tuner", "hyperband",
+                         "--verbose", "1", *TINY, "tuning.hyperband.max_epochs=2", "tuning.hyperband.factor=2"])
+    output = capsys.readouterr().out
+    assert summary["objective"] == "val_psnr" and summary["paired"]
+    rows = summary["trials"]
+    assert len(rows) >= 3
+    assert all(row["status"] == "COMPLETED" and np.isfinite(row["val_psnr"]) for row in rows)
+    # The progress ("Running Trial #N") and the results number the trials alike; the folder is named too.
+    shown = sorted(int(n) for n in re.findall(r"Running Trial #(\d+)", output))
+    assert shown == sorted(row["trial"] for row in rows) == list(range(1, len(rows) + 1))
+    assert all(row["folder"] == f"trial_{int(row['trial']) - 1:0{len(row['folder']) - 6}d}" for row in rows)
+    continued = {f: p for f, p in parent_of.items() if p is not None}
+    assert continued  # a trial that went on from an earlier trial's weights, for more epochs
+    for folder, parent in continued.items():
+        parent_end, start = weights_at_end[f"trial_{parent}"], weights_at_start[folder]
+        assert any(not np.array_equal(a, b) for a, b in zip(weights_at_start[f"trial_{parent}"], parent_end)), \
+            "the parent's real training steps changed nothing"
+        assert all(np.array_equal(a, b) for a, b in zip(parent_end, start)), f"{folder} did not load trial_{parent}"
+    assert config.load(summary["best_config"]).model.depth == 1
+
+
+def test_bayesian_tuner_gets_its_settings_and_the_space(tmp_path):
+    pytest.importorskip("sklearn", reason="BayesianOptimization needs scikit-learn (keras-tuner[bayesian])")
+    import keras_tuner
+
+    cfg = config.load(SMOKE, [*TINY, "tuning.bayesian.num_initial_points=2"])
+    objective = tune.choose_objective("auto", paired=True)
+    hypermodel = tune.CycleGANHyperModel(cfg, tune.search_space(cfg), "unused", tune.Validation([], [], True),
+                                         tf.distribute.get_strategy(), objective, epochs=1)
+    tuner = tune.make_tuner("bayesian", hypermodel, objective, tune.tuning_settings(cfg), str(tmp_path), 3, seed=1,
+                            overwrite=False)
+    assert isinstance(tuner, keras_tuner.BayesianOptimization)
+    assert (tuner.oracle.num_initial_points, tuner.oracle.max_trials) == (2, 3)
+    assert {hp.name for hp in tuner.oracle.get_space().space} == {"train.generator_lr", "loss.cycle"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_chief_and_worker_run_one_search(paired_shards, tmp_path, no_training_steps, monkeypatch):
+    """Keras Tuner's distributed mode: a chief process runs the oracle, a worker (this process) runs the trials."""
+    argv = ["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path / "search"), "--max-trials", "2",
+            "--verbose", "0", *TINY]
+    cluster = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(_free_port())}
+    chief = subprocess.Popen([sys.executable, "-m", "ldct_tf.tune", *argv], cwd=REPO, text=True,
+                             env={**ENV, **cluster, "KERASTUNER_TUNER_ID": "chief"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for name, value in {**cluster, "KERASTUNER_TUNER_ID": "tuner0"}.items():
+            monkeypatch.setenv(name, value)
+        assert tune.tune(argv) == {"worker": True}
+        output, _ = chief.communicate(timeout=300)
+    finally:
+        if chief.poll() is None:
+            chief.kill()
+            chief.wait()
+    assert chief.returncode == 0, output[-3000:]
+    assert "Best: trial" in output
+    with open(tmp_path / "search" / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["COMPLETED", "COMPLETED"] and all(r["val_psnr"] for r in rows)
+    assert config.load(tmp_path / "search" / "best.yaml").model.depth == 1
+
+
+def test_a_search_where_every_trial_fails_says_so(paired_shards, tmp_path, no_training_steps, monkeypatch):
+    monkeypatch.setattr(tune.Validation, "score", lambda self, generator, multiple: {"val_psnr": float("nan"),
+                                                                                      "val_ssim": float("nan")})
+    with pytest.raises(SystemExit, match="none of the 1 trial"):
+        tune.tune(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--max-trials", "1",
+                   "--verbose", "0", *TINY])
+    assert not (tmp_path / "best.yaml").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_random_search_resumes_and_its_best_config_trains(paired_shards, tmp_path, monkeypatch):
+    """Two real trials on the smoke config; the search is interrupted in the second and resumed; the best config
+    is accepted by the training CLI."""
+    search = tmp_path / "search"
+    argv = ["--config", SMOKE, "--data", paired_shards, "--dir", str(search), "--max-trials", "2", "--verbose", "0",
+            *TINY]
+    fit = tune.CycleGANHyperModel.fit
+    calls = []
+
+    def interrupted_in_second_trial(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(tune.CycleGANHyperModel, "fit", interrupted_in_second_trial)
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune(argv)
+    first_trial = (search / "search" / "trial_0" / "trial.json").read_text()
+    assert json.loads(first_trial)["status"] == "COMPLETED"
+    monkeypatch.setattr(tune.CycleGANHyperModel, "fit", fit)
+
+    summary = tune.tune(argv)
+    assert summary["run_now"] == [2]  # the finished trial (number 1, folder trial_0) is not run again
+    assert (search / "search" / "trial_0" / "trial.json").read_text() == first_trial
+    rows = summary["trials"]
+    assert [(r["trial"], r["folder"]) for r in rows] == [(1, "trial_0"), (2, "trial_1")]
+    assert all(r["status"] == "COMPLETED" and np.isfinite(r["val_psnr"]) and r["seconds"] > 0 for r in rows)
+    assert (search / "results.csv").read_text().count("\n") == 3 and (search / "results.md").exists()
+
+    best = next(r for r in rows if r["trial"] == summary["best_trial"])
+    cfg = config.load(search / "best.yaml")
+    assert cfg.loss.cycle == best["loss.cycle"]
+    assert cfg.train.generator_lr == pytest.approx(best["train.generator_lr"])
+
+    from ldct_tf.train import train
+
+    trained = train(["--config", str(search / "best.yaml"), "--data", paired_shards, "--model-dir",
+                     str(tmp_path / "run"), "--verbose", "0", "train.steps=1"])
+    assert trained["steps"] == 1 and (tmp_path / "run" / "generator.keras").exists()
+    assert config.load(tmp_path / "run" / "config.yaml").loss.cycle == best["loss.cycle"]
