@@ -49,6 +49,8 @@ class ModelConfig:
     # mean "no normalisation", not "unset" (v1's critics silently got instance norm that way).
     disc_norm: str = "same"
     disc_input: str = "image"  # image | highpass | both (models/discriminator.py, HighPass)
+    # The generator also sees its input's own noise level (models/blocks.NoiseLevelMap): one network for many doses.
+    noise_conditional: bool = False
 
     @property
     def size_multiple(self) -> int:

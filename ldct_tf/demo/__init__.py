@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "saved_models" / "ldct_denoiser"
 HELD_OUT_PATIENT = "L286"  # never used to train the shipped model (saved_models/ldct_denoiser/README.md)
 DOSE_FRACTION = 0.25

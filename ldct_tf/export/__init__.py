@@ -257,7 +257,7 @@ def load_generator(model_dir: Path, cfg) -> "keras.Model":
     if any(getattr(layer, "dtype_policy", None) is not None and layer.dtype_policy.name != "float32"
            for layer in generator.layers):
         m = cfg.model
-        rebuilt = build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm,
+        rebuilt = build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm, noise_conditional=m.noise_conditional,
                                   name=generator.name)
         rebuilt.set_weights(generator.get_weights())
         generator = rebuilt

@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Optional
 
 import keras
-from keras import layers
+from keras import layers, ops
+
+from ldct_tf import ct, noise
 
 NORMS = ("instance", "batch", "none")
 PACKAGE = "ldct_tf"
@@ -162,3 +164,31 @@ class AttentionGate(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "inter_filters": self.inter_filters}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class NoiseLevelMap(layers.Layer):
+    """Appends the image's own noise level as a constant channel (FFDNet-style conditioning, estimated blind).
+
+    Why inside the network: the denoiser must know how noisy its input is (a 10 % and a 50 % dose scan need different
+    smoothing), and a level that the graph measures itself cannot be forgotten or mis-scaled by a caller; TF Serving,
+    ``denoise``, the node and training all get the same figure (``ldct_tf.noise``).  The input is on the model scale
+    (``ldct_tf.ct.to_model``); the channel is the noise index in HU divided by ``scale_hu``.
+    """
+
+    def __init__(self, scale_hu: float = 50.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale_hu = float(scale_hu)
+
+    def call(self, x):
+        x32 = ops.cast(x, "float32")
+        hu = ct.from_model(x32)
+        level = noise.noise_index_hu(hu) / self.scale_hu
+        level_map = ops.ones_like(x32) * ops.reshape(level, (-1, 1, 1, 1))
+        return ops.cast(ops.concatenate([x32, level_map], axis=-1), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], input_shape[-1] + 1)
+
+    def get_config(self):
+        return {**super().get_config(), "scale_hu": self.scale_hu}

@@ -22,7 +22,7 @@ def build_cyclegan(config: Config) -> CycleGAN:
                          f"{m.size_multiple}")
 
     def generator(name: str) -> keras.Model:
-        return build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm, name=name)
+        return build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm, noise_conditional=m.noise_conditional, name=name)
 
     def critic(name: str) -> keras.Model:
         return build_discriminator(m.disc_filters, m.disc_layers, m.critic_norm, m.spectral_norm, name=name,

@@ -16,12 +16,16 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from ldct_tf.models.blocks import AttentionGate, ConvNormAct, ResidualBlock, check_norm
+from ldct_tf.models.blocks import AttentionGate, ConvNormAct, NoiseLevelMap, ResidualBlock, check_norm
 
 
 def build_generator(depth: int = 3, base_filters: int = 32, residual_blocks: int = 4, attention: bool = True,
-                    norm: str = "instance", name: str = "generator") -> keras.Model:
-    """Build the generator as a functional Keras model (serialisable with ``keras.saving``)."""
+                    norm: str = "instance", name: str = "generator", noise_conditional: bool = False) -> keras.Model:
+    """Build the generator as a functional Keras model (serialisable with ``keras.saving``).
+
+    ``noise_conditional``: the first layer also sees the input's own noise level as a constant channel
+    (:class:`~ldct_tf.models.blocks.NoiseLevelMap`), so one network can serve doses from 5 to 50 %.
+    """
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
     if not isinstance(base_filters, int) or base_filters < 1:
@@ -31,7 +35,7 @@ def build_generator(depth: int = 3, base_filters: int = 32, residual_blocks: int
     check_norm(norm)
 
     inputs = keras.Input((None, None, 1), name="image")
-    x = inputs
+    x = NoiseLevelMap(name="noise_level")(inputs) if noise_conditional else inputs
     skips = []
     for level in range(depth):
         filters = base_filters * 2**level

@@ -22,7 +22,7 @@ def smoke_generator(seed: int = 0):
 
     keras.utils.set_random_seed(seed)
     m = config_lib.load(REPO / "configs" / "smoke.yaml").model
-    generator = build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm, name="low_to_normal")
+    generator = build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm, noise_conditional=m.noise_conditional, name="low_to_normal")
     head = generator.get_layer("noise")
     kernel, bias = head.get_weights()
     head.set_weights([np.random.default_rng(seed).normal(0.0, 0.05, kernel.shape).astype(np.float32), bias])

@@ -1,0 +1,83 @@
+"""``python -m experiments.v3 STEP --work DIR``: how the v3 denoiser was made, validated, shipped and tested.
+
+    python -m experiments.v3 all --work /tmp/v3          # every step below, in order (CPU budget: see the README)
+    python -m experiments.v3 simulate --work /tmp/v3     # simulated pairs from every training source (v3_data)
+    python -m experiments.v3 train --work /tmp/v3 --seed 0   # one seed (run 0, 1, 2)
+    python -m experiments.v3 validate --work /tmp/v3     # L143 (held out): seeds, BM3D tuned per dose; picks the seed
+    python -m experiments.v3 ship --work /tmp/v3         # exports the picked seed as saved_models/ldct_denoiser/3
+    python -m experiments.v3 test --work /tmp/v3         # L286, read once: v3 seeds vs BM3D (dev-tuned) vs v2
+
+Nothing is chosen on L286: ``test`` only reads what ``validate`` decided (``work/validation.json``) and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from experiments import v3_data, v3_steps
+
+
+def _simulate(args) -> None:
+    v3_steps.simulate(Path(args.work), args.realisations, args.processes)
+
+
+def _train(args) -> None:
+    v3_steps.train(Path(args.work), args.seed, args.steps)
+
+
+def _validate(args) -> None:
+    v3_steps.validate(Path(args.work))
+
+
+def _ship(args) -> None:
+    v3_steps.ship(Path(args.work), Path(args.target))
+
+
+def _test(args) -> None:
+    v3_steps.test(Path(args.work))
+
+
+def _all(args) -> None:
+    work = Path(args.work)
+    v3_steps.simulate(work, args.realisations, args.processes)
+    for seed in range(args.seeds):
+        v3_steps.train(work, seed, args.steps)
+    v3_steps.validate(work)
+    v3_steps.ship(work, Path(args.target))
+    v3_steps.test(work)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.v3", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    for name, fn in (("simulate", _simulate), ("train", _train), ("validate", _validate), ("ship", _ship),
+                     ("test", _test), ("all", _all)):
+        p = sub.add_parser(name)
+        p.add_argument("--work", required=True, help="working folder (created; holds pairs, seeds, results)")
+        p.add_argument("--realisations", type=int, default=6, help="simulated pairs per source slice")
+        p.add_argument("--processes", type=int, default=2)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seeds", type=int, default=3)
+        p.add_argument("--steps", type=int, default=v3_steps.STEPS)
+        p.add_argument("--target", default=str(v3_data.REPO / "saved_models" / "ldct_denoiser" / "3"))
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.fn(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
