@@ -46,7 +46,7 @@ log = logging.getLogger("ldct_tf.denoise")
 #: Float32 HU batch [N, H, W] -> denoised float32 HU batch, same shape.
 Denoiser = Callable[[np.ndarray], np.ndarray]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "saved_models" / "ldct_denoiser"
 DEFAULT_SERVER_MODEL = "ldct_denoiser"
 DEFAULT_BATCH_SIZE = 8
