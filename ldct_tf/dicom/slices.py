@@ -296,6 +296,9 @@ def geometry(
         )
     if not all(math.isfinite(v) for v in pos + ori + spc) or min(spc) <= 0:
         raise NotUsableCT(source, BAD_GEOMETRY, f"non-finite position/orientation or bad pixel spacing {spc}")
+    if np.linalg.norm(np.cross(ori[:3], ori[3:])) < 1e-6:  # all zero or parallel: no plane (was taken as axial)
+        raise NotUsableCT(source, BAD_GEOMETRY, "ImageOrientationPatient does not define a plane (zero or parallel "
+                                                "row and column vectors)")
     tilt = math.degrees(math.acos(min(1.0, abs(float(slice_normal(ori)[2])))))
     if tilt > MAX_AXIAL_TILT_DEG:
         raise NotUsableCT(source, NOT_AXIAL, f"image plane is {tilt:.0f} degrees from axial (a reformat, not a slice)")

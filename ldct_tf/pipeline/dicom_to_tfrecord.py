@@ -40,6 +40,8 @@ SUMMARY_NAME = ".pipeline_summary.json"
 FACTS_NAME = ".input_facts.json"
 DEFAULT_SALT = "ldct_tf-default-salt"
 _GLOB_CHARS = set("*?[")
+#: --num-shards is per split and dose (x 6 files): 1024 already means 6,144 shard files, more than any site needs.
+MAX_SHARDS = 1024
 
 
 class UsageError(Exception):
@@ -274,8 +276,8 @@ def run_with_output(argv: Optional[Sequence[str]] = None) -> tuple[dict, str]:
                           args.normal_dose_min_ctdivol, args.low_dose_max_mas, args.normal_dose_min_mas)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.num_shards < 1:
-        raise UsageError(f"--num-shards must be >= 1, got {args.num_shards}")
+    if not 1 <= args.num_shards <= MAX_SHARDS:
+        raise UsageError(f"--num-shards must be between 1 and {MAX_SHARDS}, got {args.num_shards}")
     try:
         manifest = DoseManifest.load(args.dose_manifest) if args.dose_manifest else None
     except DoseManifestError as exc:

@@ -157,3 +157,11 @@ def test_output_through_a_symlink_into_the_input_or_a_site_local_folder_inside_t
     assert not (tmp_path / "in" / "out").exists()
     with pytest.raises(UsageError, match="inside --output"):
         run([*base, "--output", str(tmp_path / "out"), "--site-local", str(tmp_path / "out" / "local")])
+
+
+def test_num_shards_is_capped(tmp_path):
+    from ldct_tf.pipeline.dicom_to_tfrecord import UsageError
+
+    with pytest.raises(UsageError, match="--num-shards must be between 1 and 1024, got 100000"):
+        run(["--input", str(tmp_path), "--normal-dose-description", ".*", "--output", str(tmp_path / "o"),
+             "--num-shards", "100000"])
