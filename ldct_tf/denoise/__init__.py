@@ -38,8 +38,8 @@ from ldct_tf import audit, dicom
 from ldct_tf.dicom import ai_marking
 from ldct_tf.denoise import output as denoise_output
 # The planning half of a run (what is read, what is written where); re-exported as part of this API.
-from ldct_tf.denoise.plan import (SeriesPlan, Skipped, _warn_skipped, check_outputs, check_paths,  # noqa: F401
-                                  list_files, plan, scan)
+from ldct_tf.denoise.plan import (MAX_PIXELS, RefusedSeries, SeriesPlan, Skipped, _warn_skipped,  # noqa: F401
+                                  check_outputs, check_paths, list_files, plan, scan)
 
 log = logging.getLogger("ldct_tf.denoise")
 
@@ -88,6 +88,7 @@ class DenoiseSummary:
     slices: int = 0
     seconds: float = 0.0
     skipped: list[Skipped] = field(default_factory=list)
+    refused: list[RefusedSeries] = field(default_factory=list)  # series not written: some slices were unusable
     folders: list[Path] = field(default_factory=list)  # one output folder per derived series
     audits: list[Path] = field(default_factory=list)  # one audit sidecar per derived series (unless --no-audit)
     flagged_slices: int = 0  # slices the audit flagged, over all series
@@ -101,6 +102,8 @@ class DenoiseSummary:
                 f"({self.slices_per_second:.2f} slices/s)")
         if self.skipped:
             text += f"; skipped {len(self.skipped)} file(s)"
+        if self.refused:
+            text += f"; refused {len(self.refused)} series with unusable slices"
         if self.audits:
             text += f"; audit flagged {self.flagged_slices} slice(s) (see audit/ in each series folder)"
         return text
@@ -178,10 +181,8 @@ def _write_chunk(chunk, denoiser: Denoiser, model: ModelInfo, derived: dicom.Der
                 written_ds = dicom.write_derived_slice(ds, slice_hu, derived, staged.path_for(out))
             except OSError as exc:
                 raise DenoiseError(f"{out}: cannot write ({exc.strerror or type(exc).__name__})") from None
-            except ValueError as exc:  # e.g. --deidentify refusing a file with burned-in text: that slice only
-                skipped.append(Skipped(str(ds.get("filename", "") or out.name), str(exc)))
-                _warn_skipped(skipped[-1])
-                continue
+            except ValueError as exc:  # the scan refused what it knows of; never leave the series partial
+                raise DenoiseError(f"{out.name}: cannot be written ({exc}); its series was not written") from None
             written += 1
             if auditor is not None:
                 auditor.add(hu, slice_hu, info.pixel_spacing_mm, int(written_ds.get("InstanceNumber", 0) or 0),
@@ -195,14 +196,17 @@ def _write_chunk(chunk, denoiser: Denoiser, model: ModelInfo, derived: dicom.Der
 def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: Denoiser, model: ModelInfo, *,
             batch_size: int = DEFAULT_BATCH_SIZE, overwrite: bool = False,
             progress: Optional[bool] = None, audit_series: bool = True, audit_config: Optional[str] = None,
-            deidentify: bool = False, pseudonym_salt: Optional[str] = None) -> DenoiseSummary:
+            deidentify: bool = False, pseudonym_salt: Optional[str] = None,
+            max_pixels: Optional[int] = MAX_PIXELS) -> DenoiseSummary:
     """Denoise every CT series under ``input_path`` into derived series under ``output``.
 
     ``audit_series`` writes each series' change audit (``ldct_tf.audit``) to ``SERIES_FOLDER/audit/``;
     ``deidentify`` writes the derived series under the PS3.15 basic profile (``ldct_tf.dicom.deidentify``; pseudonyms
-    keyed by ``pseudonym_salt``, random when None) with anonymous folder and file names.
+    keyed by ``pseudonym_salt``, random when None) with anonymous folder and file names.  ``max_pixels`` refuses
+    larger slices before decoding them.
 
-    Files that are not usable CT are skipped with a warning naming them (``summary.skipped``); problems with the
+    Files that are not usable CT are skipped with a warning naming them (``summary.skipped``); a series with an
+    unusable slice is not written at all (``summary.refused``, never a partial series); problems with the
     command as a whole (paths, a model that returns the wrong shape) raise :class:`DenoiseError`.  ``progress``
     None shows the bar only on a terminal.
     """
@@ -214,14 +218,14 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
     check_paths(input_path, output)
     started = time.perf_counter()
     files = list_files(input_path)
-    series, skipped = scan(files, progress)
+    series, skipped, refused = scan(files, progress, deidentify=deidentify, max_pixels=max_pixels)
     plans = plan(input_path, output, series, anonymous_names=deidentify)
     check_outputs(plans, files, overwrite)
     # before the model runs: a path the file system cannot hold fails now, not after the first series
     denoise_output.check_path_lengths(output, [out for item in plans for out in item.outputs])
     if denoise_output.remove_stale_staging(output):
         log.warning("removed the partial series that an interrupted earlier run left in %s", output)
-    summary = DenoiseSummary(skipped=skipped)
+    summary = DenoiseSummary(skipped=skipped, refused=refused)
     deidentifier = None
     if deidentify:
         from ldct_tf.dicom.deidentify import Deidentifier
@@ -323,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deidentify", action="store_true",
                         help="write the derived series under the DICOM PS3.15 Basic Application Level "
                              "Confidentiality Profile (pseudonyms, new UIDs, anonymous file names)")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help="refuse slices of more pixels than this (rows x columns; default %(default)s, 4096x4096)")
     parser.add_argument("--pseudonym-salt", default=os.environ.get("LDCT_PSEUDONYM_SALT"),
                         help="key for --deidentify's pseudonyms (default $LDCT_PSEUDONYM_SALT, else random per run: "
                              "the same salt gives the same pseudonym for the same patient across runs)")
@@ -348,17 +354,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary = denoise(args.input, args.output, denoiser, model, batch_size=args.batch_size,
                               overwrite=args.overwrite, progress=False if args.no_progress else None,
                               audit_series=not args.no_audit, audit_config=args.audit_config,
-                              deidentify=args.deidentify, pseudonym_salt=args.pseudonym_salt)
+                              deidentify=args.deidentify, pseudonym_salt=args.pseudonym_salt,
+                              max_pixels=args.max_pixels)
     except (DenoiseError, audit.AuditConfigError) as exc:
         print(f"ldct_tf.denoise: error: {exc}", file=sys.stderr)
         return 1
     print(summary.line())
     for folder in summary.folders:
         print(f"  wrote {folder}")
-    if summary.slices == 0:
+    for refused in summary.refused:
+        print(f"ldct_tf.denoise: error: {refused.line()}", file=sys.stderr)
+    if summary.slices == 0 and not summary.refused:
         print(f"ldct_tf.denoise: error: no usable CT slices found in {args.input}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if summary.refused or summary.slices == 0 else 0
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
-
-import pydicom
+from typing import Iterable, Optional
 
 STAGING_PREFIX = ".ldct_tf-partial-"
 #: Inside every staging folder: tells a later run that the folder is this tool's own leftover (after a kill -9).
@@ -34,31 +32,6 @@ class DenoiseError(Exception):
 
 
 OutputError = DenoiseError  # the output cannot be written
-
-
-def series_uid(path: Path) -> str:
-    """The file's SeriesInstanceUID, or "" when its header cannot be read."""
-    try:
-        return str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID", "") or "")
-    except Exception:  # an unreadable header: the file stays skipped on its own
-        return ""
-
-
-def drop_series_with(series: dict, bad_files: Sequence[Path]) -> list[tuple[list, int]]:
-    """Remove from ``series`` (series key -> [(info, path)]) every series that one of ``bad_files`` belongs to (by
-    SeriesInstanceUID), so that no series is written without some of its slices; returns (the dropped series'
-    usable members, how many of its slices were bad) per dropped series."""
-    bad_by_series: dict[str, int] = {}
-    for path in bad_files:
-        uid = series_uid(path)
-        if uid:
-            bad_by_series[uid] = bad_by_series.get(uid, 0) + 1
-    dropped = []
-    for uid, count in bad_by_series.items():
-        members = series.pop(uid, [])
-        if members:
-            dropped.append((members, count))
-    return dropped
 
 
 def existing_ancestor(path: Path) -> Path:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import pydicom
 from tqdm.auto import tqdm
 
 from ldct_tf import audit, dicom
 from ldct_tf.denoise import output as denoise_output
-from ldct_tf.dicom import plausibility
 from ldct_tf.denoise.output import DenoiseError
 
 log = logging.getLogger("ldct_tf.denoise")
@@ -65,36 +65,82 @@ def _warn_skipped(skipped: Skipped) -> None:
     log.warning("skipped %s: %s", skipped.path, skipped.reason)
 
 
-def scan(files: Sequence[Path], progress: Optional[bool] = None
-         ) -> tuple[dict[str, list[tuple[dicom.SliceInfo, Path]]], list[Skipped]]:
-    """Read and check every file (the same checks as the pipeline); group usable slices by series.
+#: Reasons that say nothing about a series' slices (the file is no axial CT image of it): skipped alone.  Any other
+#: failure (truncated, short pixel data, multi-frame, implausible, too large...) is a slice the series cannot lose.
+NOT_A_SLICE = (dicom.NOT_DICOM, dicom.NOT_CT_IMAGE, dicom.LOCALIZER)
+#: --deidentify cannot remove text burned into the pixels: such a slice refuses its series.
+BURNED_IN = "burned_in_annotation"
+MAX_PIXELS = 4096 * 4096  # default --max-pixels: the largest CT matrices are 2048x2048; 4096x4096 leaves room
 
-    A series with a slice that fails the plausibility checks (RescaleSlope 0, HU off the CT scale, a tiny image) is
-    dropped whole, with one warning, so that no partial series is written.
+
+@dataclass(frozen=True)
+class RefusedSeries:
+    """A series not written because some of its slices are unusable (never a partial series, issue 27)."""
+
+    folder: str
+    slices: int
+    reasons: tuple[str, ...]  # "file: reason" per unusable slice
+
+    def line(self) -> str:
+        more = f" (and {len(self.reasons) - 1} more)" if len(self.reasons) > 1 else ""
+        return (f"series in {self.folder} not written: {len(self.reasons)} of its {self.slices} slices are unusable: "
+                f"{self.reasons[0]}{more}")
+
+
+def _header_key(path: Path) -> Optional[tuple[str, str, str]]:
+    """The group key of a file whose slice is unusable, from its header; None when even that cannot be read."""
+    try:
+        return dicom.header_group_key(pydicom.dcmread(path, stop_before_pixels=True, force=True))
+    except Exception:  # noqa: BLE001 - a header pydicom cannot parse: the file is skipped on its own
+        return None
+
+
+def _read_for_scan(path: Path, deidentify: bool, max_pixels: Optional[int]):
+    """(info, None) for a usable slice, (None, Skipped) otherwise, with whether it breaks its series."""
+    try:
+        ds, _, info = dicom.read_ct_dataset(path, max_pixels=max_pixels)
+    except dicom.NotUsableCT as exc:
+        return None, Skipped(str(path), f"{exc.reason}: {exc.detail}"), exc.reason not in NOT_A_SLICE
+    if deidentify and str(ds.get("BurnedInAnnotation", "NO")).upper() == "YES":
+        return None, Skipped(str(path), f"{BURNED_IN}: text in the pixels cannot be removed by --deidentify"), True
+    return info, None, False
+
+
+def scan(files: Sequence[Path], progress: Optional[bool] = None, deidentify: bool = False,
+         max_pixels: Optional[int] = MAX_PIXELS
+         ) -> tuple[dict[tuple, list[tuple[dicom.SliceInfo, Path]]], list[Skipped], list[RefusedSeries]]:
+    """Read and check every file (the same checks as the pipeline); group usable slices by patient, study and series.
+
+    A series with an unusable slice (any reason but "not an axial CT image at all", or burned-in text under
+    ``deidentify``) is refused whole, with the reasons, so that no partial series is ever written.
     """
-    series: dict[str, list[tuple[dicom.SliceInfo, Path]]] = defaultdict(list)
-    skipped = []
-    implausible = []
+    series: dict[tuple, list[tuple[dicom.SliceInfo, Path]]] = defaultdict(list)
+    skipped, breaking = [], defaultdict(list)
     disable = None if progress is None else not progress  # None: a bar only on a terminal
     for path in tqdm(files, desc="scanning", unit="file", leave=False, disable=disable):
-        try:
-            _, _, info = dicom.read_ct_dataset(path)
-        except dicom.NotUsableCT as exc:
-            skipped.append(Skipped(str(path), f"{exc.reason}: {exc.detail}"))
-            _warn_skipped(skipped[-1])
-            if exc.reason in plausibility.REASONS:
-                implausible.append(path)
+        info, problem, breaks = _read_for_scan(path, deidentify, max_pixels)
+        if info is not None:
+            series[info.group_key].append((info, path))
             continue
-        series[info.series_key].append((info, path))
-    for members, bad in denoise_output.drop_series_with(series, implausible):
-        log.warning("series in %s not written: %d of its %d slices failed validation", members[0][1].parent, bad,
-                    bad + len(members))
-        skipped.extend(Skipped(str(path), "series_not_written: other slices of its series failed validation")
+        skipped.append(problem)
+        _warn_skipped(problem)
+        key = _header_key(path) if breaks else None
+        if key is not None:
+            breaking[key].append(f"{path.name}: {problem.reason.split(':')[0]}")
+    refused = []
+    for key, reasons in breaking.items():
+        members = series.pop(key, [])
+        if not members:
+            continue  # nothing of that series was usable: its files are skipped, no partial series is possible
+        folder = members[0][1].parent
+        refused.append(RefusedSeries(str(folder), len(members) + len(reasons), tuple(reasons)))
+        log.warning(refused[-1].line())
+        skipped.extend(Skipped(str(path), "series_not_written: other slices of its series are unusable")
                        for _, path in members)
-    return series, skipped
+    return series, skipped, refused
 
 
-def plan(input_path: Path, output: Path, series: dict[str, list[tuple[dicom.SliceInfo, Path]]],
+def plan(input_path: Path, output: Path, series: dict[tuple, list[tuple[dicom.SliceInfo, Path]]],
          anonymous_names: bool = False) -> list[SeriesPlan]:
     """Where each derived series goes: OUTPUT mirrors INPUT's folders; the series' files keep their names (relative
     to the series' common folder); a folder holding several series gets ``series_1``, ``series_2``... subfolders.
@@ -127,12 +173,20 @@ def plan(input_path: Path, output: Path, series: dict[str, list[tuple[dicom.Slic
 
 
 def check_outputs(plans: Sequence[SeriesPlan], inputs: Sequence[Path], overwrite: bool) -> None:
-    """No output may be an input file; existing outputs need ``overwrite``."""
+    """No output may be an input file, no two series may share a folder or a file (issue 27: a subfolder named
+    ``series_1`` and the first of two series beside it both planned ``OUT/series_1/``, and one replaced the other);
+    existing outputs need ``overwrite``."""
     input_set = {p.resolve() for p in inputs}
-    existing = []
-    for item in plans:
-        for out in [*item.outputs, item.folder / audit.AUDIT_FOLDER / audit.SIDECAR]:
-            if out.resolve() in input_set:
+    existing, owner = [], {}
+    for number, item in enumerate(plans):
+        for out in [item.folder, *item.outputs, item.folder / audit.AUDIT_FOLDER / audit.SIDECAR]:
+            resolved = out.resolve()
+            if owner.setdefault(resolved, number) != number:
+                raise DenoiseError(f"{out}: two input series would be written here (their folders' layout "
+                                   f"collides); denoise them into separate output folders")
+            if out == item.folder:
+                continue
+            if resolved in input_set:
                 raise DenoiseError(f"{out}: would overwrite an input file; choose another output folder")
             if out.exists():
                 existing.append(out)

@@ -20,7 +20,8 @@ from ldct_tf.dicom.read import (group_series, read_ct_dataset, read_slice, read_
 from ldct_tf.dicom.slices import (BAD_GEOMETRY, CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE,
     LEGACY_ENHANCED_CT_IMAGE_STORAGE, LOCALIZER, MAX_AXIAL_TILT_DEG, MULTI_FRAME, MULTI_FRAME_CT_CLASSES,
     NO_PIXEL_DATA, NOT_AXIAL, NOT_CT_IMAGE, NOT_DICOM, NOT_GRAYSCALE, UNDECODABLE, UNREADABLE, NotUsableCT,
-    PathOrFile, SliceInfo, padding_tags, read_dataset, slice_normal, sop_class_of, tag_float, tag_text)
+    PathOrFile, SliceInfo, header_group_key, padding_tags, read_dataset, slice_normal, sop_class_of, tag_float,
+    tag_text)
 from ldct_tf.dicom.write import (DerivedSeries, derived_dataset, hu_to_stored, stored_dtype, stored_value_range,
                                  write_derived_slice)
 
@@ -28,7 +29,7 @@ __all__ = [
     "BAD_GEOMETRY", "CT_IMAGE_STORAGE", "ENHANCED_CT_IMAGE_STORAGE", "LEGACY_ENHANCED_CT_IMAGE_STORAGE", "LOCALIZER",
     "MAX_AXIAL_TILT_DEG", "MULTI_FRAME", "MULTI_FRAME_CT_CLASSES", "NO_PIXEL_DATA", "NOT_AXIAL", "NOT_CT_IMAGE",
     "NOT_DICOM", "NOT_GRAYSCALE", "UNDECODABLE", "UNREADABLE", "NotUsableCT", "PathOrFile", "SliceInfo",
-    "DerivedSeries", "derived_dataset", "group_series", "hu_to_stored", "padding_tags", "read_ct_dataset",
+    "DerivedSeries", "derived_dataset", "group_series", "header_group_key", "hu_to_stored", "padding_tags", "read_ct_dataset",
     "read_dataset", "read_slice", "read_slices", "slice_normal", "sop_class_of", "stored_dtype",
     "stored_value_range", "tag_float", "tag_text", "write_derived_slice",
 ]

@@ -4,8 +4,9 @@ Data, not logic: one ``GGGGEEEE:ACTION`` token per attribute, transcribed from T
 in github.com/chsasank/dicom_standard, source/part15/chapter_E.rst, 2020) by a script that parsed the table's tag and
 "Basic Prof." columns.  Actions (PS3.15 E.1.1): X remove, Z zero-length (or a dummy value), D dummy value, U a new UID
 (consistently mapped), and combinations such as X/Z, meaning "the stricter one unless the IOD requires the
-attribute" (``ldct_tf.dicom.deidentify.resolve_action`` picks one for a CT image).  Repeating-group attributes (curves
-50xx,xxxx; overlay data and comments 60xx,3000 / 60xx,4000) and every private attribute are removed as well.
+attribute" (``ldct_tf.dicom.deidentify.resolve_action`` picks one for a CT image).  Repeating groups (curves 50xx,
+overlays 60xx, whole), every private attribute and every public attribute the dictionary does not know are removed
+as well.
 """
 
 PROFILE_TABLE = """
@@ -66,14 +67,24 @@ PROFILE_TABLE = """
     0040A073:D 0040A027:D 00384000:X 00189371:D 00189373:X 00189367:D
 """
 
-#: Repeating groups the profile removes: (group mask, group value, element or None for any element).
-REPEATING_GROUPS = ((0xFF00, 0x5000, None), (0xFF00, 0x6000, 0x3000), (0xFF00, 0x6000, 0x4000))
+#: Identifying attributes missing from the transcribed 2020 table (found by issue 27's sweep, later editions list most
+#: of them): birth/death dates in an alternative calendar and the calendar, the procedure code (its meaning can hold
+#: a name), the creator's software version UID, calibration and secondary-capture dates and times, and the date and
+#: time inside a Contributing Equipment item.  All X.
+EXTRA_TABLE = """
+    00100033:X 00100034:X 00100035:X 00081032:X 00089123:X 00181200:X 00181201:X 00181012:X 00181014:X
+    0018A002:X
+"""
+
+#: Repeating groups the profile removes, whole (a half-removed overlay plane fails validation): curves 50xx and
+#: overlays 60xx.  (group mask, group value, element or None for any element).
+REPEATING_GROUPS = ((0xFF00, 0x5000, None), (0xFF00, 0x6000, None))
 
 
 def basic_profile() -> dict[int, str]:
-    """``{tag as int: action}`` for every attribute of Table E.1-1."""
+    """``{tag as int: action}`` for every attribute of Table E.1-1 and of :data:`EXTRA_TABLE`."""
     table = {}
-    for token in PROFILE_TABLE.split():
+    for token in (PROFILE_TABLE + EXTRA_TABLE).split():
         tag, action = token.split(":")
         table[int(tag, 16)] = action
     return table

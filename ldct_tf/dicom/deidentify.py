@@ -12,7 +12,8 @@ What :class:`Deidentifier` does, per attribute of Table E.1-1 (``ldct_tf.dicom.d
 - U: a new UID, the same new UID for the same original UID throughout the run (so a de-identified series keeps its
   study, frame of reference and source-image references together).  Well-known UIDs (SOP classes, transfer syntaxes)
   are never mapped.
-- Every private attribute and the curve/overlay repeating groups are removed.
+- Every private attribute, every public attribute the dictionary does not know (nobody can say it is harmless) and
+  the whole curve/overlay repeating groups are removed.
 - Then: Patient Identity Removed = YES, De-identification Method (text) and its Code Sequence (DCM 113100, "Basic
   Application Confidentiality Profile"), and a Contributing Equipment item for the de-identifying equipment (DCM
   109104).
@@ -127,8 +128,8 @@ class Deidentifier:
     def _clean(self, ds: Dataset, patient_id: str) -> None:
         for element in list(ds):
             tag = int(element.tag)
-            if element.tag.is_private or _in_repeating_group(tag):
-                del ds[element.tag]
+            if element.tag.is_private or _in_repeating_group(tag) or not element.keyword:
+                del ds[element.tag]  # private, overlay/curve, or a public tag nobody can say is harmless
                 continue
             action = PROFILE.get(tag)
             if action is None:

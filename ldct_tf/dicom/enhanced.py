@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from ldct_tf import ct
 from ldct_tf.dicom.slices import (BAD_GEOMETRY, LOCALIZER, NOT_GRAYSCALE, NotUsableCT, SliceInfo, check_plausible,
                                 common_tags, decode_pixels, geometry, padding_tags, tag_float)
+from ldct_tf.dicom.slices import rescale as read_rescale
 
 
 def _first_item(ds: Dataset, keyword: str) -> Optional[Dataset]:
@@ -66,8 +67,7 @@ def read_enhanced(ds: Dataset, source: str, n_frames: int) -> list[tuple[np.ndar
             plane_ori.get("ImageOrientationPatient") if plane_ori else None,
             measures.get("PixelSpacing") if measures else None,
         )
-        slope = tag_float(rescale, "RescaleSlope", 1.0) if rescale else tag_float(ds, "RescaleSlope", 1.0)
-        intercept = tag_float(rescale, "RescaleIntercept", 0.0) if rescale else tag_float(ds, "RescaleIntercept", 0.0)
+        slope, intercept = read_rescale(rescale if rescale else ds, f"{source} frame {index + 1}")
         hu = ct.to_hu(stored[index], slope, intercept, pad_value, pad_limit)
         check_plausible(f"{source} frame {index + 1}", hu, slope, intercept)
         thickness = tag_float(measures, "SliceThickness") if measures else float("nan")

@@ -20,7 +20,8 @@ import numpy as np
 IMPLAUSIBLE_RESCALE = "implausible_rescale"
 IMPLAUSIBLE_HU = "implausible_hu_range"
 TOO_SMALL = "image_too_small"
-REASONS = (IMPLAUSIBLE_RESCALE, IMPLAUSIBLE_HU, TOO_SMALL)
+TOO_LARGE = "image_too_large"
+REASONS = (IMPLAUSIBLE_RESCALE, IMPLAUSIBLE_HU, TOO_SMALL, TOO_LARGE)
 
 #: Smallest rows / columns accepted: a CT slice is 128 to 1024 pixels a side; below this it is no image to train on.
 MIN_SIZE = 32

@@ -13,7 +13,10 @@ from pydicom.dataset import Dataset
 
 from ldct_tf import ct
 from ldct_tf.dicom.enhanced import read_enhanced
-from ldct_tf.dicom.slices import (MULTI_FRAME, MULTI_FRAME_CT_CLASSES, NOT_GRAYSCALE, NotUsableCT, SliceInfo, check_image_dataset, check_plausible, common_tags, decode_pixels, geometry, padding_tags, read_dataset, sop_class_of, source_name, tag_float)
+from ldct_tf.dicom.slices import (MULTI_FRAME, MULTI_FRAME_CT_CLASSES, NOT_GRAYSCALE, NotUsableCT, PathOrFile,
+                                  SliceInfo, check_image_dataset, check_plausible, check_size, common_tags,
+                                  decode_pixels, geometry, padding_tags, read_dataset, rescale, sop_class_of,
+                                  source_name, tag_float)
 
 
 def read_slices(src: PathOrFile, name: Optional[str] = None) -> list[tuple[np.ndarray, SliceInfo]]:
@@ -41,14 +44,15 @@ def read_slice(src: PathOrFile, name: Optional[str] = None) -> tuple[np.ndarray,
     return slices[0]
 
 
-def _read_single(ds: Dataset, source: str) -> tuple[np.ndarray, SliceInfo]:
+def _read_single(ds: Dataset, source: str, max_pixels: Optional[int] = None) -> tuple[np.ndarray, SliceInfo]:
     pos, ori, spc = geometry(source, ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"),
                               ds.get("PixelSpacing"))
+    slope, intercept = rescale(ds, source)
+    check_size(ds, source, max_pixels)  # before decoding: a huge slice is refused, not allocated
     stored = decode_pixels(ds, source)
     if stored.ndim != 2:
         raise NotUsableCT(source, NOT_GRAYSCALE, f"decoded pixel array has shape {stored.shape}, expected 2-D")
     pad_value, pad_limit = padding_tags(ds)
-    slope, intercept = tag_float(ds, "RescaleSlope", 1.0), tag_float(ds, "RescaleIntercept", 0.0)
     hu = ct.to_hu(stored, slope, intercept, pad_value, pad_limit)
     check_plausible(source, hu, slope, intercept)
     info = SliceInfo(
@@ -73,13 +77,14 @@ def group_series(infos: Iterable[SliceInfo]) -> dict[str, list[SliceInfo]]:
 
 
 
-def read_ct_dataset(src: PathOrFile, name: Optional[str] = None) -> tuple[Dataset, np.ndarray, SliceInfo]:
+def read_ct_dataset(src: PathOrFile, name: Optional[str] = None, max_pixels: Optional[int] = None
+                    ) -> tuple[Dataset, np.ndarray, SliceInfo]:
     """Read a single-frame CT file into ``(dataset, hu float32 [rows, cols], SliceInfo)``.
 
     The same checks as :func:`read_slices` (same :class:`NotUsableCT` reasons), but the parsed dataset is returned too,
     so that a derived object can be written from it without parsing and decoding the file twice.  Enhanced
     (multi-frame) CT raises ``NotUsableCT`` with reason ``multi_frame_unsupported``: writing a derived multi-frame
-    object is not implemented.
+    object is not implemented.  ``max_pixels`` refuses a slice of more than that many pixels before decoding it.
     """
     source = source_name(src, name)
     ds = read_dataset(src, source)
@@ -88,5 +93,5 @@ def read_ct_dataset(src: PathOrFile, name: Optional[str] = None) -> tuple[Datase
     if n_frames > 1 or sop_class_of(ds) in MULTI_FRAME_CT_CLASSES:
         raise NotUsableCT(source, MULTI_FRAME, f"{n_frames}-frame {sop_class_of(ds).name} object: only single-frame "
                                                "CT Image Storage files can be written back as a derived series")
-    hu, info = _read_single(ds, source)
+    hu, info = _read_single(ds, source, max_pixels)
     return ds, hu, info

@@ -104,14 +104,35 @@ class SliceInfo:
     @property
     def series_key(self) -> str:
         """SeriesInstanceUID, else frame of reference + description + kernel (anonymisers sometimes blank UIDs)."""
-        if self.series_uid:
-            return self.series_uid
-        return f"{self.frame_of_reference_uid}|{self.series_description}|{self.kernel}|{self.slice_thickness_mm}"
+        return series_key(self.series_uid, self.frame_of_reference_uid, self.series_description, self.kernel,
+                          self.slice_thickness_mm)
+
+    @property
+    def group_key(self) -> tuple[str, str, str]:
+        """(PatientID, StudyInstanceUID, :attr:`series_key`): what makes one series.  Two patients whose scanners
+        wrote the same SeriesInstanceUID (issue 27) are two series, never one."""
+        return self.patient_id, self.study_uid, self.series_key
 
     @property
     def z_mm(self) -> float:
         """Position along the slice normal (equals ImagePositionPatient z for untilted axial slices)."""
         return float(np.dot(self.position_mm, slice_normal(self.orientation)))
+
+
+def series_key(series_uid: str, frame_of_reference_uid: str, description: str, kernel: str, thickness: float) -> str:
+    """:attr:`SliceInfo.series_key` from its parts (also used on headers read without their pixels)."""
+    if series_uid:
+        return series_uid
+    return f"{frame_of_reference_uid}|{description}|{kernel}|{thickness}"
+
+
+def header_group_key(ds: Dataset) -> tuple[str, str, str]:
+    """:attr:`SliceInfo.group_key` of a dataset whose pixels could not be read (to refuse its whole series)."""
+    key = series_key(tag_text(ds, "SeriesInstanceUID"), tag_text(ds, "FrameOfReferenceUID"),
+                     tag_text(ds, "SeriesDescription"), tag_text(ds, "ConvolutionKernel"),
+                     tag_float(ds, "SliceThickness"))
+    return tag_text(ds, "PatientID"), tag_text(ds, "StudyInstanceUID"), key
+
 
 
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
@@ -140,6 +161,41 @@ def tag_float(ds: Dataset, keyword: str, default: float = float("nan")) -> float
         return float(value)
     except (TypeError, ValueError):
         return default
+
+
+def rescale(ds: Dataset, source: str) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept): 1 and 0 when absent or blank; a value that is not a number is refused, since
+    reading it as the default would shift every HU (a non-numeric intercept used to become 0: +1024 HU, issue 27).
+    The value is not echoed: a malformed tag can hold anything."""
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        try:
+            raw = ds.get(keyword)
+        except (TypeError, ValueError):  # pydicom may fail converting a malformed DS
+            raw = "not a number"
+        if not _blank_or_number(raw):
+            raise NotUsableCT(source, plausibility.IMPLAUSIBLE_RESCALE, f"{keyword} is not a number")
+        values.append(tag_float(ds, keyword, default))
+    return values[0], values[1]
+
+
+def _blank_or_number(value) -> bool:
+    if value is None or value == "":
+        return True
+    try:
+        float(value[0] if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else value)
+        return True
+    except (TypeError, ValueError, IndexError):
+        return False
+
+
+def check_size(ds: Dataset, source: str, max_pixels: Optional[int]) -> None:
+    """Refuse a slice larger than ``max_pixels`` (Rows x Columns) before its pixels are decoded: a 5000x5000 slice
+    needs gigabytes on the way through the model."""
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if max_pixels is not None and rows * columns > max_pixels:
+        raise NotUsableCT(source, plausibility.TOO_LARGE, f"{rows}x{columns} pixels is more than the {max_pixels} "
+                                                          f"allowed (a larger limit can be set)")
 
 
 def tag_text(ds: Dataset, keyword: str) -> str:
@@ -240,6 +296,9 @@ def geometry(
         )
     if not all(math.isfinite(v) for v in pos + ori + spc) or min(spc) <= 0:
         raise NotUsableCT(source, BAD_GEOMETRY, f"non-finite position/orientation or bad pixel spacing {spc}")
+    if np.linalg.norm(np.cross(ori[:3], ori[3:])) < 1e-6:  # all zero or parallel: no plane (was taken as axial)
+        raise NotUsableCT(source, BAD_GEOMETRY, "ImageOrientationPatient does not define a plane (zero or parallel "
+                                                "row and column vectors)")
     tilt = math.degrees(math.acos(min(1.0, abs(float(slice_normal(ori)[2])))))
     if tilt > MAX_AXIAL_TILT_DEG:
         raise NotUsableCT(source, NOT_AXIAL, f"image plane is {tilt:.0f} degrees from axial (a reformat, not a slice)")

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ldct_tf.dicom import ai_marking
+from ldct_tf.dicom.derived_attributes import copy_from_source
 from ldct_tf.dicom.slices import CT_IMAGE_STORAGE, padding_tags, sop_class_of, tag_float, tag_text
 
 if TYPE_CHECKING:
@@ -29,11 +30,6 @@ if TYPE_CHECKING:
 #: Transfer syntaxes whose compression always loses information (JPEG baseline/extended, JPEG-LS near-lossless).
 #: JPEG 2000 (.91) and HTJ2K (.203) may be either, so for them the input's own LossyImageCompression is trusted.
 _LOSSY_SYNTAXES = {UID("1.2.840.10008.1.2.4.50"), UID("1.2.840.10008.1.2.4.51"), UID("1.2.840.10008.1.2.4.81")}
-
-#: Attributes that describe the old pixel data (or an old rendering of it) and would be wrong for the new pixels.
-_STALE_PIXEL_ATTRIBUTES = ("SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries",
-                           "LargestPixelValueInSeries", "IconImageSequence", "ExtendedOffsetTable",
-                           "ExtendedOffsetTableLengths", "FloatPixelData", "DoubleFloatPixelData")
 
 #: CodeSequence meaning "source image for image processing operation" (DICOM CID 7202, code 121322).
 _SOURCE_IMAGE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
@@ -130,11 +126,12 @@ def derived_dataset(source: Dataset, hu: np.ndarray, series: DerivedSeries) -> D
 
     Pixel data: the source's integer type, BitsStored and rescale (:func:`hu_to_stored`), written uncompressed
     (Explicit VR Little Endian, or Implicit VR Little Endian when the source used it); pixels the source marks as
-    padding keep their padding value.  New SeriesInstanceUID (``series``) and SOPInstanceUID; ImageType
+    padding keep their padding value.  Only the whitelisted attributes of a CT image's modules are taken from the
+    source (``ldct_tf.dicom.derived_attributes``); private, unknown, overlay and curve attributes never are.  New SeriesInstanceUID (``series``) and SOPInstanceUID; ImageType
     DERIVED\\SECONDARY (value 3 on, e.g. AXIAL, kept); SeriesDescription gets ``series.description_suffix``;
     DerivationDescription and a SourceImageSequence item point at the source image; SeriesNumber moves by
     ``series.series_number_offset`` so that viewers list both series apart.  Patient, study, frame of reference,
-    geometry and acquisition attributes are copied as they are.
+    geometry and acquisition attributes are copied as they are (then de-identified with ``series.deidentifier``).
     """
     hu = np.asarray(hu)
     if hu.shape != (int(source.Rows), int(source.Columns)):
@@ -143,11 +140,8 @@ def derived_dataset(source: Dataset, hu: np.ndarray, series: DerivedSeries) -> D
         raise ValueError("denoised slice contains NaN or Inf values")
     stored = _keep_padding(hu_to_stored(hu, source), source)
 
-    ds = Dataset()
-    for element in source:  # element-wise deep copy, leaving the (possibly encapsulated) pixel data behind
-        if element.keyword == "PixelData" or element.keyword in _STALE_PIXEL_ATTRIBUTES:
-            continue
-        ds.add(copy.deepcopy(element))
+    # a whitelist of the CT image's modules, never the source's other attributes (issue 27: they leaked identity)
+    ds = copy_from_source(source, deidentifying=series.deidentifier is not None)
 
     sop_class = sop_class_of(source) or CT_IMAGE_STORAGE
     source_sop_uid = tag_text(source, "SOPInstanceUID")
@@ -174,8 +168,6 @@ def derived_dataset(source: Dataset, hu: np.ndarray, series: DerivedSeries) -> D
         purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = _SOURCE_IMAGE_PURPOSE
         reference.PurposeOfReferenceCodeSequence = [purpose]
         ds.SourceImageSequence = [reference]
-    elif "SourceImageSequence" in ds:
-        del ds.SourceImageSequence  # it described the source's own predecessors
     now = datetime.datetime.now()
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
 

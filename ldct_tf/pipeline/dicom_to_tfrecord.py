@@ -40,6 +40,8 @@ SUMMARY_NAME = ".pipeline_summary.json"
 FACTS_NAME = ".input_facts.json"
 DEFAULT_SALT = "ldct_tf-default-salt"
 _GLOB_CHARS = set("*?[")
+#: --num-shards is per split and dose (x 6 files): 1024 already means 6,144 shard files, more than any site needs.
+MAX_SHARDS = 1024
 
 
 class UsageError(Exception):
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="secret salt for the patient/series pseudonyms (default: $LDCT_SALT; keep it private)")
     parser.add_argument("--num-shards", type=int, default=4,
                         help="shards per split and dose (default %(default)s)")
+    parser.add_argument("--site-local", help="folder for the operator-only files (input paths); default: "
+                        "OUTPUT-site_local_DO_NOT_SHARE beside the output, never inside it")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the shards, rejected list and manifest of an earlier run in --output")
     return parser
@@ -98,25 +102,44 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     return patterns, sorted(files)
 
 
-def _output_files(output: str) -> list[str]:
+def _output_files(output: str, local: str) -> list[str]:
     """Files of an earlier run of this pipeline in ``output`` (shards, rejected lists, manifest)."""
     patterns = [f"{output}/{split}/{dose}-*{transforms.SHARD_SUFFIX}" for split in records.SPLITS
                 for dose in records.DOSES]
     patterns += [f"{output}/rejected/rejected-*.jsonl", f"{output}/manifest.json", f"{output}/{SUMMARY_NAME}",
-                 f"{output}/{FACTS_NAME}", *site_local.output_patterns(output)]
+                 f"{output}/{FACTS_NAME}", *site_local.output_patterns(local)]
     found = []
     for result in FileSystems.match(patterns):
         found.extend(m.path for m in result.metadata_list)
     return found
 
 
-def prepare_output(output: str, patterns: Sequence[str], overwrite: bool) -> str:
-    """Check the output folder is usable before any work: writable, not inside an input, no earlier run unless asked."""
-    output = output.rstrip("/") if is_remote(output) else os.path.abspath(os.path.expanduser(output))
+def _real(path: str) -> str:
+    """A local path with every symlink resolved (issue 27: an output reached through a link into an input)."""
+    return path if is_remote(path) else os.path.realpath(path)
+
+
+def _inside(folder: str, root: str) -> bool:
+    folder, root = normalise_path(_real(folder)), normalise_path(_real(root))
+    return folder == root or folder.startswith(root + "/")
+
+
+def _check_outside_inputs(option: str, folder: str, patterns: Sequence[str]) -> None:
     for pattern in patterns:
         root = pattern.split("*", 1)[0].rstrip("/")
-        if root and normalise_path(output).startswith(normalise_path(root) + "/"):
-            raise UsageError(f"--output {output} is inside the input {pattern}; choose a folder outside it")
+        if root and _inside(folder, root):
+            raise UsageError(f"{option} {folder} is inside the input {pattern}; choose a folder outside it")
+
+
+def prepare_output(output: str, patterns: Sequence[str], overwrite: bool, local: Optional[str] = None) -> str:
+    """Check the output folder is usable before any work: writable, not inside an input (real paths compared), no
+    earlier run unless asked; the site-local folder (``local``) must be outside the output and the inputs."""
+    output = output.rstrip("/") if is_remote(output) else os.path.abspath(os.path.expanduser(output))
+    local = site_local.folder_for(output, local)
+    _check_outside_inputs("--output", output, patterns)
+    _check_outside_inputs("--site-local", local, patterns)
+    if _inside(local, output):
+        raise UsageError(f"--site-local {local} is inside --output {output}: the output must be shareable whole")
     try:
         FileSystems.mkdirs(output)
     except Exception:
@@ -128,7 +151,7 @@ def prepare_output(output: str, patterns: Sequence[str], overwrite: bool) -> str
         FileSystems.delete([probe])
     except Exception as exc:
         raise UsageError(f"--output {output} is not writable ({type(exc).__name__}: {exc})") from None
-    earlier = _output_files(output)
+    earlier = _output_files(output, local)
     if earlier and not overwrite:
         raise UsageError(f"--output {output} already holds an earlier run ({len(earlier)} files); "
                          "pass --overwrite to replace it or choose another folder")
@@ -138,13 +161,15 @@ def prepare_output(output: str, patterns: Sequence[str], overwrite: bool) -> str
 
 
 def build_pipeline(pipeline: beam.Pipeline, patterns: Sequence[str], output: str, classifier: DoseClassifier,
-                   salt: str, fractions: dict[str, float], num_shards: int) -> None:
+                   salt: str, fractions: dict[str, float], num_shards: int, local: Optional[str] = None) -> None:
     """Wire the transforms: read -> de-duplicate -> classify -> split -> encode -> write shards, rejected list (paths
     only in the site-local folder), summary and the facts behind the driver's warnings."""
     decoded = pipeline | "Inputs" >> beam.Create(list(patterns)) | "Read" >> transforms.ReadDicomSlices()
     unique = decoded.slices | "Deduplicate" >> input_checks.DeduplicateSlices()
     classified = unique.slices | "ClassifyDose" >> transforms.ClassifyDose(classifier)
-    duplicates = unique[input_checks.DUPLICATES] | "CountDuplicates" >> beam.CombineGlobally(sum)
+    duplicates = (unique[input_checks.DUPLICATES] | "IdenticalCopies" >> beam.Filter(lambda x: isinstance(x, int))
+                  | "CountDuplicates" >> beam.CombineGlobally(sum))
+    conflicting = unique[input_checks.DUPLICATES] | "ConflictingCopies" >> beam.Filter(lambda x: isinstance(x, dict))
     facts = (classified.slices | "InputFacts" >> input_checks.InputFacts(salt, classifier.manifest)
          | "AddDuplicates" >> beam.Map(lambda facts, n: {**facts, "duplicates_dropped": int(n)},
                                         n=beam.pvalue.AsSingleton(duplicates))
@@ -152,11 +177,13 @@ def build_pipeline(pipeline: beam.Pipeline, patterns: Sequence[str], output: str
     assigned = classified.slices | "AssignSplit" >> transforms.AssignSplit(salt, fractions)
     encoded = assigned.slices | "ToExamples" >> transforms.ToExamples()
     shards = encoded | "WriteShards" >> transforms.WriteShards(output, num_shards)
-    rejected = ((decoded[transforms.REJECTED], classified[transforms.REJECTED], assigned[transforms.REJECTED])
+    rejected = ((decoded[transforms.REJECTED], conflicting, classified[transforms.REJECTED],
+                 assigned[transforms.REJECTED])
                 | "AllRejected" >> beam.Flatten())
     rejected_files = (rejected | "Shareable" >> beam.Map(site_local.shareable, salt)
                       | "WriteRejected" >> transforms.WriteRejected(output))
-    rejected_paths = rejected | "WriteRejectedPaths" >> site_local.WriteRejectedPaths(output, salt)
+    rejected_paths = rejected | "WriteRejectedPaths" >> site_local.WriteRejectedPaths(
+        site_local.folder_for(output, local), salt)
     summary = ((encoded, rejected) | "Summarise" >> transforms.Summarise()
                | "WriteSummary" >> beam.ParDo(transforms.WriteJson(f"{output}/{SUMMARY_NAME}")))
     # One last transform that depends on every sink: Beam 2.77's DaskRunner computes only the last transform's
@@ -209,8 +236,9 @@ def write_manifest(output: str, options: dict, counters: dict[str, int], seconds
     return manifest
 
 
-def print_summary(manifest: dict, output: str, out=None) -> None:
+def print_summary(manifest: dict, output: str, out=None, local: Optional[str] = None) -> None:
     out = out or sys.stdout  # looked up at call time: notebooks and test runners replace sys.stdout
+    local = site_local.folder_for(output, local)
     print(f"\nConverted {manifest['slices']} slices from {manifest['input_files']} files in "
           f"{manifest['seconds']:.1f} s into {output}", file=out)
     if manifest.get("duplicates_dropped"):
@@ -225,12 +253,12 @@ def print_summary(manifest: dict, output: str, out=None) -> None:
         print(f"  {reason:<28} {n}", file=out)
     if manifest["rejected"]:
         print(f"  (one line per rejected file in {output}/rejected/; their paths are only in "
-              f"{output}/{site_local.FOLDER}/)", file=out)
+              f"{local}/)", file=out)
     if manifest["counters"]:
         print("Beam counters: " + ", ".join(f"{k}={v}" for k, v in manifest["counters"].items()), file=out)
     for warning in manifest.get("warnings", []):
         print(f"WARNING: {warning}", file=out)
-    print(f"Shareable: the shards, manifest.json and rejected/. Keep {site_local.FOLDER}/ at your site "
+    print(f"Shareable: {output} as a whole. Keep {local}/ at your site "
           f"(it names your input paths).", file=out)
 
 
@@ -248,8 +276,8 @@ def run_with_output(argv: Optional[Sequence[str]] = None) -> tuple[dict, str]:
                           args.normal_dose_min_ctdivol, args.low_dose_max_mas, args.normal_dose_min_mas)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.num_shards < 1:
-        raise UsageError(f"--num-shards must be >= 1, got {args.num_shards}")
+    if not 1 <= args.num_shards <= MAX_SHARDS:
+        raise UsageError(f"--num-shards must be between 1 and {MAX_SHARDS}, got {args.num_shards}")
     try:
         manifest = DoseManifest.load(args.dose_manifest) if args.dose_manifest else None
     except DoseManifestError as exc:
@@ -264,20 +292,22 @@ def run_with_output(argv: Optional[Sequence[str]] = None) -> tuple[dict, str]:
         salt = DEFAULT_SALT
     patterns, input_files = expand_inputs(args.input)
     n_files = len(input_files)
-    output = prepare_output(args.output, patterns, args.overwrite)
+    output = prepare_output(args.output, patterns, args.overwrite, args.site_local)
+    local = site_local.folder_for(output, args.site_local)
 
     # No path in the shareable manifest: input folders and file names may hold identifiers (site_local.py).
-    options = {k: v for k, v in vars(args).items() if k not in ("salt", "input", "output", "dose_manifest")}
+    options = {k: v for k, v in vars(args).items() if k not in ("salt", "input", "output", "dose_manifest", "site_local")}
     options.update(inputs=len(patterns), dose_manifest=bool(args.dose_manifest), splits=fractions,
                    default_salt=salt == DEFAULT_SALT,
                    salt_fingerprint=hashlib.sha256(f"fingerprint\x00{salt}".encode()).hexdigest()[:12],
                    beam_args=[a for a in beam_args if "/" not in a and "\\" not in a])  # paths (temp_location...) stay out
-    site_local.write_run_file(output, {"input": patterns, "output": output, "dose_manifest": args.dose_manifest,
+    site_local.write_run_file(local, {"input": patterns, "output": output, "dose_manifest": args.dose_manifest,
                                        "beam_args": list(beam_args)})
     print(f"Reading {n_files} files from {len(patterns)} input(s); writing to {output}", file=sys.stderr)
     start = time.perf_counter()
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    build_pipeline(pipeline, patterns, output, DoseClassifier(manifest, rules), salt, fractions, args.num_shards)
+    build_pipeline(pipeline, patterns, output, DoseClassifier(manifest, rules), salt, fractions, args.num_shards,
+                   local)
     result = pipeline.run()
     result.wait_until_finish()
     transforms.ensure_rejected_file(output)
@@ -301,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_summary(manifest, output)
+    print_summary(manifest, output, local=build_parser().parse_known_args(argv)[0].site_local)
     return 0
 
 

@@ -2,7 +2,7 @@
 patient IDs.  Each of these used to pass silently and give a wrong dataset:
 
 - the same folder given three times wrote every slice three times, so :class:`DeduplicateSlices` keeps one slice per
-  SOP Instance UID (and frame) and counts the rest;
+  SOP Instance UID (and frame) and counts the rest; copies with different pixels are all rejected;
 - a dose-manifest entry with a typo (or for data not passed as ``--input``) matched nothing and was ignored, so
   :func:`manifest_warnings` names every such entry by its CSV line;
 - anonymised archives often give every patient the same PatientID (the Mayo data says "Anonymous"), which puts every
@@ -24,6 +24,7 @@ from ldct_tf.pipeline.dose import DoseManifest
 
 NAMESPACE = "ldct_tf"
 DUPLICATES = "duplicates"
+CONFLICTING_DUPLICATE = "conflicting_duplicate"
 
 #: PatientID values that anonymisers write for everybody (matched case-insensitively, whole value).
 PLACEHOLDER_ID = re.compile(r"(anonymous|anonymi[sz]ed|anon|unknown|none|null|n/?a|test|patient|x+|0+|-+|\*+)",
@@ -41,10 +42,28 @@ def instance_key(item) -> str:
     return f"sop:{info.sop_uid}:{info.frame}" if info.sop_uid else f"path:{info.source}:{info.frame}"
 
 
+def content_hash(item) -> str:
+    """A short SHA-256 of a slice's HU pixels: says whether two copies differ, and nothing about the patient."""
+    return hashlib.sha256(item.hu.tobytes()).hexdigest()[:16]
+
+
 class _KeepFirst(beam.DoFn):
+    """Identical copies of one instance: keep one, count the others (a ``1`` on ``duplicates``).  Copies with
+    DIFFERENT pixels (issue 27: a normal-dose image ended up in val/low because the first path won): no copy can be
+    trusted, so every one is a rejection (a dict on ``duplicates``) naming all the copies' content hashes."""
+
     def process(self, element) -> Iterable:
         _, items = element
         items = sorted(items, key=lambda s: s.info.source)  # deterministic: the smallest path wins
+        hashes = [content_hash(item) for item in items]
+        if len(set(hashes)) > 1:
+            detail = (f"{len(items)} inputs share one SOP Instance UID with different pixels (content sha256 "
+                      f"{', '.join(hashes)}); none was converted")
+            for item in items:
+                Metrics.counter(NAMESPACE, f"rejected_{CONFLICTING_DUPLICATE}").inc()
+                yield beam.pvalue.TaggedOutput(DUPLICATES, {"path": item.info.source, "reason": CONFLICTING_DUPLICATE,
+                                                            "detail": detail})
+            return
         yield items[0]
         for _ in items[1:]:
             Metrics.counter(NAMESPACE, "duplicate_slices_dropped").inc()
@@ -52,8 +71,8 @@ class _KeepFirst(beam.DoFn):
 
 
 class DeduplicateSlices(beam.PTransform):
-    """Slices -> one Slice per SOP Instance UID (and frame); each dropped copy is a ``1`` on the ``duplicates``
-    output, so the summary can count them."""
+    """Slices -> one Slice per SOP Instance UID (and frame); each dropped identical copy is a ``1`` on the
+    ``duplicates`` output, so the summary can count them, and each copy of a conflicting instance a rejection dict."""
 
     def expand(self, slices):
         from ldct_tf.pipeline.transforms import with_rejected  # one multi-output idiom for every runner (see there)

@@ -3,7 +3,9 @@
 File and folder names are chosen by whoever exported the data and often hold identifiers (``TEST_1_study_1234.dcm``
 holds a PatientID and an accession number).  So the shareable output (shards, ``manifest.json``, ``rejected/``) names
 no path or file: a rejected input appears there as ``input`` (a salted hash of its path) with its reason and a
-detail scrubbed of the path, and the operator finds the file again in ``site_local_DO_NOT_SHARE/``:
+detail scrubbed of the path, and the operator finds the file again in the site-local folder, which is never inside
+the output (issue 27: the output folder must be shareable whole): ``OUT-site_local_DO_NOT_SHARE/`` beside it, or the
+folder given with ``--site-local``:
 
 - ``rejected_paths-SSSSS-of-NNNNN.jsonl``: ``{"input": HASH, "path": PATH}`` per rejected file;
 - ``run.json``: the run's input patterns, output folder and dose-manifest path.
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -21,6 +25,13 @@ from apache_beam.io.filesystems import FileSystems
 FOLDER = "site_local_DO_NOT_SHARE"
 REJECTED_PATHS = "rejected_paths"
 RUN_FILE = "run.json"
+
+
+def folder_for(output: str, chosen: Optional[str] = None) -> str:
+    """The site-local folder of a run writing to ``output``: ``chosen``, else the sibling ``OUT-site_local_DO_NOT_SHARE``."""
+    if chosen:
+        return chosen.rstrip("/") if "://" in chosen else os.path.abspath(os.path.expanduser(chosen))
+    return f"{output.rstrip('/')}-{FOLDER}"
 
 
 def input_id(path: str, salt: str) -> str:
@@ -50,11 +61,11 @@ def local(rejection: dict, salt: str) -> dict:
 
 
 class WriteRejectedPaths(beam.PTransform):
-    """Rejections (with paths) -> ``OUT/site_local_DO_NOT_SHARE/rejected_paths-*.jsonl``."""
+    """Rejections (with paths) -> ``LOCAL/rejected_paths-*.jsonl`` (``LOCAL``: :func:`folder_for`)."""
 
-    def __init__(self, output: str, salt: str) -> None:
+    def __init__(self, local_folder: str, salt: str) -> None:
         super().__init__()
-        self.output, self.salt = output, salt
+        self.local_folder, self.salt = local_folder, salt
 
     def expand(self, rejected):
         from ldct_tf.pipeline.transforms import WriteLinesFn
@@ -65,12 +76,12 @@ class WriteRejectedPaths(beam.PTransform):
                 | "LocalLine" >> beam.Map(lambda r: (0, json.dumps(local(r, salt), sort_keys=True)))
                 | "OneFile" >> beam.GroupByKey()
                 | "WriteLocal" >> beam.ParDo(WriteLinesFn(
-                    f"{self.output.rstrip('/')}/{FOLDER}/{REJECTED_PATHS}-00000-of-00001.jsonl")))
+                    f"{self.local_folder.rstrip('/')}/{REJECTED_PATHS}-00000-of-00001.jsonl")))
 
 
-def write_run_file(output: str, details: dict) -> str:
-    """``OUT/site_local_DO_NOT_SHARE/run.json``: the paths this run was given (never copied into the manifest)."""
-    folder = f"{output.rstrip('/')}/{FOLDER}"
+def write_run_file(local_folder: str, details: dict) -> str:
+    """``LOCAL/run.json``: the paths this run was given (never copied into the manifest)."""
+    folder = local_folder.rstrip("/")
     try:
         FileSystems.mkdirs(folder)
     except Exception:
@@ -81,7 +92,7 @@ def write_run_file(output: str, details: dict) -> str:
     return path
 
 
-def output_patterns(output: str) -> list[str]:
-    """This module's files in ``output`` (so that ``--overwrite`` replaces them with the rest of a run)."""
-    folder = f"{output.rstrip('/')}/{FOLDER}"
+def output_patterns(local_folder: str) -> list[str]:
+    """This module's files (so that ``--overwrite`` replaces them with the rest of a run)."""
+    folder = local_folder.rstrip("/")
     return [f"{folder}/{REJECTED_PATHS}-*.jsonl", f"{folder}/{RUN_FILE}"]

@@ -80,7 +80,10 @@ def ct_small_series(tmp_path) -> Path:
         ds.PixelData = np.roll(source.pixel_array, 7 * i, axis=1).astype(source.pixel_array.dtype).tobytes()
         ds.save_as(folder / f"slice{3 - i}.dcm", enforce_file_format=True)  # file names in reverse slice order
     (folder / "notes.txt").write_text("not a DICOM file\n")
-    good = (folder / "slice1.dcm").read_bytes()
+    other = source.copy()  # a broken file of ANOTHER series: skipped alone (one of this series would refuse it)
+    other.SeriesInstanceUID = other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    other.save_as(folder / "broken.dcm", enforce_file_format=True)
+    good = (folder / "broken.dcm").read_bytes()
     (folder / "broken.dcm").write_bytes(good[: len(good) // 3])
     return tmp_path / "input"
 
@@ -451,7 +454,8 @@ def test_series_with_an_implausible_slice_is_not_written_at_all(tmp_path, caplog
     reasons = {Path(s.path).name: s.reason.split(":")[0] for s in summary.skipped}
     assert reasons == {"IM0002.dcm": "implausible_rescale", "IM0001.dcm": "series_not_written",
                        "IM0003.dcm": "series_not_written"}
-    assert any("not written: 1 of its 3 slices failed validation" in r.getMessage() for r in caplog.records)
+    assert any("not written: 1 of its 3 slices are unusable" in r.getMessage() for r in caplog.records)
+    assert [r.reasons for r in summary.refused] == [("IM0002.dcm: implausible_rescale",)]
 
 
 def test_a_failure_mid_series_leaves_no_partial_series(tmp_path):
@@ -485,3 +489,106 @@ def test_unwritable_or_too_long_output_fails_before_the_model_runs(ct_small_seri
     assert denoise.main([str(ct_small_series), str(blocker / "out"), "--model", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file, not a folder" in err[0]
+
+
+# ------------------------------------------------------------------------------------------- issue 27
+def _series(folder: Path, n: int, identity=None, series_uid: str | None = None) -> list[Path]:
+    hu = np.rint(sample_data.ct_small_hu())
+    identity = identity or sample_data.Identity("MRN0000901", "Poe^Pat")
+    paths = sample_data.write_series(folder, [hu + i for i in range(n)], identity)
+    if series_uid is not None:
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID = series_uid
+            ds.save_as(path, enforce_file_format=True)
+    return paths
+
+
+def test_two_series_planned_to_one_folder_is_an_error_not_an_overwrite(tmp_path, capsys, monkeypatch):
+    """The issue's layout: two series side by side plus a subfolder ``series_1/`` (what an earlier output leaves)."""
+    root = tmp_path / "in"
+    _series(root, 2)
+    for path in _series(tmp_path / "tmp", 2):
+        path.rename(root / f"B{path.name}")
+    _series(root / "series_1", 2)
+    out = tmp_path / "out"
+    with pytest.raises(denoise.DenoiseError, match="two input series would be written here"):
+        denoise.denoise(root, out, smooth_and_shift, MODEL, progress=False)
+    assert not out.exists() or [p for p in out.rglob("*.dcm")] == []
+    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size: (smooth_and_shift, MODEL))
+    assert denoise.main([str(root), str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "two input series would be written here" in err[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "short_pixels", "multi_frame", "burned_in"])
+def test_a_series_with_an_unusable_slice_is_refused_whole_with_a_nonzero_exit(tmp_path, capsys, monkeypatch,
+                                                                                damage):
+    root = tmp_path / "in"
+    good = _series(root / "good", 2)
+    bad = _series(root / "bad", 3, sample_data.Identity("MRN0000902", "Doe^Dan"))
+    ds = pydicom.dcmread(bad[1])
+    if damage == "truncated":
+        raw = bad[1].read_bytes()
+        bad[1].write_bytes(raw[: len(raw) - 5000])
+    elif damage == "short_pixels":
+        ds.PixelData = ds.PixelData[:100]
+        ds.save_as(bad[1], enforce_file_format=True)
+    elif damage == "multi_frame":
+        ds.NumberOfFrames = 2
+        ds.PixelData = ds.PixelData * 2
+        ds.save_as(bad[1], enforce_file_format=True)
+    else:
+        ds.BurnedInAnnotation = "YES"
+        ds.save_as(bad[1], enforce_file_format=True)
+    deidentify = ["--deidentify"] if damage == "burned_in" else []
+    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size: (smooth_and_shift, MODEL))
+    out = tmp_path / "out"
+    assert denoise.main([str(root), str(out), "--no-progress", "--no-audit", *deidentify]) == 1
+    captured = capsys.readouterr()
+    assert "not written: 1 of its 3 slices are unusable: IM0002.dcm" in captured.err
+    assert "Doe" not in captured.err and "MRN0000902" not in captured.err
+    written = sorted(out.rglob("*.dcm"))
+    assert len(written) == len(good)  # the good series whole, nothing of the bad one
+    assert {pydicom.dcmread(p).PatientName.family_name for p in written} != {"Doe"}
+
+
+def test_two_patients_sharing_a_series_uid_are_two_derived_series(tmp_path):
+    uid = generate_uid()
+    _series(tmp_path / "in" / "a", 2, sample_data.Identity("MRN0000903", "Aa^Al"), series_uid=uid)
+    _series(tmp_path / "in" / "b", 2, sample_data.Identity("MRN0000904", "Bb^Bo"), series_uid=uid)
+    out = tmp_path / "out"
+    summary = denoise.denoise(tmp_path / "in", out, smooth_and_shift, MODEL, progress=False, audit_series=False)
+    assert (summary.series, summary.slices) == (2, 4)
+    by_series = {}
+    for path in out.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        by_series.setdefault(ds.SeriesInstanceUID, set()).add(ds.PatientID)
+    assert sorted(by_series.values(), key=sorted) == [{"MRN0000903"}, {"MRN0000904"}]
+
+
+def test_non_numeric_rescale_intercept_is_refused_not_read_as_zero(tmp_path):
+    paths = _series(tmp_path / "in", 2)
+    ds = pydicom.dcmread(paths[0])
+    ds.RescaleIntercept = "-1023.75"
+    ds.save_as(paths[0], enforce_file_format=True)
+    raw = paths[0].read_bytes()
+    assert raw.count(b"-1023.75") == 1
+    paths[0].write_bytes(raw.replace(b"-1023.75", b"unknown "))
+    with pytest.raises(dicom.NotUsableCT, match="implausible_rescale: RescaleIntercept is not a number"):
+        dicom.read_ct_dataset(paths[0])
+    summary = denoise.denoise(tmp_path / "in", tmp_path / "out", smooth_and_shift, MODEL, progress=False)
+    assert summary.slices == 0 and summary.refused[0].reasons[0].endswith("implausible_rescale")
+
+
+def test_slices_above_max_pixels_are_refused_before_decoding(tmp_path, monkeypatch):
+    _series(tmp_path / "in", 2)  # 128x128 slices
+    decoded = []
+    original = dicom.slices.decode_pixels
+    monkeypatch.setattr("ldct_tf.dicom.read.decode_pixels", lambda ds, source: decoded.append(source) or
+                        original(ds, source))
+    summary = denoise.denoise(tmp_path / "in", tmp_path / "out", smooth_and_shift, MODEL, progress=False,
+                              max_pixels=100 * 100)
+    assert summary.slices == 0 and decoded == []
+    assert [s.reason.split(":")[0] for s in summary.skipped] == ["image_too_large"] * 2
+    assert denoise.denoise(tmp_path / "in", tmp_path / "out2", smooth_and_shift, MODEL, progress=False).slices == 2

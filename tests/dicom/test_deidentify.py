@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from ldct_tf import denoise, dicom
 from ldct_tf.dicom import ai_marking
-from ldct_tf.dicom.deidentify import PROFILE, Deidentifier, RefusedForDeidentification, resolve_action
+from ldct_tf.dicom.deidentify import PROFILE, Deidentifier, code_item, RefusedForDeidentification, resolve_action
 
 DCIODVFY = shutil.which("dciodvfy")
 needs_dciodvfy = pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (Debian dicom3tools) not installed")
@@ -217,3 +217,87 @@ def test_both_modes_pass_dciodvfy(series, tmp_path, deidentify):
     if deidentify:
         uids = {pydicom.dcmread(p).SeriesInstanceUID for p in files}
         assert len(uids) == 1
+
+
+# ------------------------------------------------------------------------------------------------- issue 27, item 1
+SWEEP_NAME, SWEEP_ID, SWEEP_BIRTH = "Sweepname^Maria", "SWEEPID4321", "19550607"
+
+
+def leaky_source() -> Dataset:
+    """CT_small carrying every leak issue 27's sweep found in a ``--deidentify`` output, plus a whole overlay plane."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = SWEEP_NAME, SWEEP_ID, SWEEP_BIRTH
+    ds.add_new(0x00104321, "LO", SWEEP_ID)  # a public patient-group tag pydicom does not know
+    ds.add_new(0x00100033, "LO", SWEEP_BIRTH + "A")  # birth date in an alternative calendar
+    ds.add_new(0x00100034, "LO", SWEEP_BIRTH + "B")
+    ds.add_new(0x00100035, "CS", "SWEEPCAL")
+    for element, vr, value in ((0x0010, "US", 512), (0x0011, "US", 512), (0x0040, "CS", "G"), (0x0050, "SS", [1, 1]),
+                               (0x0100, "US", 1), (0x0102, "US", 0), (0x0022, "LO", "overlay of " + SWEEP_NAME),
+                               (0x1500, "LO", SWEEP_NAME), (0x3000, "OW", b"\x00" * 64)):
+        ds.add_new(0x60000000 | element, vr, value)
+    procedure = Dataset()
+    procedure.CodeValue, procedure.CodingSchemeDesignator, procedure.CodeMeaning = "P1", "99LOCAL", SWEEP_NAME
+    ds.ProcedureCodeSequence = [procedure]
+    ds.CreatorVersionUID = "1.2.826.0.1.3680043.9.7777.4321"
+    ds.DateOfLastCalibration, ds.DateOfSecondaryCapture = "19990909", "19880808"
+    equipment = Dataset()
+    equipment.Manufacturer, equipment.ContributionDateTime = "SweepCorp", "19770707121212"
+    equipment.InstitutionName = "Sweep Hospital"
+    equipment.PurposeOfReferenceCodeSequence = [code_item(("109101", "DCM", "Acquisition Equipment"))]
+    ds.ContributingEquipmentSequence = [equipment]
+    return ds
+
+
+SWEEP_SECRETS = (SWEEP_ID, "Sweepname", SWEEP_BIRTH, "SWEEPCAL", "1.2.826.0.1.3680043.9.7777.4321", "19990909",
+                 "19880808", "19770707", "Sweep Hospital")
+
+
+@pytest.fixture()
+def leaky_series(tmp_path):
+    source = leaky_source()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    uid = generate_uid()
+    for i in range(2):
+        ds = source.copy()
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [-158.1, -179.0, -75.7 + 5.0 * i]
+        ds.save_as(folder / f"s{i}.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_deidentified_output_holds_none_of_the_sweeps_leaks(leaky_series, tmp_path):
+    out = tmp_path / "out"
+    denoise.denoise(leaky_series, out, lambda hu: hu + 2.0, MODEL, progress=False, deidentify=True,
+                    audit_series=False)
+    files = sorted(out.rglob("*.dcm"))
+    assert len(files) == 2
+    for path in files:
+        raw = path.read_bytes()
+        assert [s for s in SWEEP_SECRETS if s.encode() in raw] == []
+        ds = pydicom.dcmread(path)
+        assert not any(e.tag.group & 0xFF00 in (0x5000, 0x6000) for e in ds)
+        assert not any(e.tag.is_private or not e.keyword for e in ds)
+        assert "ProcedureCodeSequence" not in ds and "CreatorVersionUID" not in ds
+        assert ds.ContributingEquipmentSequence[0].Manufacturer == "SweepCorp"  # the device's history survives
+        assert all("ContributionDateTime" not in item for item in ds.ContributingEquipmentSequence[:-1])
+        if DCIODVFY is not None:
+            assert _errors(path) == set(), path
+
+
+def test_plain_derived_image_copies_only_the_whitelist():
+    """Without --deidentify the derived CT keeps patient and study, but no private, unknown or overlay attribute."""
+    out = _derived(leaky_source())
+    assert out.PatientID == SWEEP_ID and out.PatientName == SWEEP_NAME
+    assert 0x00104321 not in out and 0x60000022 not in out and 0x60003000 not in out
+    assert not any(e.tag.is_private for e in out)
+    assert "ProcedureCodeSequence" not in out and "DateOfLastCalibration" not in out
+
+
+def test_deidentifier_alone_drops_unknown_tags_and_whole_overlay_groups():
+    out = Deidentifier("s").apply(leaky_source())
+    assert 0x00104321 not in out and 0x00100033 not in out and 0x00100035 not in out
+    assert not any(e.tag.group == 0x6000 for e in out)
+    assert "ContributionDateTime" not in out.ContributingEquipmentSequence[0]

@@ -9,6 +9,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless, SecondaryCaptureImageStorage
 
 from ldct_tf import dicom
+from ldct_tf.dicom.slices import geometry
 from ldct_tf.demo import sample_data
 from tests.conftest import shared_data_dir
 
@@ -213,3 +214,10 @@ def test_shared_file_converted_correctly_or_rejected(shared_data, relative):
             assert (hu[~mask] == -1024).all()
         np.testing.assert_allclose(hu[mask], want[mask], atol=1e-3)
         assert info.pixel_spacing_mm[0] > 0 and np.isfinite(info.z_mm)
+
+
+def test_all_zero_orientation_is_bad_geometry_not_axial():
+    """Issue 27: a zero normal used to fall back to +z and pass as an axial slice."""
+    for orientation in ([0, 0, 0, 0, 0, 0], [1, 0, 0, 1, 0, 0]):
+        with pytest.raises(dicom.NotUsableCT, match="bad_geometry: ImageOrientationPatient does not define a plane"):
+            geometry("f.dcm", [0, 0, 0], orientation, [0.7, 0.7])

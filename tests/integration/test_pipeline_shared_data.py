@@ -62,7 +62,7 @@ def test_whole_shared_folder(shared_data, tmp_path):
     assert manifest["rejected"] == len(expected_rejects)
     lines = [json.loads(l) for f in (out / "rejected").glob("*.jsonl") for l in f.read_text().splitlines()]
     local = {json.loads(l)["input"]: json.loads(l)["path"]
-             for f in (out / "site_local_DO_NOT_SHARE").glob("*.jsonl") for l in f.read_text().splitlines()}
+             for f in Path(f"{out}-site_local_DO_NOT_SHARE").glob("*.jsonl") for l in f.read_text().splitlines()}
     assert {local[l["input"]]: l["reason"] for l in lines} == expected_rejects
 
     # HU exactly as read (rounded to int16, which is exact for these integer-HU files).

@@ -59,7 +59,7 @@ def test_round_trip_exact_hu_doses_and_disjoint_splits(sample, sample_run):
     lines = [json.loads(l) for f in (out / "rejected").glob("*.jsonl") for l in f.read_text().splitlines()]
     assert all(l["reason"] and l["detail"] and "path" not in l for l in lines)
     local = {json.loads(l)["input"]: json.loads(l)["path"]
-             for f in (out / "site_local_DO_NOT_SHARE").glob("rejected_paths-*.jsonl") for l in f.read_text().splitlines()}
+             for f in Path(f"{out}-site_local_DO_NOT_SHARE").glob("rejected_paths-*.jsonl") for l in f.read_text().splitlines()}
     assert sorted(Path(local[l["input"]]).name for l in lines) == ["doses.csv", "notes.txt", "truncated.dcm"]
 
 

@@ -95,7 +95,7 @@ def test_bad_values_rejected_duplicates_dropped_and_warnings(checked_run):
 def test_shareable_output_names_no_path_or_file(archive, checked_run):
     root, _ = archive
     out, _ = checked_run
-    local = out / site_local.FOLDER
+    local = Path(site_local.folder_for(str(out)))
     forbidden = [b"MRN5550123", b"ACC9981234", str(root).encode(), b"ACC770", b"ACC771"]
     shared = [p for p in out.rglob("*") if p.is_file() and local not in p.parents]
     assert any(p.name == "manifest.json" for p in shared) and any(p.parent.name == "rejected" for p in shared)
@@ -110,3 +110,58 @@ def test_shareable_output_names_no_path_or_file(archive, checked_run):
              for f in local.glob("rejected_paths-*.jsonl") for l in f.read_text().splitlines()}
     assert sorted(Path(paths[r["input"]]).parent for r in rejected) == [root / "bad"] * 3
     assert json.loads((local / "run.json").read_text())["output"] == str(out)
+
+
+# ------------------------------------------------------------------------------------------------- issue 27
+def test_conflicting_duplicates_and_bad_rescale_are_rejected_and_the_output_is_shareable_whole(tmp_path):
+    hu = np.rint(sample_data.ct_small_hu())
+    ident = sample_data.Identity("MRN0000950", "Dup^Dora")
+    normal = sample_data.write_series(tmp_path / "in" / "normal", [hu, hu + 1], ident)
+    low = sample_data.write_series(tmp_path / "in" / "low", [hu + 50, hu + 51], ident)
+    conflict = pydicom.dcmread(low[0])  # same SOP Instance UID as normal[0], other pixels
+    conflict.SOPInstanceUID = conflict.file_meta.MediaStorageSOPInstanceUID = pydicom.dcmread(normal[0]).SOPInstanceUID
+    conflict.save_as(low[0], enforce_file_format=True)
+    (tmp_path / "in" / "copy").mkdir()
+    (tmp_path / "in" / "copy" / "same.dcm").write_bytes(normal[1].read_bytes())  # an identical duplicate
+    text = _rewrite(normal[1], tmp_path / "in" / "text" / "x.dcm", RescaleIntercept="-1023.75")
+    text.write_bytes(text.read_bytes().replace(b"-1023.75", b"unknown "))
+    manifest = tmp_path / "doses.csv"
+    manifest.write_text("path,dose\nin/normal,normal\nin/copy,normal\nin/text,normal\nin/low,low\n")
+    out = tmp_path / "out"
+    result = run(["--input", str(tmp_path / "in"), "--dose-manifest", str(manifest), "--output", str(out),
+                  "--salt", "s", "--num-shards", "1"])
+    assert result["duplicates_dropped"] == 1
+    assert result["rejected_by_reason"] == {"conflicting_duplicate": 2, plausibility.IMPLAUSIBLE_RESCALE: 1}
+    lines = [json.loads(l) for f in (out / "rejected").glob("*.jsonl") for l in f.read_text().splitlines()]
+    conflicts = [l for l in lines if l["reason"] == "conflicting_duplicate"]
+    hashes = [h.strip() for h in conflicts[0]["detail"].split("sha256 ")[1].split(")")[0].split(",")]
+    assert len(set(hashes)) == 2 and all(len(h) == 16 for h in hashes) and conflicts[0]["detail"] == conflicts[1]["detail"]
+    assert "RescaleIntercept is not a number" in [l for l in lines if l["reason"] != "conflicting_duplicate"][0]["detail"]
+    assert result["slices"] == 2  # normal[1] (once) and low[1]; neither conflicting copy
+    # The operator-only folder sits beside the output, never inside it: OUT can be shared whole.
+    assert not any("DO_NOT_SHARE" in str(p) for p in out.rglob("*"))
+    local = Path(site_local.folder_for(str(out)))
+    assert local.parent == out.parent and (local / "run.json").exists()
+    assert len([l for f in local.glob("rejected_paths-*.jsonl") for l in f.read_text().splitlines()]) == 3
+
+
+def test_output_through_a_symlink_into_the_input_or_a_site_local_folder_inside_the_output_is_refused(tmp_path):
+    from ldct_tf.pipeline.dicom_to_tfrecord import UsageError
+
+    hu = np.rint(sample_data.ct_small_hu())
+    sample_data.write_series(tmp_path / "in", [hu], sample_data.Identity("MRN0000951", "Lin^Lee"))
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    base = ["--input", str(tmp_path / "in"), "--normal-dose-description", ".*", "--salt", "s"]
+    with pytest.raises(UsageError, match="inside the input"):
+        run([*base, "--output", str(tmp_path / "link" / "out")])
+    assert not (tmp_path / "in" / "out").exists()
+    with pytest.raises(UsageError, match="inside --output"):
+        run([*base, "--output", str(tmp_path / "out"), "--site-local", str(tmp_path / "out" / "local")])
+
+
+def test_num_shards_is_capped(tmp_path):
+    from ldct_tf.pipeline.dicom_to_tfrecord import UsageError
+
+    with pytest.raises(UsageError, match="--num-shards must be between 1 and 1024, got 100000"):
+        run(["--input", str(tmp_path), "--normal-dose-description", ".*", "--output", str(tmp_path / "o"),
+             "--num-shards", "100000"])

@@ -27,11 +27,13 @@ def _run(sample, bad: Path, out: Path, *extra: str) -> dict:
 def _content(out: Path) -> tuple:
     records = sorted((r["dose"], r["split"], r["patient"], r["series"], r["instance"], r["image"].tobytes())
                      for r in _all_records(out))
-    def lines(pattern):
-        return [json.loads(line) for f in out.glob(pattern) for line in f.read_text().splitlines()]
+    def lines(pattern, folder=out):
+        return [json.loads(line) for f in folder.glob(pattern) for line in f.read_text().splitlines()]
 
-    # The shareable list names each input by a salted hash; the operator's site-local list maps it to its path.
-    path_of = {line["input"]: line["path"] for line in lines("site_local_DO_NOT_SHARE/rejected_paths-*.jsonl")}
+    # The shareable list names each input by a salted hash; the operator's site-local list (beside the output, never
+    # inside it) maps it to its path.
+    path_of = {line["input"]: line["path"]
+               for line in lines("rejected_paths-*.jsonl", Path(f"{out}-site_local_DO_NOT_SHARE"))}
     rejected = sorted((Path(path_of[line["input"]]).name, line["reason"]) for line in lines("rejected/*.jsonl"))
     return records, rejected
 
