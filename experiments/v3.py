@@ -3,6 +3,7 @@
     python -m experiments.v3 all --work /tmp/v3          # every step below, in order (CPU budget: see the README)
     python -m experiments.v3 simulate --work /tmp/v3     # simulated pairs from every training source (v3_data)
     python -m experiments.v3 train --work /tmp/v3 --seed 0   # one seed (run 0, 1, 2)
+    python -m experiments.v3 bm3d --work /tmp/v3         # BM3D's noise factor tuned per dose on L143 (no model)
     python -m experiments.v3 validate --work /tmp/v3     # L143 (held out): seeds, BM3D tuned per dose; picks the seed
     python -m experiments.v3 ship --work /tmp/v3         # exports the picked seed as saved_models/ldct_denoiser/3
     python -m experiments.v3 test --work /tmp/v3         # L286, read once: v3 seeds vs BM3D (dev-tuned) vs v2
@@ -34,6 +35,10 @@ def _train(args) -> None:
     v3_steps.train(Path(args.work), args.seed, args.steps)
 
 
+def _bm3d(args) -> None:
+    v3_steps.bm3d_tuning(Path(args.work))
+
+
 def _validate(args) -> None:
     v3_steps.validate(Path(args.work))
 
@@ -51,6 +56,7 @@ def _all(args) -> None:
     v3_steps.simulate(work, args.realisations, args.processes)
     for seed in range(args.seeds):
         v3_steps.train(work, seed, args.steps)
+    v3_steps.bm3d_tuning(work)
     v3_steps.validate(work)
     v3_steps.ship(work, Path(args.target))
     v3_steps.test(work)
@@ -59,7 +65,7 @@ def _all(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.v3", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="step", required=True)
-    for name, fn in (("simulate", _simulate), ("train", _train), ("validate", _validate), ("ship", _ship),
+    for name, fn in (("simulate", _simulate), ("train", _train), ("bm3d", _bm3d), ("validate", _validate), ("ship", _ship),
                      ("test", _test), ("all", _all)):
         p = sub.add_parser(name)
         p.add_argument("--work", required=True, help="working folder (created; holds pairs, seeds, results)")

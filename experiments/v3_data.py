@@ -32,6 +32,11 @@ DOSE_RANGE = (0.05, 0.5)
 FILTERS = ("ramp", "hann")
 SWEEP_DOSES = (0.10, 0.25, 0.50)
 CALIBRATION = REPO / "configs" / "calibration_aapm_mayo.json"
+#: CT files that also ship inside PyPI packages (pydicom, pydicom-data): ``make demo`` scores the model on them, so
+#: they are never training sources.
+DEMO_FILES = frozenset({"693_J2KI.dcm", "693_J2KR.dcm", "693_UNCI.dcm", "693_UNCR.dcm", "CT_small.dcm",
+                        "explicit_VR-UN.dcm", "bad_sequence.dcm", "eCT_Supplemental.dcm",
+                        "J2K_pixelrep_mismatch.dcm"})
 
 
 def data_root() -> Path:
@@ -54,7 +59,26 @@ def training_files(root: Path) -> list[Path]:
              if row["patient"] not in (TEST_PATIENT, VALIDATION_PATIENT)]
     for folder in ("abdomen_series/dicom", "liver_slices", "head_ct/ge_tilted", "edge_cases"):
         files += sorted(p for p in (root / folder).rglob("*") if p.is_file() and not p.name.startswith("."))
-    return files
+    return [f for f in files if f.name not in DEMO_FILES]
+
+
+def slice_key(root: Path, path: Path, frame: int) -> str:
+    """Anonymous, stable name of one source slice (a hash of its place in the data folder)."""
+    return hashlib.sha256(f"{path.relative_to(root)}:{frame}".encode()).hexdigest()[:16]
+
+
+def training_keys(root: Path) -> set[str]:
+    """Keys of every slice :func:`source_slices` yields now (frames read from the headers only)."""
+    import pydicom
+
+    keys = set()
+    for path in training_files(root):
+        try:
+            frames = int(pydicom.dcmread(str(path), stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
+        except Exception:
+            continue
+        keys.update(slice_key(root, path, f) for f in range(frames))
+    return keys
 
 
 def square(hu: np.ndarray) -> np.ndarray:
@@ -78,7 +102,7 @@ def source_slices(root: Path) -> Iterator[tuple[str, np.ndarray, float]]:
         for hu, info in slices:
             if min(hu.shape) < 128 or not np.isfinite(hu).all():
                 continue
-            key = hashlib.sha256(f"{path.relative_to(root)}:{info.frame}".encode()).hexdigest()[:16]
+            key = slice_key(root, path, info.frame)
             spacing = float(info.pixel_spacing_mm[0]) if info.pixel_spacing_mm else 0.7
             yield key, square(np.clip(hu, -1024, 3071)), spacing if np.isfinite(spacing) and spacing > 0 else 0.7
 
@@ -102,18 +126,21 @@ def simulate_source(key: str, hu: np.ndarray, spacing: float, realisations: int,
     return {"low": np.stack(lows), "reference": np.stack(refs), "dose": np.array(doses), "filter": np.array(filters)}
 
 
-def sweep_pair(normal_hu: np.ndarray, spacing: float, dose: float, seed: int, i0: float,
-               filter_name: str) -> np.ndarray:
-    """A ``dose`` scan of a real normal-dose slice the way Mayo made its quarter-dose images: the extra noise only,
-    added to the slice itself (its reference is the slice)."""
+def sweep(normal_hu: np.ndarray, spacing: float, doses: tuple, seed: int, i0: float,
+          filter_name: str) -> list[np.ndarray]:
+    """``doses`` scans of a real normal-dose slice the way Mayo made its quarter-dose images: only the extra noise,
+    added to the slice itself (its reference is the slice).  One projection serves every dose."""
     from ldct_tf.simulate import ProjectionSimulator
 
     sim = ProjectionSimulator(square(normal_hu), pixel_spacing_mm=spacing)
-    noise = sim.noise_hu(sim.sinogram_noise(dose, i0, noise_model="insert", rng=np.random.default_rng(seed)),
-                         filter_name)
     h, w = normal_hu.shape
-    n = noise.shape[0]
-    return (normal_hu + noise[(n - h) // 2:(n - h) // 2 + h, (n - w) // 2:(n - w) // 2 + w]).astype(np.float32)
+    n = sim.size
+    out = []
+    for j, dose in enumerate(doses):
+        rng = np.random.default_rng(seed * 100 + j)
+        noise = sim.noise_hu(sim.sinogram_noise(dose, i0, noise_model="insert", rng=rng), filter_name)
+        out.append((normal_hu + noise[(n - h) // 2:(n - h) // 2 + h, (n - w) // 2:(n - w) // 2 + w]).astype(np.float32))
+    return out
 
 
 def filter_of_kernel(kernel: str) -> str:
@@ -139,7 +166,8 @@ def mayo_pairs(root: Path, patient: str) -> list[dict]:
 def load_training_pairs(work: Path, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """All simulated pairs written by ``simulate`` (float32 HU, [n, size, size]) grouped by size."""
     lows, refs = [], []
-    for f in sorted((work / "pairs").glob("*.npz"))[:limit]:
+    keys = training_keys(data_root())
+    for f in sorted(f for f in (work / "pairs").glob("*.npz") if f.stem in keys)[:limit]:
         with np.load(f) as z:
             lows += list(z["low"])
             refs += list(z["reference"])

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -123,7 +124,7 @@ def train(work: Path, seed: int, steps: int) -> None:
 
 
 #: BM3D's strength is ``factor x`` the input's own noise index (``ldct_tf.noise``): noise-adaptive, tuned per dose.
-BM3D_FACTORS = (1.5, 2.5, 4.0)
+BM3D_FACTORS = (1.0, 1.5, 2.5, 4.0, 6.0)
 #: Slices of the validation patient on which BM3D's factor is tuned (BM3D costs ~7 s a slice here).
 BM3D_TUNING_SLICES = 4
 RESULTS = v3_data.REPO / "experiments" / "results"
@@ -133,10 +134,10 @@ def conditions(pairs: list[dict], seed_base: int) -> dict[str, list[tuple[np.nda
     """(low, reference, kernel) per condition: the real quarter dose, and 10/25/50 % sweeps of the normal dose."""
     i0 = v3_data.calibrated_i0()
     out = {"real_25": [(p["quarter"], p["full"], p["kernel"]) for p in pairs]}
-    for dose in v3_data.SWEEP_DOSES:
-        out[f"sim_{int(round(dose * 100))}"] = [
-            (v3_data.sweep_pair(p["full"], p["spacing"], dose, seed_base + i, i0, v3_data.filter_of_kernel(p["kernel"])),
-             p["full"], p["kernel"]) for i, p in enumerate(pairs)]
+    sweeps = [v3_data.sweep(p["full"], p["spacing"], v3_data.SWEEP_DOSES, seed_base + i, i0,
+                            v3_data.filter_of_kernel(p["kernel"])) for i, p in enumerate(pairs)]
+    for j, dose in enumerate(v3_data.SWEEP_DOSES):
+        out[f"sim_{int(round(dose * 100))}"] = [(lows[j], p["full"], p["kernel"]) for lows, p in zip(sweeps, pairs)]
     return out
 
 
@@ -163,21 +164,42 @@ def bm3d_denoiser(factor: float):
     return lambda hu: baselines.bm3d(hu, sigma_hu=max(factor * noise.noise_index(hu), 1.0))
 
 
-def tune_bm3d(conds: dict) -> dict:
-    """Per condition, BM3D's noise factor at its best mean abdomen PSNR and at its best mean SSIM (tuning slices)."""
+def tune_bm3d(conds: dict, known: Optional[dict] = None) -> dict:
+    """Per condition, BM3D's noise factor at its best mean abdomen PSNR and at its best mean SSIM (tuning slices).
+
+    ``known``: grid points already scored (an earlier run's result), so a wider grid only costs its new points."""
     chosen = {}
     for name, cases in conds.items():
         subset = cases[:BM3D_TUNING_SLICES // 2] + cases[-(BM3D_TUNING_SLICES // 2):]
-        grid = {}
+        grid = {float(k): v for k, v in ((known or {}).get(name, {}).get("grid", {})).items()}
         for factor in BM3D_FACTORS:
+            if factor in grid:
+                continue
             fn = bm3d_denoiser(factor)
             s = _scores([fn(low) for low, _, _ in subset], subset)
             grid[factor] = {"psnr": float(np.mean(s["psnr"])), "ssim": float(np.mean(s["ssim"]))}
             print(f"validate: BM3D {name} factor {factor}: {grid[factor]}", flush=True)
+        grid = {f: grid[f] for f in BM3D_FACTORS}
         chosen[name] = {"grid": {str(k): v for k, v in grid.items()},
                         "psnr_optimal": max(grid, key=lambda f: grid[f]["psnr"]),
                         "ssim_optimal": max(grid, key=lambda f: grid[f]["ssim"])}
     return chosen
+
+
+def bm3d_tuning(work: Path, conds: Optional[dict] = None) -> dict:
+    """BM3D's factors per condition on the validation patient (``work/bm3d_tuning.json``); it needs no model, so it
+    can run beside training.  A result that covers the whole grid is reused as is."""
+    cached = work / "bm3d_tuning.json"
+    known = json.loads(cached.read_text()) if cached.exists() else {}
+    complete = known and all(set(map(float, v["grid"])) >= set(BM3D_FACTORS) for v in known.values())
+    if not complete:
+        if conds is None:
+            conds = conditions(v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT), seed_base=1000)
+        known = tune_bm3d(conds, known)
+        work.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(known, indent=1))
+    return {k: {**v, "psnr_optimal": float(v["psnr_optimal"]), "ssim_optimal": float(v["ssim_optimal"])}
+            for k, v in known.items()}
 
 
 def _summary(scores: dict) -> dict:
@@ -200,7 +222,7 @@ def validate(work: Path) -> None:
     """Scores every seed and BM3D (factor tuned per dose here) on the held-out development patient; picks the seed."""
     pairs = v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT)
     conds = conditions(pairs, seed_base=1000)
-    bm3d = tune_bm3d(conds)
+    bm3d = bm3d_tuning(work, conds)
     seeds = sorted(work.glob("seed*/generator.keras"))
     denoisers = {"input": lambda hu: hu}
     denoisers.update({p.parent.name: keras_denoiser(p) for p in seeds})
