@@ -66,7 +66,7 @@ setup(
             "ldct-evaluate=ldct_tf.evaluate:main",
             "ldct-tune=ldct_tf.tune:main",
             "ldct-demo=ldct_tf.demo:main",
-            "ldct-node=ldct_tf.node.cli:main",
+            "ldct-node=ldct_tf.node.__main__:main",
         ]
     },
     classifiers=[

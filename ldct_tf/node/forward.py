@@ -10,9 +10,10 @@ destination simply replaces what it already has).
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
@@ -49,12 +50,14 @@ def parse_destination(text: str) -> Destination:
 
 
 def send_series(files: Sequence[Path], destination: Destination, calling_ae_title: str,
-                timeout_s: float = 60.0) -> int:
-    """C-STORE every file to ``destination``; returns how many were stored, raises :class:`ForwardError`."""
+                timeout_s: float = 60.0, tls: Optional[ssl.SSLContext] = None) -> int:
+    """C-STORE every file to ``destination`` (over TLS with ``tls``, checking the destination's certificate against
+    its host name); returns how many were stored, raises :class:`ForwardError`."""
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (tls, destination.host) if tls is not None else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         what = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
         raise ForwardError(f"destination {destination} {what}")

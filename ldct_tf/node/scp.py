@@ -9,8 +9,12 @@ What is accepted, and why:
   arrives with another SOP class is answered 0x0122 (SOP class not supported).
 - Transfer syntaxes: every one whose pixel data the installed pydicom plugins can decode (asked from pydicom at
   start), so that a scanner's JPEG 2000 / JPEG-LS / JPEG lossless series is stored exactly as it was sent.
-- Calling AE titles: any, or only those of ``--allow-aet`` (others are rejected at association time); the called
-  AE title must be the node's own.
+- Calling AE titles and addresses: those of ``--allow-aet`` / ``--allow-host`` (others are rejected at association
+  time, see :mod:`ldct_tf.node.security`); the called AE title must be the node's own.
+- Slice size: a slice of more than ``max_slice_size`` rows or columns is refused (0xA900 with an error comment), since
+  its decoded pixels would be held in memory several times over while denoising.
+- Timeouts: a connection must send its A-ASSOCIATE request within ``acse_timeout`` and an established association
+  that stays silent for ``network_timeout`` is aborted, so idle TCP connections cannot hold every association slot.
 
 A C-STORE is acknowledged (0x0000) only after the instance is fsync'ed in the spool; a spool that cannot be
 written answers 0xA700 (out of resources) so that the sender keeps the instance and retries.
@@ -19,13 +23,16 @@ written answers 0xA700 (out of resources) so that the sender keeps the instance 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pydicom.uid
 from pydicom.pixels import get_decoder
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from ldct_tf.node.security import REJECT_PERMANENT, SOURCE_SERVICE_USER, AccessRules
 from ldct_tf.node.spool import Spool
 from ldct_tf.node.tracker import SeriesTracker
 
@@ -36,6 +43,9 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+
+#: rows or columns; CT is 512 (sometimes 768 or 1024); 5000x5000 would need about 9 GB while denoising
+DEFAULT_MAX_SLICE_SIZE = 2048
 
 UNCOMPRESSED = [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian,
                 pydicom.uid.DeflatedExplicitVRLittleEndian, pydicom.uid.ExplicitVRBigEndian]
@@ -58,10 +68,33 @@ def decodable_transfer_syntaxes() -> list[str]:
 class StorageHandlers:
     """The event handlers bound to every association: C-STORE into the spool, association end into the tracker."""
 
-    def __init__(self, spool: Spool, tracker: SeriesTracker):
+    def __init__(self, spool: Spool, tracker: SeriesTracker, rules: AccessRules = AccessRules(),
+                 max_slice_size: int = DEFAULT_MAX_SLICE_SIZE):
         self.spool, self.tracker = spool, tracker
+        self.rules, self.max_slice_size = rules, max_slice_size
 
-    def on_store(self, event) -> int:
+    def on_requested(self, event) -> None:
+        """Reject a peer not on the allow-lists before anything is negotiated."""
+        requestor = event.assoc.requestor
+        refusal = self.rules.refusal(requestor.primitive.calling_ae_title, requestor.address)
+        if refusal is not None:
+            diagnostic, reason = refusal
+            log.warning("association from %s@%s rejected: %s", requestor.primitive.calling_ae_title.strip(),
+                        requestor.address, reason)
+            event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
+            event.assoc.kill()  # as pynetdicom's own rejections do: lets the DUL send the A-ASSOCIATE-RJ first
+
+    def _too_large(self, ds) -> Optional[Dataset]:
+        """The refusal status of a slice larger than the node accepts (None: size fine)."""
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if max(rows, columns) <= self.max_slice_size:
+            return None
+        status = Dataset()
+        status.Status = DATASET_DOES_NOT_MATCH
+        status.ErrorComment = f"slice {rows}x{columns} over the node's limit {self.max_slice_size}"[:64]
+        return status
+
+    def on_store(self, event) -> int | Dataset:
         if event.context.abstract_syntax != CTImageStorage:
             return SOP_CLASS_NOT_SUPPORTED
         try:
@@ -69,6 +102,7 @@ class StorageHandlers:
             series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
             sop_uid = str(event.request.AffectedSOPInstanceUID or ds.get("SOPInstanceUID", "") or "").strip()
             sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+            too_large = self._too_large(ds)
         except Exception as exc:  # a dataset pydicom cannot parse
             log.warning("C-STORE from %s refused: cannot parse the dataset (%s)", _peer(event), type(exc).__name__)
             return CANNOT_UNDERSTAND
@@ -79,6 +113,9 @@ class StorageHandlers:
         if not series_uid or not sop_uid:
             log.warning("C-STORE from %s refused: no SeriesInstanceUID or SOPInstanceUID", _peer(event))
             return DATASET_DOES_NOT_MATCH
+        if too_large is not None:
+            log.warning("C-STORE from %s refused: %s (--max-slice-size)", _peer(event), too_large.ErrorComment)
+            return too_large
         tmp = None
         try:
             tmp = self.spool.write_instance(event.encoded_dataset(include_meta=True))
@@ -100,9 +137,9 @@ class StorageHandlers:
         self.tracker.association_ended(id(event.assoc))
 
     def handlers(self) -> list:
-        return [(evt.EVT_C_STORE, self.on_store), (evt.EVT_C_ECHO, self.on_echo),
-                (evt.EVT_ESTABLISHED, self.on_established), (evt.EVT_RELEASED, self.on_end),
-                (evt.EVT_ABORTED, self.on_end), (evt.EVT_CONN_CLOSE, self.on_end)]
+        return [(evt.EVT_REQUESTED, self.on_requested), (evt.EVT_C_STORE, self.on_store),
+                (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_ESTABLISHED, self.on_established),
+                (evt.EVT_RELEASED, self.on_end), (evt.EVT_ABORTED, self.on_end), (evt.EVT_CONN_CLOSE, self.on_end)]
 
 
 def _peer(event) -> str:
@@ -111,7 +148,18 @@ def _peer(event) -> str:
     return f"{requestor.ae_title}@{requestor.address}"
 
 
-def build_ae(ae_title: str, allowed_calling: Optional[Sequence[str]] = None, network_timeout_s: float = 60.0,
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; see the module docstring.  ``acse``: connect -> A-ASSOCIATE request (and the answers to the node's
+    own requests); ``dimse``: waiting for the rest of a DIMSE message; ``network``: an established association's
+    silence before it is aborted (kept above a scanner's pause between slices)."""
+
+    acse: float = 10.0
+    dimse: float = 30.0
+    network: float = 60.0
+
+
+def build_ae(ae_title: str, allowed_calling: Optional[Sequence[str]] = None, timeouts: Timeouts = Timeouts(),
              max_associations: int = 10) -> AE:
     """The node's application entity (not yet listening); see the module docstring for what it accepts."""
     ae = AE(ae_title=ae_title)
@@ -122,6 +170,7 @@ def build_ae(ae_title: str, allowed_calling: Optional[Sequence[str]] = None, net
     if allowed_calling:
         ae.require_calling_aet = list(allowed_calling)
     # an association idle this long is aborted, so a sender that hangs cannot keep its series from completing
-    ae.network_timeout = network_timeout_s
+    ae.network_timeout = timeouts.network
+    ae.acse_timeout, ae.dimse_timeout = timeouts.acse, timeouts.dimse
     ae.maximum_associations = max_associations
     return ae

@@ -140,24 +140,30 @@ class Spool:
     def write_instance(self, data: bytes) -> Path:
         """Write one received instance to ``tmp`` and fsync it; :meth:`commit` then moves it into its series."""
         path = self.tmp / f"{uuid.uuid4().hex}.part"
-        with open(path, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(path, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError:  # a full disk: the half-written part must not keep holding the space
+            path.unlink(missing_ok=True)
+            raise
         return path
 
-    def commit(self, tmp_path: Path, series: str, instance: str) -> Path:
-        """Move a written instance into ``incoming/<series>/`` (same instance again: replaced, as a PACS does)."""
+    def commit(self, tmp_path: Path, series: str, instance: str) -> tuple[Path, bool]:
+        """Move a written instance into ``incoming/<series>/``; returns (its path, whether it replaced an earlier
+        copy of the same instance, as a PACS replaces a re-sent instance)."""
         with self._lock:
             folder = self.incoming / series
             created = not folder.exists()
             folder.mkdir(exist_ok=True)
             target = folder / f"{instance}.dcm"
+            replaced = target.exists()
             os.replace(tmp_path, target)
             _fsync_dir(folder)
             if created:
                 _fsync_dir(self.incoming)
-        return target
+        return target, replaced
 
     def discard(self, tmp_path: Path) -> None:
         tmp_path.unlink(missing_ok=True)
@@ -172,11 +178,20 @@ class Spool:
             count = sum(1 for _ in source.glob("*.dcm"))
             batch = f"{series}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
             folder = self.work / batch
-            folder.mkdir()
-            os.rename(source, folder / "in")
-            _fsync_dir(self.incoming)
-            self.save_state(batch, BatchState(series=series, instances=count, first_received=first_received,
-                                              last_received=last_received, claimed=time.time()))
+            # state.json first, the rename last: a full disk fails before anything moved, and the series stays in
+            # incoming/ for the caller to claim again once there is space
+            try:
+                folder.mkdir()
+                self.save_state(batch, BatchState(series=series, instances=count, first_received=first_received,
+                                                  last_received=last_received, claimed=time.time()))
+                os.rename(source, folder / "in")
+            except OSError:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            try:
+                _fsync_dir(self.incoming)
+            except OSError:  # the rename happened; the batch exists and must be processed
+                pass
         return batch
 
     def batch_dir(self, batch: str) -> Path:
@@ -194,7 +209,11 @@ class Spool:
     def save_state(self, batch: str, state: BatchState, where: Optional[Path] = None) -> None:
         folder = where or (self.work / batch)
         tmp = folder / "state.json.tmp"
-        tmp.write_text(json.dumps(asdict(state), indent=1) + "\n")
+        try:
+            tmp.write_text(json.dumps(asdict(state), indent=1) + "\n")
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, folder / "state.json")
 
     def finish(self, batch: str, keep: bool) -> None:

@@ -9,6 +9,7 @@ at again.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ldct_tf.node.spool import Spool
+
+log = logging.getLogger("ldct_tf.node")
 
 
 @dataclass
@@ -41,11 +44,14 @@ class SeriesTracker:
     def receive(self, tmp_path: Path, series: str, instance: str, association: int) -> Path:
         """Commit a written instance into the spool and note its association; returns its spool path."""
         with self._lock:
-            path = self.spool.commit(tmp_path, series, instance)
+            path, replaced = self.spool.commit(tmp_path, series, instance)
             now = self.clock()
             activity = self._series.setdefault(series, Activity(first=now, last=now))
             activity.last = now
-            activity.instances += 1
+            if replaced:  # a re-send is normal, but an operator must be able to see it happened
+                log.warning("series %s: an instance was received again and replaced the earlier copy", series)
+            else:
+                activity.instances += 1
             activity.open_associations.add(association)
             self._by_association.setdefault(association, set()).add(series)
         return path
@@ -76,15 +82,22 @@ class SeriesTracker:
         return max(0.0, min(waits)) if waits else None
 
     def claim_ready(self) -> list[tuple[str, str, Activity]]:
-        """Claim every complete series into a batch; returns ``[(series, batch, activity)]``."""
+        """Claim every complete series into a batch; returns ``[(series, batch, activity)]``.  A series the spool
+        cannot claim (a full disk) stays pending and is tried again, so it is never forgotten."""
         claimed = []
         with self._lock:
             now = self.clock()
             for series, activity in list(self._series.items()):
                 if activity.open_associations or now - activity.last < self.quiet_s:
                     continue
+                try:
+                    batch = self.spool.claim(series, activity.first, activity.last)
+                except OSError as exc:
+                    log.error("series %s complete but cannot be claimed (%s); trying again in %.0f s", series,
+                              exc.strerror or exc, self.quiet_s)
+                    activity.last = now
+                    continue
                 del self._series[series]
-                batch = self.spool.claim(series, activity.first, activity.last)
                 if batch is not None:
                     claimed.append((series, batch, activity))
         return claimed

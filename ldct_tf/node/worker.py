@@ -9,8 +9,10 @@ in its ``state.json`` once done, so that a retry (or a restart after a crash) re
 2. ``--store``: copy ``out/`` to ``STORE/<batch>/`` (via a hidden partial folder, then a rename);
 3. ``--forward``: C-STORE every derived instance to the destination.
 
-A failing step counts one attempt; after ``max_attempts`` (or at once for a series with nothing to denoise) the
-batch moves to ``failed/`` with its reasons.  Retries wait ``retry_delay_s * 2**(attempt-1)`` seconds.
+An attempt is counted (and saved) *before* its first step starts, so an attempt that kills the process (an OOM
+kill during denoising, kill -9) counts too: a batch that crashes the node cannot loop forever across restarts.
+After ``max_attempts`` failed or unfinished attempts (or at once for a series with nothing to denoise) the batch
+moves to ``failed/`` with its reasons.  Retries wait ``retry_delay_s * 2**(attempt-1)`` seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ class WorkerOptions:
     retry_delay_s: float = 30.0
     keep_done: bool = False
     forward_timeout_s: float = 60.0
+    forward_tls: Optional[ssl.SSLContext] = None
 
 
 def run_denoise(input_dir: Path, output_dir: Path, denoiser: denoise.Denoiser, model: denoise.ModelInfo,
@@ -108,6 +112,17 @@ class SeriesWorker(threading.Thread):
     def process(self, batch: str) -> None:
         folder = self.spool.batch_dir(batch)
         state = self.spool.load_state(batch)
+        if state.attempts >= self.options.max_attempts:  # every earlier attempt ended without a result: a crash
+            self._give_up(batch, state, f"{state.attempts} attempt(s) started and none finished (the node was "
+                                        f"stopped or killed during them, e.g. out of memory)")
+            return
+        state.attempts += 1
+        try:
+            self.spool.save_state(batch, state)
+        except OSError as exc:  # cannot even record the attempt: wait and try again, nothing has started
+            state.attempts -= 1
+            self._retry_later(batch, state, exc)
+            return
         try:
             if not state.denoised:
                 self._denoise(batch, folder, state)
@@ -118,7 +133,8 @@ class SeriesWorker(threading.Thread):
                 self.spool.save_state(batch, state)
             if self.options.forward is not None and not state.forwarded:
                 started = time.time()
-                send_series(files, self.options.forward, self.options.ae_title, self.options.forward_timeout_s)
+                send_series(files, self.options.forward, self.options.ae_title, self.options.forward_timeout_s,
+                            self.options.forward_tls)
                 state.forward_s = time.time() - started
                 state.forwarded = True
                 self.spool.save_state(batch, state)
@@ -170,17 +186,23 @@ class SeriesWorker(threading.Thread):
         log.info("batch %s: stored in %s", batch, target)
 
     def _failed_attempt(self, batch: str, state: BatchState, exc: Exception) -> None:
-        state.attempts += 1
+        """The attempt (already counted by :meth:`process`) failed: retry later, or give up."""
         reason = f"{type(exc).__name__}: {exc}"
         state.errors.append(reason)
         if isinstance(exc, PermanentFailure) or state.attempts >= self.options.max_attempts:
-            state.failed_reason = reason
-            target = self.spool.fail(batch, state)
-            log.error("batch %s failed for good after %d attempt(s): %s; kept in %s", batch, state.attempts,
-                      reason, target)
+            self._give_up(batch, state, reason)
             return
         self.spool.save_state(batch, state)
-        delay = self.options.retry_delay_s * 2 ** (state.attempts - 1)
+        self._retry_later(batch, state, exc)
+
+    def _retry_later(self, batch: str, state: BatchState, exc: Exception) -> None:
+        delay = self.options.retry_delay_s * 2 ** max(0, state.attempts - 1)
         self.schedule(batch, time.time() + delay)
-        log.warning("batch %s attempt %d of %d failed: %s; retrying in %.0f s", batch, state.attempts,
-                    self.options.max_attempts, reason, delay)
+        log.warning("batch %s attempt %d of %d failed: %s: %s; retrying in %.0f s", batch, state.attempts,
+                    self.options.max_attempts, type(exc).__name__, exc, delay)
+
+    def _give_up(self, batch: str, state: BatchState, reason: str) -> None:
+        state.failed_reason = reason
+        target = self.spool.fail(batch, state)
+        log.error("batch %s failed for good after %d attempt(s): %s; kept in %s", batch, state.attempts, reason,
+                  target)

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from ldct_tf.node import cli
+from ldct_tf.node import __main__ as cli
 from ldct_tf.node.forward import Destination, parse_destination
 from ldct_tf.node.spool import Spool, SpoolError
 from ldct_tf.node.tracker import SeriesTracker
