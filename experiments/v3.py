@@ -32,7 +32,7 @@ def _simulate(args) -> None:
 
 
 def _train(args) -> None:
-    v3_steps.train(Path(args.work), args.seed, args.steps)
+    v3_steps.train(Path(args.work), args.seed, args.steps, args.threads)
 
 
 def _bm3d(args) -> None:
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--processes", type=int, default=2)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--seeds", type=int, default=3)
+        p.add_argument("--threads", type=int, default=0, help="TF threads per training process (0: TF's default)")
         p.add_argument("--steps", type=int, default=v3_steps.STEPS)
         p.add_argument("--target", default=str(v3_data.REPO / "saved_models" / "ldct_denoiser" / "3"))
         p.set_defaults(fn=fn)

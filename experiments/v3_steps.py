@@ -86,10 +86,16 @@ def build_model():
     return build_generator(name="low_to_normal", **MODEL)
 
 
-def train(work: Path, seed: int, steps: int) -> None:
-    """One seed of the v3 recipe: supervised on the simulated pairs, MSE + gradient MSE, Adam with cosine decay."""
+def train(work: Path, seed: int, steps: int, threads: int = 0) -> None:
+    """One seed of the v3 recipe: supervised on the simulated pairs, MSE + gradient MSE, Adam with cosine decay.
+
+    ``threads`` > 0 pins TF to that many threads (seeds trained side by side on a small machine)."""
     import keras
     import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
 
     from ldct_tf.models import losses
 
