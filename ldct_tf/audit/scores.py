@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # ldct_tf/audit/scores.py -> the repository
 _PAIRS = ("frc_band_cyc_per_mm", "blob_sigmas_mm", "soft_tissue_hu")
 DEFAULT_CONFIG = REPO / "configs" / "audit.yaml"
 
