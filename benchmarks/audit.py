@@ -13,7 +13,8 @@
 3. Scores with the config's thresholds, per denoiser, on development and test slices separately: share of lesions
    whose patch is flagged (inserted lesions; painted discs for ``painter``), false flags per slice (flagged patches
    that contain no lesion or painted disc), share of slices flagged.
-4. Detectability (``ldct_tf.evaluate.detectability``) of input, model, BM3D, NLM and the median: NPW d', CNR, contrast kept.
+4. Detectability (``ldct_tf.evaluate.detectability``) of input, model, BM3D, NLM and the median: NPW d', CNR,
+   contrast kept.
 5. Cost: audit seconds per slice beside the model's inference seconds per slice, same run.
 
 It measures with the thresholds it is given and never changes them: ``python -m experiments.audit_thresholds``

@@ -358,9 +358,9 @@ def _live_ops(graph) -> list:
 def graph_flops(graph) -> dict:
     """FLOPs of the convolutions and matmuls of a (Func)Graph, counting each distinct computation once.
 
-    Only live ops count (:func:`_live_ops`).  Identical ops on identical inputs are merged first (a structural hash over the graph, as Grappler's common
-    sub-expression elimination does before the graph runs), so a backward pass that two gradient calls share counts
-    once.  Returns ``{"flops": int, "by_type": {op type: flops}, "unknown_shape_ops": int}``.
+    Only live ops count (:func:`_live_ops`).  Identical ops on identical inputs are merged first (a structural hash
+    over the graph, as Grappler's common sub-expression elimination does before the graph runs), so a backward pass
+    that two gradient calls share counts once.  Returns ``{"flops": int, "by_type": {op type: flops}, "unknown_shape_ops": int}``.
     """
     hashes: dict = {}
     seen: set = set()

@@ -261,7 +261,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "notes": NOTES,
         "roofline": {"used": roof, "roof_gflops_each_measurement": [r["roof_gflops"] for r in roofs],
                      "how": "benchmarks.harness.measure_roof() before the first repeat and after each; the best "
-                            "counts; flops_per_slice: conv FLOPs of one generator pass (benchmarks.harness.graph_flops)"},
+                            "counts; flops_per_slice: conv FLOPs of one generator pass "
+                            "(benchmarks.harness.graph_flops)"},
         "results": results,
         "comparisons": comparisons,
         "target": f"SavedModel at least {TARGET_SPEEDUP_OVER_BM3D:g} times faster than BM3D per slice on this CPU",

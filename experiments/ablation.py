@@ -164,7 +164,8 @@ def calibration_check(root: Path, calibration: dict) -> dict:
         params.pop("i0_range")
         check = simulate.compare_with_real(pair.normal, pair.low, pixel_spacing_mm=pair.pixel_spacing_mm, **params)
         rows.append({"patient": row["patient"], "kernel": row["kernel"], "sd_ratio": check["sd_ratio"],
-                     "nps_mean_freq_sim": check["nps_mean_freq_sim"], "nps_mean_freq_real": check["nps_mean_freq_real"]})
+                     "nps_mean_freq_sim": check["nps_mean_freq_sim"],
+                     "nps_mean_freq_real": check["nps_mean_freq_real"]})
     ratios = np.array([r["sd_ratio"] for r in rows])
     return {"pairs": rows, "sd_ratio_median": float(np.median(ratios)),
             "sd_ratio_range": [float(ratios.min()), float(ratios.max())],
