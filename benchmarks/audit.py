@@ -194,14 +194,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from ldct_tf.audit import scores as audit_scores
-    from ldct_tf.evaluate import detectability
-    from ldct_tf.export import SavedModelDenoiser
 
     try:
         config, thresholds = audit_scores.load_config(args.config), audit_scores.load_thresholds(args.config)
     except audit_scores.AuditConfigError as exc:
         print(f"benchmarks.audit: error: {exc}", file=sys.stderr)
         return 1
+    from ldct_tf.evaluate import detectability  # heavy (TensorFlow): after the input checks
+    from ldct_tf.export import SavedModelDenoiser
     rows = harness.pair_rows(root)[: args.limit]
     cases = build_cases(rows, args.lesions_per_slice, Path(args.cache), config)
     model = SavedModelDenoiser(REPO / "saved_models" / "ldct_denoiser")
