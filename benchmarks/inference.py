@@ -19,10 +19,8 @@ CPU other processes used during each run are recorded.  Writes ``benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,10 +29,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from benchmarks import harness
+from benchmarks.harness import BenchmarkError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "inference.json"
+REPO = harness.REPO
+RESULTS = harness.result_path("inference")
 MODEL_CONFIG = "cpu_small"
 CPU_BATCHES = (1, 8)
 GPU_BATCHES = (1, 8, 32)
@@ -45,10 +46,9 @@ TARGET_FRACTION_OF_ROOF = 0.40
 
 
 def generator_flops_per_slice(size: int = 512) -> int:
-    """Conv FLOPs of one generator pass on a ``size`` x ``size`` slice (``benchmarks.roofline.graph_flops``)."""
+    """Conv FLOPs of one generator pass on a ``size`` x ``size`` slice (``harness.graph_flops``)."""
     import tensorflow as tf
 
-    from benchmarks.roofline import graph_flops
     from ldct_tf import config as config_lib
     from ldct_tf.models.generator import build_generator
 
@@ -56,60 +56,26 @@ def generator_flops_per_slice(size: int = 512) -> int:
     generator = build_generator(m.depth, m.base_filters, m.residual_blocks, m.attention, m.norm)
     concrete = tf.function(lambda x: generator(x, training=False)).get_concrete_function(
         tf.TensorSpec([1, size, size, 1], tf.float32))
-    return graph_flops(concrete.graph)["flops"]
+    return harness.graph_flops(concrete.graph)["flops"]
 
 
 # ------------------------------------------------------------------------------------------------ environment
 
 def data_dir() -> Path:
-    root = os.environ.get("LDCT_DATA_DIR")
-    return (Path(root).expanduser() if root else REPO.parent / "shared" / "data") / "mayo_pairs"
+    return harness.data_root() / "mayo_pairs"
 
 
 def slice_files(n: int) -> list[Path]:
     folder = data_dir() / "quarter_dose"
     files = sorted(folder.glob("*.IMA")) if folder.is_dir() else []
     if len(files) < n:
-        raise SystemExit(f"benchmarks.inference: need {n} slices in {folder}, found {len(files)} "
+        raise BenchmarkError(f"need {n} slices in {folder}, found {len(files)} "
                          f"(set LDCT_DATA_DIR to the folder holding mayo_pairs/)")
     return files[:n]
 
 
-def machine_info() -> dict:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    info = {"platform": platform.platform(), "cpu_model": model, "cpu_count": os.cpu_count(),
-            "python": sys.version.split()[0]}
-    if hasattr(os, "sched_getaffinity"):
-        info["cpus_available"] = len(os.sched_getaffinity(0))
-    return info
-
-
-def versions() -> dict:
-    out = {}
-    for name in ("tensorflow", "keras", "numpy", "scikit-image", "bm3d", "pydicom", "ldct_tf"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def load_average() -> Optional[list[float]]:
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def machine_cpu_seconds() -> Optional[float]:
-    """User + system CPU seconds of every process since boot (/proc/stat); None where unavailable."""
-    try:
-        with open("/proc/stat", encoding="ascii") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (fields[0] + fields[1] + fields[2]) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mib(field: str) -> Optional[float]:
@@ -208,25 +174,20 @@ def child(system: str, model_dir: str, files: list[str]) -> dict:
 
 
 def run_child(system: str, model_dir: Path, files: list[Path]) -> dict:
+    """One fresh child process timing ``system``; its figures with the load and background CPU around it."""
     cmd = [sys.executable, "-m", "benchmarks.inference", "--child", system, str(model_dir), *map(str, files)]
-    load_before, machine0, wall0 = load_average(), machine_cpu_seconds(), time.perf_counter()
-    children0 = os.times()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - wall0
-    children1 = os.times()
-    machine1 = machine_cpu_seconds()
+    load_before = load_average()
+    done, timing = harness.measure(lambda: subprocess.run(cmd, cwd=REPO, capture_output=True, text=True))
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise SystemExit(f"benchmarks.inference: child {system} failed:\n{done.stderr[-3000:]}")
+        raise BenchmarkError(f"child {system} failed:\n{done.stderr[-3000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
     result["load_average_before"] = load_before
     result["load_average_after"] = load_average()
-    if machine0 is not None and machine1 is not None:
-        own = (children1.children_user + children1.children_system) - (children0.children_user
-                                                                       + children0.children_system)
+    if timing["background_cpu"] is not None:
         # CPU used by every other process during the child's whole life (it includes its start-up, not only the
         # timed pass), per second of the child's life: 1.0 = one core kept busy by someone else
-        result["background_cores_busy"] = round(max(0.0, machine1 - machine0 - own) / wall, 2)
+        result["background_cores_busy"] = round(timing["background_cpu"] / timing["wall"], 2)
     return result
 
 
@@ -270,96 +231,128 @@ def main(argv: Optional[list[str]] = None) -> int:
         system, model_dir, *files = args.child
         print("RESULT " + json.dumps(child(system, model_dir, files)), flush=True)
         return 0
-
     import tensorflow as tf
 
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    try:
+        systems = choose_systems(args.systems, gpus)
+        files = slice_files(args.slices)
+        started_load = load_average()
+        runs, roofs, parameters, flops_per_slice = run_repeats(systems, files, args.repeats)
+    except BenchmarkError as exc:
+        print(f"benchmarks.inference: error: {exc}", file=sys.stderr)
+        return 1
+    results = {s: summarise(s, r, len(files)) for s, r in runs.items()}
+    roof = max(roofs, key=lambda r: r["roof_gflops"])
+    add_roof_fractions(results, flops_per_slice, roof)
+    comparisons = compare_with_bm3d(results)
+    report = {
+        "benchmark": "inference",
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python -m benchmarks.inference " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {**harness.machine_info(), "gpus": gpus, "load_average_at_start": started_load,
+                    "load_average_at_end": load_average()},
+        "versions": harness.versions("scikit-image", "bm3d"),
+        "data": {"source": "mayo_pairs/quarter_dose (real AAPM-Mayo quarter-dose CT)", "slices": len(files),
+                 "size": "512x512", "files": [f.name for f in files]},
+        "model": {"config": f"configs/{MODEL_CONFIG}.yaml", "generator_parameters": parameters,
+                  "weights": "random initialisation: inference speed does not depend on the weights' values",
+                  "runner": "ldct_tf.export.SavedModelDenoiser (serving_default signature, float32)"},
+        "notes": NOTES,
+        "roofline": {"used": roof, "roof_gflops_each_measurement": [r["roof_gflops"] for r in roofs],
+                     "how": "benchmarks.harness.measure_roof() before the first repeat and after each; the best "
+                            "counts; flops_per_slice: conv FLOPs of one generator pass "
+                            "(benchmarks.harness.graph_flops)"},
+        "results": results,
+        "comparisons": comparisons,
+        "target": f"SavedModel at least {TARGET_SPEEDUP_OVER_BM3D:g} times faster than BM3D per slice on this CPU",
+    }
+    harness.write_result(report, Path(args.output))
+    print_table(results, comparisons, roof)
+    print(f"wrote {args.output}")
+    return 0
+
+
+NOTES = [
+    "each run is a fresh child process: load slices and system, one untimed warm-up call, then one timed "
+    "pass over all slices; the median of the repeats counts",
+    "savedmodel_batchN: SavedModelDenoiser(batch_size=N) called on the whole stack (N slices per signature "
+    "call); nlm and bm3d: ldct_tf.baselines (tuned default strengths), one slice at a time",
+    "peak_rss_mib: the child's peak resident memory over its whole life (imports, TensorFlow runtime, model, "
+    "data); peak_rss_timed_mib: the peak during the timed pass only (peak mark reset after the warm-up)",
+    "the machine is shared with other work: runs are interleaved with a rotating order so that contention "
+    "hits every system alike; background_cores_busy is the CPU other processes used during each child's "
+    "life, in cores; load averages are os.getloadavg() before and after each run",
+    "speedup compares wall-clock seconds per slice (what a user waits); cpu_seconds_ratio compares the CPU "
+    "seconds the process used per slice (all its threads), which contention from other processes disturbs "
+    "less",
+]
+
+
+def choose_systems(wanted: Optional[str], gpus: list[str]) -> list[str]:
+    """The systems this installation can run (BM3D only with the optional extra), or the ``--systems`` subset."""
     from ldct_tf import baselines
 
-    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     batches = GPU_BATCHES if gpus else CPU_BATCHES
     systems = [f"savedmodel_batch{b}" for b in batches] + ["nlm"]
     if baselines.bm3d_available():
         systems.append("bm3d")
     else:
         print("bm3d is not installed (pip install 'ldct_tf[baselines]'): BM3D left out", file=sys.stderr)
-    if args.systems:
-        wanted = args.systems.split(",")
-        unknown = sorted(set(wanted) - set(systems))
+    if wanted:
+        names = wanted.split(",")
+        unknown = sorted(set(names) - set(systems))
         if unknown:
-            raise SystemExit(f"benchmarks.inference: unknown or unavailable systems {unknown}; available {systems}")
-        systems = [s for s in systems if s in wanted]
-    files = slice_files(args.slices)
-    started_load = load_average()
-    runs: dict[str, list[dict]] = {s: [] for s in systems}
-    from benchmarks import roofline
+            raise BenchmarkError(f"unknown or unavailable systems {unknown}; available {systems}")
+        systems = [s for s in systems if s in names]
+    return systems
 
-    roofs = [roofline.measure()]
+
+def run_repeats(systems: list[str], files: list[Path], repeats: int) -> tuple[dict, list[dict], Optional[int], int]:
+    """Interleaved repeats of every system, the roof measured before the first and after each; returns (runs per
+    system, the roofs, the generator's parameter count, its conv FLOPs per slice)."""
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
+    roofs = [harness.measure_roof()]
     flops_per_slice = generator_flops_per_slice()
     with tempfile.TemporaryDirectory() as scratch:
         print(f"exporting the {MODEL_CONFIG} generator (random weights) ...", flush=True)
         model_dir = export_model(Path(scratch))
-        for repeat in range(args.repeats):
-            order = systems[repeat % len(systems):] + systems[:repeat % len(systems)]
-            for system in order:
-                print(f"run {repeat + 1}/{args.repeats}: {system} on {len(files)} slices ...", flush=True)
+        for repeat in range(repeats):
+            for system in systems[repeat % len(systems):] + systems[:repeat % len(systems)]:
+                print(f"run {repeat + 1}/{repeats}: {system} on {len(files)} slices ...", flush=True)
                 runs[system].append(run_child(system, model_dir, files))
-            roofs.append(roofline.measure())
+            roofs.append(harness.measure_roof())
         parameters = json.loads((model_dir / "metadata.json").read_text()).get("parameters")
-    results = {s: summarise(s, r, len(files)) for s, r in runs.items()}
+    return runs, roofs, parameters, flops_per_slice
 
-    roof = max(roofs, key=lambda r: r["roof_gflops"])
+
+def add_roof_fractions(results: dict, flops_per_slice: int, roof: dict) -> None:
     for system, r in results.items():
         if system.startswith("savedmodel"):
             r["flops_per_slice"] = flops_per_slice
-            r.update(roofline.fraction(flops_per_slice, r["seconds_per_slice"], roof))
+            r.update(harness.fraction(flops_per_slice, r["seconds_per_slice"], roof))
             r[f"meets_target_{TARGET_FRACTION_OF_ROOF:g}_of_roof"] = r["fraction_of_roof"] >= TARGET_FRACTION_OF_ROOF
+
+
+def compare_with_bm3d(results: dict) -> dict:
+    """Each SavedModel batch size's wall-clock speed-up and CPU-seconds ratio over BM3D (empty without BM3D)."""
     comparisons = {}
-    if "bm3d" in results:
-        for system in results:
-            if system.startswith("savedmodel"):
-                speedup = results["bm3d"]["seconds_per_slice"] / results[system]["seconds_per_slice"]
-                cpu_ratio = (results["bm3d"]["process_cpu_seconds_per_slice"]
-                             / results[system]["process_cpu_seconds_per_slice"])
-                comparisons[f"{system}_over_bm3d_per_slice"] = {
-                    "speedup": round(speedup, 2),
-                    f"meets_target_{TARGET_SPEEDUP_OVER_BM3D:g}x": speedup >= TARGET_SPEEDUP_OVER_BM3D,
-                    "cpu_seconds_ratio": round(cpu_ratio, 2),
-                }
-    report = {
-        "benchmark": "inference",
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "python -m benchmarks.inference " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {**machine_info(), "gpus": gpus, "load_average_at_start": started_load,
-                    "load_average_at_end": load_average()},
-        "versions": versions(),
-        "data": {"source": "mayo_pairs/quarter_dose (real AAPM-Mayo quarter-dose CT)", "slices": len(files),
-                 "size": "512x512", "files": [f.name for f in files]},
-        "model": {"config": f"configs/{MODEL_CONFIG}.yaml", "generator_parameters": parameters,
-                  "weights": "random initialisation: inference speed does not depend on the weights' values",
-                  "runner": "ldct_tf.export.SavedModelDenoiser (serving_default signature, float32)"},
-        "notes": [
-            "each run is a fresh child process: load slices and system, one untimed warm-up call, then one timed "
-            "pass over all slices; the median of the repeats counts",
-            "savedmodel_batchN: SavedModelDenoiser(batch_size=N) called on the whole stack (N slices per signature "
-            "call); nlm and bm3d: ldct_tf.baselines (tuned default strengths), one slice at a time",
-            "peak_rss_mib: the child's peak resident memory over its whole life (imports, TensorFlow runtime, model, "
-            "data); peak_rss_timed_mib: the peak during the timed pass only (peak mark reset after the warm-up)",
-            "the machine is shared with other work: runs are interleaved with a rotating order so that contention "
-            "hits every system alike; background_cores_busy is the CPU other processes used during each child's "
-            "life, in cores; load averages are os.getloadavg() before and after each run",
-            "speedup compares wall-clock seconds per slice (what a user waits); cpu_seconds_ratio compares the CPU "
-            "seconds the process used per slice (all its threads), which contention from other processes disturbs "
-            "less",
-        ],
-        "roofline": {"used": roof, "roof_gflops_each_measurement": [r["roof_gflops"] for r in roofs],
-                     "how": "benchmarks.roofline.measure() before the first repeat and after each; the best counts; "
-                            "flops_per_slice: conv FLOPs of one generator pass (benchmarks.roofline.graph_flops)"},
-        "results": results,
-        "comparisons": comparisons,
-        "target": f"SavedModel at least {TARGET_SPEEDUP_OVER_BM3D:g} times faster than BM3D per slice on this CPU",
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    if "bm3d" not in results:
+        return comparisons
+    for system in results:
+        if system.startswith("savedmodel"):
+            speedup = results["bm3d"]["seconds_per_slice"] / results[system]["seconds_per_slice"]
+            cpu_ratio = (results["bm3d"]["process_cpu_seconds_per_slice"]
+                         / results[system]["process_cpu_seconds_per_slice"])
+            comparisons[f"{system}_over_bm3d_per_slice"] = {
+                "speedup": round(speedup, 2),
+                f"meets_target_{TARGET_SPEEDUP_OVER_BM3D:g}x": speedup >= TARGET_SPEEDUP_OVER_BM3D,
+                "cpu_seconds_ratio": round(cpu_ratio, 2),
+            }
+    return comparisons
+
+
+def print_table(results: dict, comparisons: dict, roof: dict) -> None:
     print(f"\n{'system':<20} {'slices/s':>9} {'s/slice':>8} {'peak MiB':>9} {'timed peak':>11}")
     for system, r in results.items():
         print(f"{system:<20} {r['slices_per_second']:>9.3f} {r['seconds_per_slice']:>8.3f} {r['peak_rss_mib']:>9.0f} "
@@ -370,8 +363,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "fraction_of_roof" in r:
             print(f"{system}: {r['gflops_per_second']} GFLOP/s = {r['fraction_of_roof']:.1%} of the "
                   f"{roof['roof_gflops']} GFLOP/s roof")
-    print(f"wrote {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

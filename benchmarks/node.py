@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import re
@@ -39,30 +38,22 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from benchmarks.pipeline import machine_info, wait_for_quiet
+from benchmarks import harness
+from benchmarks.harness import BenchmarkError, machine_info, wait_for_quiet
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "node.json"
+REPO = harness.REPO
+DEFAULT_OUTPUT = harness.result_path("node")
 MODEL = REPO / "saved_models" / "ldct_denoiser"
 AET = "LDCT"
 
 
-class BenchmarkError(Exception):
-    """Reported as one line, exit status 1."""
-
-
 def data_dir() -> Path:
-    root = os.environ.get("LDCT_DATA_DIR")
-    return (Path(root).expanduser() if root else REPO.parent / "shared" / "data") / "abdomen_series" / "dicom"
+    return harness.data_root() / "abdomen_series" / "dicom"
 
 
 def versions() -> dict:
-    out = {}
-    for name in ("tensorflow", "pydicom", "pynetdicom", "numpy", "ldct_tf"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
+    """The harness's package versions, pynetdicom and DCMTK's (the node's peers in this benchmark)."""
+    out = harness.versions("pynetdicom")
     dcmtk = subprocess.run(["storescu", "--version"], capture_output=True, text=True).stdout
     match = re.search(r"v(\d+\.\d+\.\d+)", dcmtk)
     out["dcmtk"] = match.group(1) if match else None
@@ -219,9 +210,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BenchmarkError as exc:
         print(f"benchmarks.node: error: {exc}", file=sys.stderr)
         return 1
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    output = harness.write_result(results, Path(args.output))
     node, cli = results["systems"]["node"], results["systems"]["cli"]
     print(f"{results['data']['slices']} slices, {args.runs} runs each (medians):")
     print(f"  node  first C-STORE in -> last C-STORE out  {node['seconds_median']:7.2f} s  "

@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import subprocess
 import statistics
@@ -40,10 +38,13 @@ import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
+from benchmarks import harness
+from benchmarks.harness import BenchmarkError, measure, wait_for_quiet
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "pipeline.json"
+REPO = harness.REPO
+DEFAULT_OUTPUT = harness.result_path("pipeline")
 SUBFOLDERS = (("quarter_dose", "low"), ("full_dose", "normal"))
 BARE = "bare_loop"
 MP1 = "pipeline_multi_processing_1"
@@ -74,21 +75,15 @@ DESCRIPTIONS = {
 BACKGROUND_WARN_SHARE = 0.10
 
 
-class BenchmarkError(Exception):
-    """Reported as one line, exit status 1."""
-
-
 # ----------------------------------------------------------------------------------------------------- environment
 
 def data_dir() -> Path:
-    root = os.environ.get("LDCT_DATA_DIR")
-    base = Path(root).expanduser() if root else REPO.parent / "shared" / "data"
-    return (base / "mayo_pairs").resolve()
+    return harness.data_root() / "mayo_pairs"
 
 
 def list_files(data: Path) -> tuple[list[Path], list[Path]]:
     """(the two input folders, every file under them in the order the bare loop reads them)."""
-    source = "$LDCT_DATA_DIR" if os.environ.get("LDCT_DATA_DIR") else "default data root ../shared/data"
+    source = harness.data_source()
     folders = [data / name for name, _ in SUBFOLDERS]
     for folder in folders:
         if not folder.is_dir():
@@ -139,97 +134,6 @@ def write_distinct_copies(files: list[Path], data: Path, repeat: int, folder: Pa
             ds.save_as(target)
             copies.append(target)
     return folders, copies
-
-
-def machine_info() -> dict:
-    processor = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    info = {
-        "platform": platform.platform(),
-        "processor": processor or model,
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "python_implementation": platform.python_implementation(),
-    }
-    if hasattr(os, "sched_getaffinity"):
-        info["cpus_available"] = len(os.sched_getaffinity(0))
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    return info
-
-
-def versions() -> dict:
-    out = {}
-    for name in ("apache-beam", "tensorflow", "pydicom", "numpy", "ldct_tf"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _machine_cpu_seconds() -> Optional[tuple[float, float]]:
-    """(CPU seconds all processes spent in user + system mode, CPU seconds stolen by the hypervisor) since boot, from
-    /proc/stat; None where unavailable.  Interrupt time is left out: it is not charged to any process."""
-    try:
-        with open("/proc/stat", encoding="ascii") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    hz = os.sysconf("SC_CLK_TCK")
-    steal = fields[7] if len(fields) > 7 else 0
-    return (fields[0] + fields[1] + fields[2]) / hz, steal / hz
-
-
-def _own_cpu_seconds() -> float:
-    """CPU of this process plus its finished children (the Beam worker processes once they have exited)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def _children_cpu_seconds() -> float:
-    t = os.times()
-    return t.children_user + t.children_system
-
-
-def wait_for_quiet(max_wait: float, window: float = 1.0, threshold: float = 0.15) -> Optional[float]:
-    """Wait (up to ``max_wait`` s) until other processes use under ``threshold`` CPU over a ``window`` s sample.
-
-    Returns the seconds waited (0 where /proc/stat is unavailable), or None when the machine never went quiet.
-    """
-    start = time.perf_counter()
-    while True:
-        before, own0 = _machine_cpu_seconds(), _own_cpu_seconds()
-        if before is None:
-            return 0.0
-        time.sleep(window)
-        after = _machine_cpu_seconds() or before
-        other = after[0] - before[0] - (_own_cpu_seconds() - own0)
-        if other < threshold * window:
-            return time.perf_counter() - start
-        if time.perf_counter() - start >= max_wait:
-            return None
-
-
-def measure(fn: Callable[[], object]) -> tuple[object, dict]:
-    before, own0, children0 = _machine_cpu_seconds(), _own_cpu_seconds(), _children_cpu_seconds()
-    start = time.perf_counter()
-    result = fn()
-    wall = time.perf_counter() - start
-    own = _own_cpu_seconds() - own0
-    children = _children_cpu_seconds() - children0
-    after = _machine_cpu_seconds()
-    background = steal = None
-    if before is not None and after is not None:
-        background = max(0.0, (after[0] - before[0]) - own)
-        steal = after[1] - before[1]
-    return result, {"wall": wall, "cpu": own, "children_cpu": children, "background_cpu": background,
-                    "steal_cpu": steal}
 
 
 # ---------------------------------------------------------------------------------------------------------- systems
@@ -462,21 +366,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         folders, files = list_files(data_dir())
+        systems = import_once_and_list_systems()
+        machine = harness.machine_info()
+        started = time.perf_counter()
+        timings, work, warmup = run_systems(args, folders, files, systems)
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    command = " ".join(["python -m benchmarks.pipeline", *(sys.argv[1:] if argv is None else argv)])
+    results = build_results(args, command, machine, folders, files, timings, work, warmup)
+    results["total_benchmark_seconds"] = round(time.perf_counter() - started, 1)
+    harness.write_result(results, args.output)
+    print_table(results)
+    print(f"\nwrote {args.output}")
+    return 0
 
-    # Imports once, before any timing: the pipeline module, and TensorFlow, which records.encode imports lazily (the
-    # in-memory runner would otherwise pay for it in its first run only).  Worker processes import their own copy
-    # inside the timed run() call.
+
+def import_once_and_list_systems() -> list[str]:
+    """Import once, before any timing, and list the systems this installation can run.
+
+    The pipeline module, and TensorFlow, which records.encode imports lazily (the in-memory runner would otherwise
+    pay for it in its first run only).  Worker processes import their own copy inside the timed run() call.
+    """
     import numpy  # noqa: F401
     import pydicom  # noqa: F401
     import tensorflow  # noqa: F401
 
     from ldct_tf.pipeline.dicom_to_tfrecord import run  # noqa: F401
 
-    machine = machine_info()
-    expected = len(files) * args.repeat
     systems = [BARE, MP1, MP2, IN_MEMORY]
     try:
         import distributed  # noqa: F401
@@ -484,10 +401,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         systems += [DASK1, DASK2]
     except ImportError:
         print("note: dask.distributed not installed (pip install -e \".[dask]\"): no Dask systems", flush=True)
+    return systems
+
+
+def run_systems(args: argparse.Namespace, folders: list[Path], files: list[Path],
+                systems: list[str]) -> tuple[dict, dict, dict]:
+    """Every system ``args.runs`` times, interleaved, on ``args.repeat`` distinct copies of ``files``; returns
+    (timings per system, the per-slice work diagnostic, the untimed warm-up's timing)."""
+    expected = len(files) * args.repeat
     doses = {path: dose for path, dose in zip(files, file_doses(files, folders))}
     timings: dict[str, list[dict]] = {name: [] for name in systems}
     scratch = Path(tempfile.mkdtemp(prefix="ldct_bench_"))
-    started = time.perf_counter()
     try:
         print(f"writing {args.repeat} distinct copies of the {len(files)} files ...", flush=True)
         copy_folders, copies = write_distinct_copies(files, folders[0].parent, args.repeat, scratch / "inputs")
@@ -503,95 +427,97 @@ def main(argv: Optional[list[str]] = None) -> int:
         _, warmup = run_pipeline(IN_MEMORY, copy_folders[:len(SUBFOLDERS)], warmup_manifest, args.num_shards,
                                  len(files))
         for r in range(args.runs):
-            order = systems[r % len(systems):] + systems[:r % len(systems)]
-            for name in order:
-                waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
-                if name == BARE:
-                    slices, timing = measure(lambda: bare_loop(copies, copy_doses))
-                    if slices != expected:
-                        raise BenchmarkError(f"{BARE}: read {slices} slices, expected {expected}")
-                else:
-                    _, timing = run_pipeline(name, copy_folders, manifest, args.num_shards, expected)
-                timing["waited_for_quiet"] = waited
-                timings[name].append(timing)
-                print(f"run {r + 1}/{args.runs} {name:<30} {timing['wall']:8.2f} s  "
-                      f"{expected / timing['wall']:8.1f} slices/s"
-                      + ("" if waited is not None else "  (machine was not quiet before this run)"), flush=True)
-    except BenchmarkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+            for name in systems[r % len(systems):] + systems[:r % len(systems)]:
+                timings[name].append(timed_run(name, args, copies, copy_doses, copy_folders, manifest, expected))
+                print(f"run {r + 1}/{args.runs} {name:<30} {timings[name][-1]['wall']:8.2f} s  "
+                      f"{expected / timings[name][-1]['wall']:8.1f} slices/s"
+                      + ("" if timings[name][-1]["waited_for_quiet"] is not None
+                         else "  (machine was not quiet before this run)"), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return timings, work, warmup
 
+
+def timed_run(name: str, args: argparse.Namespace, copies: list[Path], copy_doses: dict, copy_folders: list[Path],
+              manifest: Path, expected: int) -> dict:
+    """One timed run of system ``name`` after the quiet wait."""
+    waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
+    if name == BARE:
+        slices, timing = measure(lambda: bare_loop(copies, copy_doses))
+        if slices != expected:
+            raise BenchmarkError(f"{BARE}: read {slices} slices, expected {expected}")
+    else:
+        _, timing = run_pipeline(name, copy_folders, manifest, args.num_shards, expected)
+    timing["waited_for_quiet"] = waited
+    return timing
+
+
+TIMING_NOTES = [
+    "wall_seconds of a pipeline system is measured around the whole ldct_tf.pipeline.dicom_to_tfrecord.run() call: "
+    "input matching, output checks, Beam pipeline construction, runner and worker process start-up "
+    "(with the imports the workers do, TensorFlow included), the pipeline itself and the manifest",
+    "pipeline_seconds is the pipeline's own figure (manifest 'seconds': construction + pipeline.run until "
+    "finished)",
+    "imports of the benchmark process (Beam, TensorFlow, pydicom, the pipeline module) happen once before any "
+    "timing; an untimed in_memory pipeline run (repeat 1) warms up the process and the file cache",
+    "slices_per_second = slices / median wall seconds; each pipeline writes into a fresh temporary folder, "
+    "removed after the run",
+    "cpu_seconds: CPU of the benchmark process and its finished child processes (Beam workers) during the run; "
+    "cpu_seconds_in_child_processes: the part used by the Beam worker processes (the rest is the benchmark "
+    "process: the runner, or the whole in_memory pipeline, or the bare loop)",
+    "background_cpu_seconds: CPU used by all other processes on the machine during the run (from "
+    "/proc/stat, user + system time); large values mean the figures are disturbed. steal_cpu_seconds: CPU "
+    "time the hypervisor gave to other guests while this VM wanted it. Before each timed run the benchmark "
+    "waits up to quiet_wait_seconds for the other processes to go idle (quiet_before_run says whether they "
+    "did)",
+]
+
+
+def build_results(args: argparse.Namespace, command: str, machine: dict, folders: list[Path], files: list[Path],
+                  timings: dict, work: dict, warmup: dict) -> dict:
+    """The JSON result: machine, versions, parameters, every system's summary, the target and the warnings."""
+    systems = list(timings)
+    expected = len(files) * args.repeat
     results: dict = {
         "benchmark": "pipeline",
         "description": "slices per second converting real CT DICOM (Mayo full/quarter dose, 512x512) into "
-                       "TFRecord shards with ldct_tf.pipeline.dicom_to_tfrecord, against a single-process loop producing the same output (decode, HU, tf.io.TFRecordWriter GZIP)",
+                       "TFRecord shards with ldct_tf.pipeline.dicom_to_tfrecord, against a single-process loop "
+                       "producing the same output (decode, HU, tf.io.TFRecordWriter GZIP)",
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.pipeline", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine,
-        "versions": versions(),
+        "command": command, "machine": machine, "versions": harness.versions("apache-beam"),
         "parameters": {
             "repeat": args.repeat, "runs": args.runs, "files": len(files), "slices_per_run": expected,
             "num_shards": args.num_shards, "quiet_wait_seconds": args.quiet_wait, "data_dir": str(data_dir()),
             "inputs": [str(f) for f in folders], "order": f"interleaved; run r starts at system r mod {len(systems)}",
         },
-        "timing_notes": [
-            "wall_seconds of a pipeline system is measured around the whole ldct_tf.pipeline.dicom_to_tfrecord.run() call: "
-            "input matching, output checks, Beam pipeline construction, runner and worker process start-up "
-            "(with the imports the workers do, TensorFlow included), the pipeline itself and the manifest",
-            "pipeline_seconds is the pipeline's own figure (manifest 'seconds': construction + pipeline.run until "
-            "finished)",
-            "imports of the benchmark process (Beam, TensorFlow, pydicom, the pipeline module) happen once before any "
-            "timing; an untimed in_memory pipeline run (repeat 1) warms up the process and the file cache",
-            "slices_per_second = slices / median wall seconds; each pipeline writes into a fresh temporary folder, "
-            "removed after the run",
-            "cpu_seconds: CPU of the benchmark process and its finished child processes (Beam workers) during the run; "
-            "cpu_seconds_in_child_processes: the part used by the Beam worker processes (the rest is the benchmark "
-            "process: the runner, or the whole in_memory pipeline, or the bare loop)",
-            "background_cpu_seconds: CPU used by all other processes on the machine during the run (from "
-            "/proc/stat, user + system time); large values mean the figures are disturbed. steal_cpu_seconds: CPU "
-            "time the hypervisor gave to other guests while this VM wanted it. Before each timed run the benchmark "
-            "waits up to quiet_wait_seconds for the other processes to go idle (quiet_before_run says whether they "
-            "did)",
-        ],
+        "timing_notes": TIMING_NOTES,
         "warmup_wall_seconds": round(warmup["wall"], 3),
         "per_slice_work_ms": {
             "description": "diagnostic, single process outside Beam, mean over the files once: the steps the "
                            "pipeline applies to each slice (its own functions) and the bare loop's work",
             **work,
         },
-        "systems": {},
-        "total_benchmark_seconds": round(time.perf_counter() - started, 1),
+        "systems": {BARE: summarise(BARE, timings[BARE], expected, {})},
     }
-    results["systems"][BARE] = summarise(BARE, timings[BARE], expected, {})
     for name in systems[1:]:
         results["systems"][name] = summarise(name, timings[name], expected,
                                              {"beam_args": BEAM_ARGS[name] or ["(DirectRunner defaults)"]})
     ratio = results["systems"][MP2]["slices_per_second"] / results["systems"][BARE]["slices_per_second"]
     results["target"] = {
         "description": "pipeline at 2 workers (multi_processing) at least as fast as the bare single-process loop",
-        "met": bool(ratio >= 1.0),
-        "ratio": round(ratio, 4),
+        "met": bool(ratio >= 1.0), "ratio": round(ratio, 4),
     }
-    cpus = os.cpu_count() or 1
-    warnings = []
-    for name, runs in timings.items():
-        for i, t in enumerate(runs):
-            if disturbed(t):
-                warnings.append(f"{name} run {i + 1}: other processes used {t['background_cpu']:.1f} CPU s during "
-                                f"its {t['wall']:.1f} s ({cpus} CPUs); its figure is disturbed")
-    results["warnings"] = warnings
+    results["warnings"] = disturbed_warnings(timings)
     if hasattr(os, "getloadavg"):
         results["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return results
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, args.output)
-    print_table(results)
-    print(f"\nwrote {args.output}")
-    return 0
+
+def disturbed_warnings(timings: dict) -> list[str]:
+    cpus = os.cpu_count() or 1
+    return [f"{name} run {i + 1}: other processes used {t['background_cpu']:.1f} CPU s during its {t['wall']:.1f} s "
+            f"({cpus} CPUs); its figure is disturbed"
+            for name, runs in timings.items() for i, t in enumerate(runs) if disturbed(t)]
 
 
 if __name__ == "__main__":

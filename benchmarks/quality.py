@@ -1,9 +1,9 @@
 """Quality benchmark of the SHIPPED models: ``python -m benchmarks.quality [--model saved_models/ldct_denoiser]``.
 
-Scores every version of the shipped SavedModel (v1, the pure CycleGAN; v2, chosen by ``benchmarks.ablation``) beside
+Scores every version of the shipped SavedModel (v1, the pure CycleGAN; v2, chosen by ``experiments.ablation``) beside
 BM3D, non-local means and the low-dose input, in the same run, on the test patient L286 of the AAPM-Mayo development
 pairs (``../shared/data`` or ``$LDCT_DATA_DIR``; 4 real quarter/full-dose pairs, D45f).  Nothing is trained or chosen
-here: training and the choice of the recipe happen in ``benchmarks.ablation`` (on validation slices of the training
+here: training and the choice of the recipe happen in ``experiments.ablation`` (on validation slices of the training
 patients), so this benchmark only re-measures what ships, in minutes, through the exported SavedModel exactly as a
 user would call it (``ldct_tf.evaluate``).
 
@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from benchmarks import mayo_data
+from benchmarks import harness
 
-REPO = mayo_data.REPO
-RESULTS = REPO / "benchmarks" / "results"
-TEST_PATIENT = mayo_data.TEST_PATIENT
+REPO = harness.REPO
+RESULTS = harness.RESULTS
+TEST_PATIENT = harness.TEST_PATIENT
 BASELINES = ("bm3d", "nlm", "none")
 
 
@@ -57,46 +57,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "quality.json"))
     args = parser.parse_args(argv)
 
-    root = mayo_data.data_root()
+    root = harness.data_root()
     if not (root / "mayo_pairs" / "pairs.csv").exists():
         print(f"SKIPPED: no Mayo pairs under {root} (set LDCT_DATA_DIR to the shared data folder)")
         return 0
-    from benchmarks.pipeline import machine_info, versions
-    from ldct_tf import evaluate
-    from ldct_tf.export import SavedModelDenoiser
-
     model_root = Path(args.model)
     numbered = sorted((p for p in model_root.iterdir() if p.name.isdigit() and (p / "saved_model.pb").exists()),
-                      key=lambda p: int(p.name))
+                      key=lambda p: int(p.name)) if model_root.is_dir() else []
     if not numbered:
-        raise SystemExit(f"error: {model_root}: no numbered SavedModel version")
-    denoisers = {}
-    for version_dir in numbered:
-        model = SavedModelDenoiser(version_dir)
-        denoisers[f"ldct_tf_v{version_dir.name}"] = (lambda m: lambda hu: m(hu))(model)
-    newest = f"ldct_tf_v{numbered[-1].name}"
-    denoisers.update(evaluate.make_denoisers([b for b in args.baselines.split(",") if b]))
-
-    rows = mayo_data.pairs_of(root, "test")
-    pairs = [evaluate.load_pair(root / "mayo_pairs" / r["quarter_dose"], root / "mayo_pairs" / r["full_dose"],
-                                name=Path(r["full_dose"]).stem) for r in rows]
-    report_dir = Path(args.out).with_suffix("")
+        print(f"benchmarks.quality: error: {model_root}: no numbered SavedModel version", file=sys.stderr)
+        return 1
     started = time.perf_counter()
-    summary = evaluate.evaluate(pairs, denoisers, report_dir, info={"test_patient": TEST_PATIENT,
-                                                                   "model": str(model_root)})
-    per_kernel = {}
-    for kernel in sorted({r["kernel"] for r in rows}):
-        members = [p for p, r in zip(pairs, rows) if r["kernel"] == kernel]
-        k_summary = summary if len(members) == len(pairs) else evaluate.evaluate(members, denoisers, None)
-        per_kernel[kernel] = {"slices": len(members), "mean": {n: {m: v["mean"] for m, v in f.items()}
-                                                               for n, f in k_summary["metrics"].items()}}
+    report_dir = Path(args.out).with_suffix("")
+    denoisers = make_denoisers(numbered, [b for b in args.baselines.split(",") if b])
+    summary, per_kernel, n_pairs = score(root, denoisers, report_dir, str(model_root))
     metadata = {name: json.loads((d / "metadata.json").read_text()) for name, d in
                 ((f"ldct_tf_v{d.name}", d) for d in numbered) if (d / "metadata.json").exists()}
     result = {
         "benchmark": "quality",
-        "machine": machine_info(),
-        "versions": versions(),
-        "data": {"test": f"{TEST_PATIENT} ({len(pairs)} real quarter/full-dose pairs, never seen in training or "
+        "machine": harness.machine_info(),
+        "versions": harness.versions("scikit-image", "bm3d"),
+        "data": {"test": f"{TEST_PATIENT} ({n_pairs} real quarter/full-dose pairs, never seen in training or "
                          "used for any choice)", "pairs_used_for_training": 0},
         "models": {name: {k: m.get(k) for k in ("recipe", "input_blend", "benchmark", "data", "calibration")}
                    for name, m in metadata.items()},
@@ -107,17 +88,47 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "nps_mean_freq_distance_to_reference": summary["nps_mean_freq_distance_to_reference"],
         "reference": summary["reference"],
         "targets": {name: targets(summary, name) for name in denoisers if name.startswith("ldct_tf_v")},
-        "newest": newest,
+        "newest": f"ldct_tf_v{numbered[-1].name}",
         "report": str(report_dir / "report.md"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(evaluate.jsonable(result), indent=1) + "\n")
+    harness.write_result(result, Path(args.out), indent=1)
     print(json.dumps({"metrics_mean": {n: {m: round(v["mean"], 4) for m, v in f.items() if v["mean"] is not None}
                                        for n, f in summary["metrics"].items()},
                       "targets": {n: {k: v["met"] for k, v in t.items()} for n, t in result["targets"].items()}},
                      indent=1))
     print(f"Wrote {args.out} and {report_dir / 'report.md'}")
     return 0
+
+
+def make_denoisers(versions: Sequence[Path], baselines: Sequence[str]) -> dict:
+    """``ldct_tf_vN`` for every shipped version, then the baselines: name -> HU slice function."""
+    from ldct_tf import evaluate
+    from ldct_tf.export import SavedModelDenoiser
+
+    denoisers = {}
+    for version_dir in versions:
+        model = SavedModelDenoiser(version_dir)
+        denoisers[f"ldct_tf_v{version_dir.name}"] = (lambda m: lambda hu: m(hu))(model)
+    denoisers.update(evaluate.make_denoisers(list(baselines)))
+    return denoisers
+
+
+def score(root: Path, denoisers: dict, report_dir: Path, model: str) -> tuple[dict, dict, int]:
+    """Every denoiser on the test patient's pairs (report in ``report_dir``), and per kernel; returns (the summary,
+    the per-kernel means, the number of pairs)."""
+    from ldct_tf import evaluate
+
+    rows = harness.pairs_of(root, "test")
+    pairs = [evaluate.load_pair(root / "mayo_pairs" / r["quarter_dose"], root / "mayo_pairs" / r["full_dose"],
+                                name=Path(r["full_dose"]).stem) for r in rows]
+    summary = evaluate.evaluate(pairs, denoisers, report_dir, info={"test_patient": TEST_PATIENT, "model": model})
+    per_kernel = {}
+    for kernel in sorted({r["kernel"] for r in rows}):
+        members = [p for p, r in zip(pairs, rows) if r["kernel"] == kernel]
+        k_summary = summary if len(members) == len(pairs) else evaluate.evaluate(members, denoisers, None)
+        per_kernel[kernel] = {"slices": len(members), "mean": {n: {m: v["mean"] for m, v in f.items()}
+                                                               for n, f in k_summary["metrics"].items()}}
+    return summary, per_kernel, len(pairs)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Systems, each a warm child process holding its model; the parent runs them in lo
 * ``reference_cyclegan``: the CycleGAN step of the code at :data:`REFERENCE_COMMIT` (before the speed work),
   checked out from git into a scratch folder, on the same synthetic batches.
 
-Reports s/step (median), patches/s, CPU-s/step, peak RSS, conv+matmul FLOPs per step (``benchmarks.roofline``) and
+Reports s/step (median), patches/s, CPU-s/step, peak RSS, conv+matmul FLOPs per step (``benchmarks.harness.graph_flops``) and
 their fraction of this machine's float32 roof measured in the same run, the load average, and the ratios.  The v1
 figure recorded before (``benchmarks/results/training.json`` at :data:`V1_RESULTS_COMMIT`) is read from git and
 compared too; it was measured on a busy machine, so the same-run reference is the fair comparison.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,11 +33,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
+
+from benchmarks import harness
+from benchmarks.harness import BenchmarkError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "training.json"
+REPO = harness.REPO
+RESULTS = harness.result_path("training")
 CONFIG = "cpu_small"
 #: The code before the speed work of issue 14: what ``reference_cyclegan`` runs.
 REFERENCE_COMMIT = "0bd127264ea674c85759737ea5a69fc3edbf0045"
@@ -81,7 +84,6 @@ def build_system(system: str, data_dir: str):
     import keras
     import tensorflow as tf
 
-    from benchmarks.roofline import graph_flops
     from ldct_tf import config as config_lib
 
     make_step_functions, make_strategy = _step_functions()
@@ -137,7 +139,7 @@ def build_system(system: str, data_dir: str):
         wait = model.steps_done
         parameters = model.low_to_normal.count_params()
 
-    flops = graph_flops(train_step.get_concrete_function(flops_iterator).graph)
+    flops = harness.graph_flops(train_step.get_concrete_function(flops_iterator).graph)
     info = {"batch_size": batch, "patch_size": patch, "generator_parameters": int(parameters),
             "flops_per_step": flops["flops"], "flops_by_op": flops["by_type"],
             "flops_unknown_shape_ops": flops["unknown_shape_ops"]}
@@ -191,7 +193,7 @@ class Child:
                 return json.loads(line[len(PREFIX):])
         self.log.seek(0)
         error = self.log.read()[-3000:]
-        raise SystemExit(f"benchmarks.training: system {self.system} failed:\n{error}")
+        raise BenchmarkError(f"system {self.system} failed:\n{error}")
 
     def run(self, steps: int) -> dict:
         self.process.stdin.write(f"RUN {steps}\n")
@@ -234,7 +236,7 @@ def v1_recorded() -> dict | None:
 
 
 def make_shards(out: Path) -> str | None:
-    data_root = Path(os.environ.get("LDCT_DATA_DIR", REPO.parent / "shared" / "data")) / "mayo_pairs"
+    data_root = harness.data_root() / "mayo_pairs"
     if not (data_root / "pairs.csv").exists():
         return None
     from ldct_tf.demo.sample_data import write_mayo_dose_manifest
@@ -248,8 +250,6 @@ def make_shards(out: Path) -> str | None:
 
 
 def summarise(system: str, info: dict, walls: list, cpus: list, loads: list, peak: dict, roof: dict) -> dict:
-    from benchmarks.roofline import fraction
-
     median = statistics.median(walls)
     return {
         "system": system, **{k: info[k] for k in ("batch_size", "patch_size", "generator_parameters",
@@ -259,13 +259,13 @@ def summarise(system: str, info: dict, walls: list, cpus: list, loads: list, pea
         "cpu_seconds_per_step_median": round(statistics.median(cpus), 4),
         "steps_per_second": round(1 / median, 3), "patches_per_second": round(info["batch_size"] / median, 2),
         "flops_per_step": info["flops_per_step"], "flops_by_op": info["flops_by_op"],
-        **{f"median_{k}": v for k, v in fraction(info["flops_per_step"], median, roof).items()},
-        **{f"fastest_{k}": v for k, v in fraction(info["flops_per_step"], min(walls), roof).items()},
+        **{f"median_{k}": v for k, v in harness.fraction(info["flops_per_step"], median, roof).items()},
+        **{f"fastest_{k}": v for k, v in harness.fraction(info["flops_per_step"], min(walls), roof).items()},
         "load_1min_during": [round(x, 2) for x in loads], "peak_rss_mib": peak.get("peak_rss_mib"),
     }
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="pipeline output folder (default: converted from the Mayo pairs)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default %(default)s)")
@@ -276,68 +276,123 @@ def main() -> int:
                              "threads:TF_NUM_INTRAOP_THREADS=1,TF_NUM_INTEROP_THREADS=2 (repeatable)")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "DATA", "WARMUP"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.child:
         system, data_dir, warmup = args.child
         return child(system, data_dir, int(warmup))
-
-    import keras
     import tensorflow as tf
 
-    from benchmarks import roofline
-
     started = time.time()
-    with tempfile.TemporaryDirectory() as scratch_name:
-        scratch = Path(scratch_name)
-        here = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-        reference = reference_tree(scratch)
-        data_dir = args.data or make_shards(scratch)
-        # cyclegan_control: a second process of the same code, so the JSON shows how much two identical processes
-        # differ under this machine's load (the noise floor of every ratio).
-        plan = {"cyclegan": here, "supervised": here, "cyclegan_control": here}
-        skipped = {}
-        if data_dir:
-            plan["cyclegan_real_data"] = here
-        else:
-            skipped["cyclegan_real_data"] = "no shards: pass --data or provide ../shared/data/mayo_pairs"
-        if reference:
-            plan["reference_cyclegan"] = os.pathsep.join([reference, str(REPO)])
-        else:
-            skipped["reference_cyclegan"] = f"git could not provide commit {REFERENCE_COMMIT}"
-        variants = {}
-        for spec in args.variant:
-            label, _, assignments = spec.partition(":")
-            variants[f"cyclegan@{label}"] = dict(item.split("=", 1) for item in assignments.split(",") if item)
-            plan[f"cyclegan@{label}"] = here
-        print(f"starting {', '.join(plan)} ({args.warmup} warm-up steps each) ...", flush=True)
-        children = {name: Child(name, data_dir or "-", args.warmup, path, variants.get(name))
-                    for name, path in plan.items()}
-        infos = {name: c.read()["ready"] for name, c in children.items()}
-        roofs = [roofline.measure()]
-        walls = {name: [] for name in plan}
-        cpus = {name: [] for name in plan}
-        loads = {name: [] for name in plan}
-        order = list(plan)
-        for round_index in range(args.rounds):
-            shift = round_index % len(order)
-            for name in order[shift:] + order[:shift]:
-                answer = children[name].run(args.steps)
-                walls[name] += answer["wall"]
-                cpus[name] += answer["cpu"]
-                loads[name].append(answer["load_1min"])
-            roofs.append(roofline.measure())
-            print(f"round {round_index + 1}/{args.rounds} (roof {roofs[-1]['roof_gflops']} GFLOP/s): " + ", ".join(
-                f"{n} {statistics.median(walls[n]):.3f} s" for n in order), flush=True)
-        peaks = {name: c.close() for name, c in children.items()}
+    try:
+        with tempfile.TemporaryDirectory() as scratch_name:
+            plan, skipped, variants, data_dir = plan_systems(args, Path(scratch_name))
+            infos, walls, cpus, loads, roofs, peaks = run_lockstep(args, plan, variants, data_dir)
+    except BenchmarkError as exc:
+        print(f"benchmarks.training: error: {exc}", file=sys.stderr)
+        return 1
     roof = max(roofs, key=lambda r: r["roof_gflops"])
     results = {name: summarise(name, infos[name], walls[name], cpus[name], loads[name], peaks[name], roof)
                for name in plan}
+    v1 = v1_recorded()
+    comparisons = compare(results, v1)
+    report = {
+        "benchmark": "training",
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python -m benchmarks.training " + " ".join(sys.argv[1:] if argv is None else argv),
+        "wall_seconds": round(time.time() - started, 1),
+        "config": CONFIG, "reference_commit": REFERENCE_COMMIT,
+        "machine": {**harness.machine_info(), "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]},
+        "versions": harness.versions(),
+        "roofline": {"used": roof, "roof_gflops_each_round": [r["roof_gflops"] for r in roofs]},
+        "variants": variants,
+        "notes": NOTES,
+        "v1_recorded": v1,
+        "skipped": skipped,
+        "results": results,
+        "comparisons": comparisons,
+    }
+    harness.write_result(report, Path(args.output))
+    print_table(results, comparisons, roofs, roof)
+    print(f"wrote {args.output}")
+    return 0
 
+
+NOTES = [
+    "each system is one warm child process; the parent runs them in lockstep, rotating the order each round, "
+    "so all see the same background load (load_1min_during); peak_rss_mib is each child's peak",
+    "steps are the training loop's own distributed step (make_step_functions), MirroredStrategy over the "
+    "local devices, float32, the config's thread and XLA settings",
+    "VGG19 built without ImageNet weights (not on this machine); the cost is identical",
+    "flops_per_step: 2 x multiply-adds of convolutions (forward and backward) and matmuls in the step's "
+    "graph after merging identical sub-expressions; element-wise work is not counted",
+    "fraction_of_roof: achieved conv+matmul GFLOP/s over the best float32 matmul/conv GFLOP/s measured in "
+    "this run, before the first round and after each (roofline.used)",
+]
+
+
+def plan_systems(args: argparse.Namespace, scratch: Path) -> tuple[dict, dict, dict, Optional[str]]:
+    """(system -> its PYTHONPATH, skipped system -> why, variant -> environment, the real shards or None)."""
+    here = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    reference = reference_tree(scratch)
+    data_dir = args.data or make_shards(scratch)
+    # cyclegan_control: a second process of the same code, so the JSON shows how much two identical processes
+    # differ under this machine's load (the noise floor of every ratio).
+    plan = {"cyclegan": here, "supervised": here, "cyclegan_control": here}
+    skipped = {}
+    if data_dir:
+        plan["cyclegan_real_data"] = here
+    else:
+        skipped["cyclegan_real_data"] = "no shards: pass --data or provide ../shared/data/mayo_pairs"
+    if reference:
+        plan["reference_cyclegan"] = os.pathsep.join([reference, str(REPO)])
+    else:
+        skipped["reference_cyclegan"] = f"git could not provide commit {REFERENCE_COMMIT}"
+    variants = {}
+    for spec in args.variant:
+        label, _, assignments = spec.partition(":")
+        variants[f"cyclegan@{label}"] = dict(item.split("=", 1) for item in assignments.split(",") if item)
+        plan[f"cyclegan@{label}"] = here
+    return plan, skipped, variants, data_dir
+
+
+def run_lockstep(args: argparse.Namespace, plan: dict, variants: dict, data_dir: Optional[str]) -> tuple:
+    """Start every system's warm child, run ``args.rounds`` rounds of ``args.steps`` steps each with the order
+    rotated, the roof measured before the first round and after each; returns (ready infos, walls, CPU seconds,
+    loads, roofs, each child's last answer with its peak RSS)."""
+    print(f"starting {', '.join(plan)} ({args.warmup} warm-up steps each) ...", flush=True)
+    children = {name: Child(name, data_dir or "-", args.warmup, path, variants.get(name))
+                for name, path in plan.items()}
+    infos = {name: c.read()["ready"] for name, c in children.items()}
+    roofs = [harness.measure_roof()]
+    walls: dict = {name: [] for name in plan}
+    cpus: dict = {name: [] for name in plan}
+    loads: dict = {name: [] for name in plan}
+    order = list(plan)
+    for round_index in range(args.rounds):
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            answer = children[name].run(args.steps)
+            walls[name] += answer["wall"]
+            cpus[name] += answer["cpu"]
+            loads[name].append(answer["load_1min"])
+        roofs.append(harness.measure_roof())
+        print(f"round {round_index + 1}/{args.rounds} (roof {roofs[-1]['roof_gflops']} GFLOP/s): " + ", ".join(
+            f"{n} {statistics.median(walls[n]):.3f} s" for n in order), flush=True)
+    peaks = {name: c.close() for name, c in children.items()}
+    return infos, walls, cpus, loads, roofs, peaks
+
+
+def compare(results: dict, v1: Optional[dict]) -> dict:
+    """The ratios the JSON reports: against the reference commit, the recorded v1, the supervised floor, real data
+    and the control process (the noise floor)."""
     def ratio(a: str, b: str, key: str = "patches_per_second"):
         return round(results[a][key] / results[b][key], 3) if a in results and b in results else None
 
-    v1 = v1_recorded()
-    comparisons = {
+    return {
         "cyclegan_over_reference_patches_per_second": ratio("cyclegan", "reference_cyclegan"),
         "cyclegan_over_v1_recorded_patches_per_second":
             round(results["cyclegan"]["patches_per_second"] / v1["patches_per_second"], 3) if v1 else None,
@@ -349,36 +404,9 @@ def main() -> int:
         "real_data_over_synthetic_steps_per_second": ratio("cyclegan_real_data", "cyclegan", "steps_per_second"),
         "control_over_cyclegan_patches_per_second (same code: the noise floor)": ratio("cyclegan_control", "cyclegan"),
     }
-    report = {
-        "benchmark": "training",
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "python -m benchmarks.training " + " ".join(sys.argv[1:]),
-        "wall_seconds": round(time.time() - started, 1),
-        "config": CONFIG, "reference_commit": REFERENCE_COMMIT,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-                    "python": platform.python_version()},
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "roofline": {"used": roof, "roof_gflops_each_round": [r["roof_gflops"] for r in roofs]},
-        "variants": variants,
-        "notes": [
-            "each system is one warm child process; the parent runs them in lockstep, rotating the order each round, "
-            "so all see the same background load (load_1min_during); peak_rss_mib is each child's peak",
-            "steps are the training loop's own distributed step (make_step_functions), MirroredStrategy over the "
-            "local devices, float32, the config's thread and XLA settings",
-            "VGG19 built without ImageNet weights (not on this machine); the cost is identical",
-            "flops_per_step: 2 x multiply-adds of convolutions (forward and backward) and matmuls in the step's "
-            "graph after merging identical sub-expressions; element-wise work is not counted",
-            "fraction_of_roof: achieved conv+matmul GFLOP/s over the best float32 matmul/conv GFLOP/s measured in "
-            "this run, before the first round and after each (roofline.used)",
-        ],
-        "v1_recorded": v1,
-        "skipped": skipped,
-        "results": results,
-        "comparisons": comparisons,
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def print_table(results: dict, comparisons: dict, roofs: list, roof: dict) -> None:
     print(f"\nroof {roof['roof_gflops']} GFLOP/s (best of {len(roofs)}); load "
           f"{roofs[0]['load_before']['load_1min']} -> {roofs[-1]['load_after']['load_1min']}")
     print(f"{'system':<20} {'s/step':>7} {'patches/s':>9} {'CPU s':>6} {'GFLOP':>6} {'of roof':>7} {'MiB':>6}")
@@ -388,8 +416,6 @@ def main() -> int:
               f"{r['median_fraction_of_roof']:>7.1%} {r['peak_rss_mib'] or 0:>6.0f}")
     for key, value in comparisons.items():
         print(f"{key}: {value}")
-    print(f"wrote {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

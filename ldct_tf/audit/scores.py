@@ -25,8 +25,9 @@ reconstruction.  A denoiser may remove noise; it must not remove or invent anato
 
 A patch is flagged when a score crosses its threshold (:class:`AuditThresholds`, from ``configs/audit.yaml``): FRC
 below ``frc_min``; ``blob_z`` above ``blob_z_max`` with ``blob_hu`` above ``blob_hu_min``; ``anatomy_corr`` above
-``anatomy_corr_max`` with ``structure_hu`` above ``anatomy_hu_min``.  ``python -m benchmarks.audit --calibrate`` sets
-the three tuned thresholds on development patients (the two HU floors are physical choices, not tuned).
+``anatomy_corr_max`` with ``structure_hu`` above ``anatomy_hu_min``.  The three tuned thresholds are set on development
+patients by the rule of ``ldct_tf.audit.calibration`` (``python -m experiments.audit_thresholds``); the two HU floors
+are physical choices, not tuned.
 Everything is vectorised (one batched FFT over all patches, one matrix product for the ring sums, separable filters):
 ``python -m benchmarks.audit`` measures the cost per 512x512 slice beside the model's inference.
 """
@@ -40,7 +41,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # ldct_tf/audit/scores.py -> the repository
 _PAIRS = ("frc_band_cyc_per_mm", "blob_sigmas_mm", "soft_tissue_hu")
 DEFAULT_CONFIG = REPO / "configs" / "audit.yaml"
 

@@ -102,7 +102,7 @@ def load_pair_dirs(low_dir: str | Path, normal_dir: str | Path) -> list[Pair]:
 
 
 #: The simulator calibration that ``--simulate`` uses unless ``--calibration`` names another (written by
-#: ``python -m benchmarks.ablation`` with ``ldct_tf.simulate.calibration`` from unpaired AAPM-Mayo slices).
+#: ``python -m experiments.ablation`` with ``ldct_tf.simulate.calibration`` from unpaired AAPM-Mayo slices).
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "configs" / "calibration_aapm_mayo.json"
 
 

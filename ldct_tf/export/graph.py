@@ -109,7 +109,7 @@ def blend_input(denoised_hu, hu, weight: float):
 
     Why: a denoiser trained for the mean squared error smooths what it is unsure of, edges included; a small share of
     the input brings back edge contrast and noise texture at a known cost in noise.  The input is clipped to the
-    scanner range first, as the network sees it.  ``benchmarks.ablation`` chooses the share on validation.
+    scanner range first, as the network sees it.  ``experiments.ablation`` chooses the share on validation.
     """
     if not weight:
         return denoised_hu
