@@ -130,7 +130,9 @@ def train(work: Path, seed: int, steps: int, threads: int = 0) -> None:
 
 
 #: BM3D's strength is ``factor x`` the input's own noise index (``ldct_tf.noise``): noise-adaptive, tuned per dose.
-BM3D_FACTORS = (1.0, 1.5, 2.5, 4.0, 6.0)
+BM3D_FACTORS = (1.5, 2.5, 4.0)
+#: Where the grid may widen to, below and above.
+BM3D_WIDER = (0.5, 0.7, 1.0, 6.0, 9.0)
 #: Slices of the validation patient on which BM3D's factor is tuned (BM3D costs ~7 s a slice here).
 BM3D_TUNING_SLICES = 4
 RESULTS = v3_data.REPO / "experiments" / "results"
@@ -170,40 +172,49 @@ def bm3d_denoiser(factor: float):
     return lambda hu: baselines.bm3d(hu, sigma_hu=max(factor * noise.noise_index(hu), 1.0))
 
 
+def _grid_point(name: str, subset: list, factor: float) -> dict:
+    fn = bm3d_denoiser(factor)
+    s = _scores([fn(low) for low, _, _ in subset], subset)
+    point = {"psnr": float(np.mean(s["psnr"])), "ssim": float(np.mean(s["ssim"]))}
+    print(f"validate: BM3D {name} factor {factor}: {point}", flush=True)
+    return point
+
+
 def tune_bm3d(conds: dict, known: Optional[dict] = None) -> dict:
     """Per condition, BM3D's noise factor at its best mean abdomen PSNR and at its best mean SSIM (tuning slices).
 
-    ``known``: grid points already scored (an earlier run's result), so a wider grid only costs its new points."""
+    Starts from :data:`BM3D_FACTORS` and widens the grid (:data:`BM3D_WIDER`) while either optimum sits at its edge,
+    so each reported optimum is an interior one (or the widest tried).  ``known``: grid points already scored."""
     chosen = {}
     for name, cases in conds.items():
         subset = cases[:BM3D_TUNING_SLICES // 2] + cases[-(BM3D_TUNING_SLICES // 2):]
         grid = {float(k): v for k, v in ((known or {}).get(name, {}).get("grid", {})).items()}
-        for factor in BM3D_FACTORS:
-            if factor in grid:
-                continue
-            fn = bm3d_denoiser(factor)
-            s = _scores([fn(low) for low, _, _ in subset], subset)
-            grid[factor] = {"psnr": float(np.mean(s["psnr"])), "ssim": float(np.mean(s["ssim"]))}
-            print(f"validate: BM3D {name} factor {factor}: {grid[factor]}", flush=True)
-        grid = {f: grid[f] for f in BM3D_FACTORS}
-        chosen[name] = {"grid": {str(k): v for k, v in grid.items()},
-                        "psnr_optimal": max(grid, key=lambda f: grid[f]["psnr"]),
-                        "ssim_optimal": max(grid, key=lambda f: grid[f]["ssim"])}
+        factors = sorted(set(BM3D_FACTORS) | set(grid))
+        while True:
+            for factor in factors:
+                if factor not in grid:
+                    grid[factor] = _grid_point(name, subset, factor)
+            best = {m: max(grid, key=lambda f, m=m: grid[f][m]) for m in ("psnr", "ssim")}
+            below = [f for f in BM3D_WIDER if f < min(grid)] if min(grid) in best.values() else []
+            above = [f for f in BM3D_WIDER if f > max(grid)] if max(grid) in best.values() else []
+            if not below and not above:
+                break
+            factors = sorted(set(factors) | ({max(below)} if below else set()) | ({min(above)} if above else set()))
+        chosen[name] = {"grid": {str(k): grid[k] for k in sorted(grid)}, "psnr_optimal": best["psnr"],
+                        "ssim_optimal": best["ssim"]}
     return chosen
 
 
 def bm3d_tuning(work: Path, conds: Optional[dict] = None) -> dict:
     """BM3D's factors per condition on the validation patient (``work/bm3d_tuning.json``); it needs no model, so it
-    can run beside training.  A result that covers the whole grid is reused as is."""
+    can run beside training.  Grid points already in that file are not scored again."""
     cached = work / "bm3d_tuning.json"
     known = json.loads(cached.read_text()) if cached.exists() else {}
-    complete = known and all(set(map(float, v["grid"])) >= set(BM3D_FACTORS) for v in known.values())
-    if not complete:
-        if conds is None:
-            conds = conditions(v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT), seed_base=1000)
-        known = tune_bm3d(conds, known)
-        work.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(known, indent=1))
+    if conds is None:
+        conds = conditions(v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT), seed_base=1000)
+    known = tune_bm3d(conds, known)
+    work.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(known, indent=1))
     return {k: {**v, "psnr_optimal": float(v["psnr_optimal"]), "ssim_optimal": float(v["ssim_optimal"])}
             for k, v in known.items()}
 
