@@ -113,6 +113,7 @@ def stream(shards: Path, work: Path, name: str) -> Path:
     """A copy of the low and normal shards with the simulated stream ``STREAMS[name]``, made once."""
     from ldct_tf import data as data_lib
     from ldct_tf.pipeline import simulate_pairs
+    from ldct_tf.simulate import __main__ as simulate_cli
 
     folder, reference, textures = STREAMS[name]
     out = work / folder
@@ -125,8 +126,8 @@ def stream(shards: Path, work: Path, name: str) -> Path:
     manifest.pop(simulate_pairs.SIMULATED, None)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     realisations = data_lib.read_manifest(str(shards))[simulate_pairs.SIMULATED]["train"]["realisations"]
-    simulate_pairs.run(["--data", str(out), "--calibration", str(CALIBRATION_FILE), "--realisations",
-                        str(realisations), "--reference", reference, "--textures", textures])
+    simulate_cli.pairs(["--data", str(out), "--calibration", str(CALIBRATION_FILE), "--realisations",
+                       str(realisations), "--reference", reference, "--textures", textures])
     return out
 
 
@@ -321,6 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ldct_tf.simulate import calibration as calibration_lib
     from ldct_tf import data as data_lib
     from ldct_tf.pipeline import simulate_pairs
+    from ldct_tf.simulate import __main__ as simulate_cli
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -332,8 +334,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                             "dose (normal), train split of benchmarks.mayo_data"}, CALIBRATION_FILE)
     calibration = calibration_lib.load(CALIBRATION_FILE)
     if not data_lib.simulated_pair_count(data_lib.read_manifest(str(shards))):
-        simulate_pairs.run(["--data", str(shards), "--calibration", str(CALIBRATION_FILE),
-                            "--realisations", str(args.realisations)])
+        simulate_cli.pairs(["--data", str(shards), "--calibration", str(CALIBRATION_FILE),
+                           "--realisations", str(args.realisations)])
     manifest = data_lib.read_manifest(str(shards))
     training = train_arms(shards, work, args.cpu_minutes, only)
     if args.only:

@@ -62,7 +62,7 @@ def write_dose_manifest(root: Path, out_csv: Path) -> Path:
 
 def make_shards(root: Path, work: Path, salt: str = "quality-benchmark") -> Path:
     """Run the Beam pipeline over the Mayo pairs with the manifest above; returns the shard folder."""
-    from ldct_tf.pipeline import dicom_to_tfrecord
+    from ldct_tf.pipeline import __main__ as dicom_to_tfrecord
 
     manifest = write_dose_manifest(root, work / "doses.csv")
     shards = work / "shards"

@@ -281,7 +281,7 @@ def pipeline_argv(folders: list[Path], manifest: Path, output: Path, num_shards:
 
 def run_pipeline(name: str, folders: list[Path], manifest: Path, num_shards: int,
                  expected: int) -> tuple[dict, dict]:
-    from ldct_tf.pipeline.dicom_to_tfrecord import run
+    from ldct_tf.pipeline.__main__ import run
 
     output = Path(tempfile.mkdtemp(prefix=f"ldct_bench_{name}_"))
     try:
@@ -443,7 +443,7 @@ def dask_child(workers: int, argv: list[str]) -> int:
     """One pipeline run on a fresh local dask.distributed cluster; prints its manifest and seconds."""
     from distributed import LocalCluster
 
-    from ldct_tf.pipeline.dicom_to_tfrecord import run
+    from ldct_tf.pipeline.__main__ import run
 
     start = time.perf_counter()
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -473,7 +473,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import pydicom  # noqa: F401
     import tensorflow  # noqa: F401
 
-    from ldct_tf.pipeline.dicom_to_tfrecord import run  # noqa: F401
+    from ldct_tf.pipeline.__main__ import run  # noqa: F401
 
     machine = machine_info()
     expected = len(files) * args.repeat
