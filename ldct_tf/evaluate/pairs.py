@@ -45,7 +45,8 @@ def load_pair(low_path: str | Path, normal_path: str | Path, name: Optional[str]
     low, low_info = _read(Path(low_path))
     normal, _ = _read(Path(normal_path))
     if low.shape != normal.shape:
-        raise EvaluateInputError(f"{low_path} ({low.shape}) and {normal_path} ({normal.shape}) differ in size: not a pair")
+        raise EvaluateInputError(f"{low_path} ({low.shape}) and {normal_path} ({normal.shape}) differ in size: "
+                                 "not a pair")
     return Pair(name or Path(low_path).stem, low, normal, tuple(low_info.pixel_spacing_mm))
 
 
@@ -67,8 +68,8 @@ def read_pairs_csv(path: str | Path, patients: Optional[Iterable[str]] = None) -
     low_col = next((c for c in ("low", "quarter_dose") if c in header), None)
     normal_col = next((c for c in ("normal", "full_dose") if c in header), None)
     if not rows or low_col is None or normal_col is None:
-        raise EvaluateInputError(f"{path}: expected a header with columns low,normal (or quarter_dose,full_dose) and at least "
-                         f"one row; got {list(header)}")
+        raise EvaluateInputError(f"{path}: expected a header with columns low,normal (or quarter_dose,full_dose) "
+                                 f"and at least one row; got {list(header)}")
     wanted = set(patients) if patients else None
     if wanted and "patient" not in header:
         raise EvaluateInputError(f"{path}: --patients needs a 'patient' column")

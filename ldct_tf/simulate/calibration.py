@@ -183,7 +183,8 @@ def load(path: str | Path) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise simulate.SimulationError(f"{path}: cannot read the calibration: {exc}") from None
     if calibration.get("format_version") != FORMAT_VERSION or not calibration.get("kernels"):
-        raise simulate.SimulationError(f"{path}: not an ldct_tf calibration file (format_version {FORMAT_VERSION}, 'kernels')")
+        raise simulate.SimulationError(f"{path}: not an ldct_tf calibration file (format_version {FORMAT_VERSION}, "
+                                       "'kernels')")
     return calibration
 
 

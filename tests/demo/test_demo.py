@@ -22,7 +22,8 @@ def test_model(tmp_path_factory):
 def test_demo_on_packaged_ct(test_model, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LDCT_DATA_DIR", raising=False)
     out = tmp_path / "demo"
-    assert demo_cli.main(["--out", str(out), "--model", str(test_model), "--max-slices", "1", "--baseline", "gaussian"]) == 0
+    assert demo_cli.main(["--out", str(out), "--model", str(test_model), "--max-slices", "1",
+                          "--baseline", "gaussian"]) == 0
     text = capsys.readouterr().out
     assert "PSNR abd dB" in text and "Research use only" in text
     low = sorted((out / "low_dose_dicom").rglob("*.dcm"))

@@ -295,7 +295,7 @@ def model_denoiser(saved_model):
 def test_cli_with_saved_model(ct_small_series, saved_model, model_denoiser, tmp_path, capsys):
     out = tmp_path / "out"
     assert denoise_cli.main([str(ct_small_series), str(out), "--model", str(saved_model), "--batch-size", "2",
-                         "--no-progress"]) == 0
+                             "--no-progress"]) == 0
     printed = capsys.readouterr()
     assert "denoised 1 series, 3 slices" in printed.out and "slices/s" in printed.out
     assert "broken.dcm" in printed.err and "notes.txt" in printed.err
@@ -324,7 +324,7 @@ def test_cli_with_tf_serving(ct_small_series, saved_model, model_denoiser, tmp_p
         out = tmp_path / "out"
         assert denoise_cli.main([str(ct_small_series), str(out), "--server", url, "--no-progress"]) == 0
         assert denoise_cli.main([str(ct_small_series), str(tmp_path / "x"), "--server", url, "--server-model", "nope",
-                             "--no-progress"]) == 1
+                                 "--no-progress"]) == 1
     printed = capsys.readouterr()
     assert "denoised 1 series, 3 slices" in printed.out
     assert "model 'nope'" in printed.err and not (tmp_path / "x").exists()

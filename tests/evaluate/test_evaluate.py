@@ -52,8 +52,8 @@ def _text_outputs(folder: Path) -> str:
 def cli_run(sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "out"
     pairs_csv = _write_pairs_csv(sample, 3)
-    rc = evaluate_cli.main(["--pairs", str(pairs_csv), "--denoiser", "none", "--denoiser", "gaussian", "--denoiser", "tv",
-                        "--out", str(out), "--panels", "1", "--reader-study", "2"])
+    rc = evaluate_cli.main(["--pairs", str(pairs_csv), "--denoiser", "none", "--denoiser", "gaussian",
+                            "--denoiser", "tv", "--out", str(out), "--panels", "1", "--reader-study", "2"])
     assert rc == 0
     return out
 
@@ -128,8 +128,9 @@ def test_score_sheets_unblind_and_agreement(cli_run, tmp_path):
             w.writeheader()
             w.writerows(sheet)
     out = tmp_path / "scores"
-    rc = evaluate_cli.main(["--score-sheet", str(tmp_path / "sheet_A.csv"), "--score-sheet", str(tmp_path / "sheet_B.csv"),
-                        "--key", str(kit / "key.csv"), "--out", str(out)])
+    rc = evaluate_cli.main(["--score-sheet", str(tmp_path / "sheet_A.csv"),
+                            "--score-sheet", str(tmp_path / "sheet_B.csv"), "--key", str(kit / "key.csv"),
+                            "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "reader_scores.json").read_text())
     assert result["readers"] == 2
@@ -170,7 +171,7 @@ def test_low_normal_folders_match_by_position(sample, tmp_path):
 def test_simulated_input(sample, tmp_path):
     out = tmp_path / "sim"
     rc = evaluate_cli.main(["--normal", str(sample.files["normal"][0]), "--simulate", "0.25", "--denoiser", "none",
-                        "--denoiser", "gaussian", "--out", str(out), "--no-figures"])
+                            "--denoiser", "gaussian", "--out", str(out), "--no-figures"])
     assert rc == 0
     rows = _read_csv(out / "metrics.csv")
     assert len(rows) == 2 and not (out / "figures").exists()
@@ -211,7 +212,7 @@ def test_bad_inputs_exit_with_a_message(tmp_path, capsys):
 def test_mayo_pairs_csv_with_patient_filter(shared_data, tmp_path):
     out = tmp_path / "mayo"
     rc = evaluate_cli.main(["--pairs", str(shared_data / "mayo_pairs" / "pairs.csv"), "--patients", "L286",
-                        "--denoiser", "none", "--out", str(out), "--no-figures"])
+                            "--denoiser", "none", "--out", str(out), "--no-figures"])
     assert rc == 0
     rows = _read_csv(out / "metrics.csv")
     assert [r["slice"] for r in rows] == [f"quarter_dose/L286_D45f_{i}" for i in range(14, 18)]
@@ -246,7 +247,7 @@ def test_model_denoiser_from_a_saved_model(saved_model, sample, tmp_path):
     out = tmp_path / "model_eval"
     spec = f"model:{saved_model}"  # a model folder: its newest version is used
     rc = evaluate_cli.main(["--pairs", str(_write_pairs_csv(sample, 2)), "--denoiser", "none", "--denoiser", spec,
-                        "--out", str(out), "--no-figures"])
+                            "--out", str(out), "--no-figures"])
     assert rc == 0
     rows = _read_csv(out / "metrics.csv")
     assert {r["denoiser"] for r in rows} == {"none", spec}
@@ -259,7 +260,8 @@ def test_model_denoiser_from_a_saved_model(saved_model, sample, tmp_path):
 
 def test_tune_mode_writes_the_grid(sample, tmp_path):
     out = tmp_path / "tuning"
-    assert evaluate_cli.main(["--pairs", str(_write_pairs_csv(sample, 2)), "--tune", "gaussian", "--out", str(out)]) == 0
+    assert evaluate_cli.main(["--pairs", str(_write_pairs_csv(sample, 2)), "--tune", "gaussian",
+                              "--out", str(out)]) == 0
     result = json.loads((out / "tuning.json").read_text())["gaussian"]
     assert result["slices"] == 2 and result["parameter"] == "sigma"
     assert len(result["grid"]) == len(baselines.GRIDS["gaussian"][1])
@@ -300,7 +302,7 @@ def test_out_that_is_a_file_and_key_messages_are_one_line(cli_run, tmp_path, cap
     # --key given but wrong: the message must not tell the user to "pass --key"; the kit's real key path works.
     sheet = cli_run / "reader_study" / "score_sheet.csv"
     assert evaluate_cli.main(["--score-sheet", str(sheet), "--key", str(tmp_path / "study" / "key.csv"),
-                          "--out", str(tmp_path / "s")]) == 1
+                              "--out", str(tmp_path / "s")]) == 1
     err = capsys.readouterr().err
     assert "given with --key was not found" in err and "pass --key" not in err
     copied = tmp_path / "sheets" / "sheet.csv"

@@ -187,7 +187,7 @@ def test_versions_float16_weights_and_resolution(exported, tmp_path):
     model_folder = version_dir.parent
     # An explicit version that exists is refused (never overwritten).
     assert export_cli.main(["--model-dir", str(run), "--output", str(model_folder), "--version", "1",
-                        "--warmup-size", "0"]) == 1
+                            "--warmup-size", "0"]) == 1
     # Next free version; float16 weights halve the variables and stay within a few HU of float32.
     second = export.export_generator(generator, model_folder, metadata={"note": "half"}, float16_weights=True,
                                      warmup_size=0)
@@ -282,7 +282,7 @@ def test_input_blend_mixes_the_clipped_input_back_inside_the_graph(exported, tmp
     plain = export.SavedModelDenoiser(version_dir)
     assert plain.metadata["input_blend"] == 0.0
     code = export_cli.main(["--model-dir", str(run), "--output", str(tmp_path / "blended"), "--warmup-size", "0",
-                        "--serving-base", str(tmp_path), "--input-blend", "0.3"])
+                            "--serving-base", str(tmp_path), "--input-blend", "0.3"])
     assert code == 0
     blended = export.SavedModelDenoiser(tmp_path / "blended")
     assert blended.metadata["input_blend"] == 0.3

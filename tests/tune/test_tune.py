@@ -200,7 +200,7 @@ def test_hyperband_search_continues_trials_from_their_checkpoints(paired_shards,
 
     monkeypatch.setattr(tune.CycleGANHyperModel, "fit", recording_fit)
     summary = tune_cli.tune(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--tuner", "hyperband",
-                         "--verbose", "1", *TINY, "tuning.hyperband.max_epochs=2", "tuning.hyperband.factor=2"])
+                             "--verbose", "1", *TINY, "tuning.hyperband.max_epochs=2", "tuning.hyperband.factor=2"])
     output = capsys.readouterr().out
     assert summary["objective"] == "val_psnr" and summary["paired"]
     rows = summary["trials"]
