@@ -59,13 +59,15 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "ldct-pipeline=ldct_tf.pipeline.dicom_to_tfrecord:main",
-            "ldct-train=ldct_tf.train:main",
-            "ldct-export=ldct_tf.export:main",
-            "ldct-denoise=ldct_tf.denoise:main",
-            "ldct-evaluate=ldct_tf.evaluate:main",
-            "ldct-tune=ldct_tf.tune:main",
-            "ldct-demo=ldct_tf.demo:main",
+            "ldct-pipeline=ldct_tf.pipeline.__main__:main",
+            "ldct-simulate=ldct_tf.simulate.__main__:main",
+            "ldct-train=ldct_tf.train.__main__:main",
+            "ldct-tune=ldct_tf.tune.__main__:main",
+            "ldct-export=ldct_tf.export.__main__:main",
+            "ldct-denoise=ldct_tf.denoise.__main__:main",
+            "ldct-audit=ldct_tf.audit.__main__:main",
+            "ldct-evaluate=ldct_tf.evaluate.__main__:main",
+            "ldct-demo=ldct_tf.demo.__main__:main",
             "ldct-node=ldct_tf.node.__main__:main",
         ]
     },

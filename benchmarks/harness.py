@@ -229,11 +229,11 @@ def write_dose_manifest(root: Path, out_csv: Path) -> Path:
 
 def make_shards(root: Path, work: Path, salt: str = "quality-benchmark") -> Path:
     """Run the Beam pipeline over the Mayo pairs with the manifest above; returns the shard folder."""
-    from ldct_tf.pipeline import dicom_to_tfrecord
+    from ldct_tf.pipeline import __main__ as pipeline_cli
 
     manifest = write_dose_manifest(root, work / "doses.csv")
     shards = work / "shards"
-    code = dicom_to_tfrecord.main(["--input", str(root / "mayo_pairs"), "--dose-manifest", str(manifest),
+    code = pipeline_cli.main(["--input", str(root / "mayo_pairs"), "--dose-manifest", str(manifest),
                                    "--output", str(shards), "--salt", salt, "--num-shards", "1"])
     if code:
         raise BenchmarkError(f"the pipeline failed with exit status {code} on {root / 'mayo_pairs'}")

@@ -185,7 +185,7 @@ def pipeline_argv(folders: list[Path], manifest: Path, output: Path, num_shards:
 
 def run_pipeline(name: str, folders: list[Path], manifest: Path, num_shards: int,
                  expected: int) -> tuple[dict, dict]:
-    from ldct_tf.pipeline.dicom_to_tfrecord import run
+    from ldct_tf.pipeline.__main__ import run
 
     output = Path(tempfile.mkdtemp(prefix=f"ldct_bench_{name}_"))
     try:
@@ -347,7 +347,7 @@ def dask_child(workers: int, argv: list[str]) -> int:
     """One pipeline run on a fresh local dask.distributed cluster; prints its manifest and seconds."""
     from distributed import LocalCluster
 
-    from ldct_tf.pipeline.dicom_to_tfrecord import run
+    from ldct_tf.pipeline.__main__ import run
 
     start = time.perf_counter()
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -392,7 +392,7 @@ def import_once_and_list_systems() -> list[str]:
     import pydicom  # noqa: F401
     import tensorflow  # noqa: F401
 
-    from ldct_tf.pipeline.dicom_to_tfrecord import run  # noqa: F401
+    from ldct_tf.pipeline.__main__ import run  # noqa: F401
 
     systems = [BARE, MP1, MP2, IN_MEMORY]
     try:

@@ -240,7 +240,7 @@ def make_shards(out: Path) -> str | None:
     if not (data_root / "pairs.csv").exists():
         return None
     from ldct_tf.demo.sample_data import write_mayo_dose_manifest
-    from ldct_tf.pipeline.dicom_to_tfrecord import run
+    from ldct_tf.pipeline.__main__ import run
 
     manifest = write_mayo_dose_manifest(data_root, out / "doses.csv")
     shards = out / "shards"

@@ -60,6 +60,7 @@ def stream(shards: Path, work: Path, name: str) -> Path:
     """A copy of the low and normal shards with the simulated stream ``STREAMS[name]``, made once."""
     from ldct_tf import data as data_lib
     from ldct_tf.pipeline import simulate_pairs
+    from ldct_tf.simulate import __main__ as simulate_cli
 
     spec = STREAMS[name]
     out = work / spec["folder"]
@@ -72,7 +73,7 @@ def stream(shards: Path, work: Path, name: str) -> Path:
     manifest.pop(simulate_pairs.SIMULATED, None)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     realisations = data_lib.read_manifest(str(shards))[simulate_pairs.SIMULATED]["train"]["realisations"]
-    simulate_pairs.run(["--data", str(out), "--calibration", str(CALIBRATION_FILE), "--realisations",
+    simulate_cli.pairs(["--data", str(out), "--calibration", str(CALIBRATION_FILE), "--realisations",
                         str(realisations), "--reference", spec["reference"], "--textures", spec["textures"]])
     return out
 
@@ -246,6 +247,7 @@ def prepare_data(root: Path, work: Path, realisations: int) -> tuple[Path, dict,
     returns (the shard folder, the calibration, the shards' manifest)."""
     from ldct_tf import data as data_lib
     from ldct_tf.pipeline import simulate_pairs
+    from ldct_tf.simulate import __main__ as simulate_cli
     from ldct_tf.simulate import calibration as calibration_lib
 
     shards = work / "shards" if (work / "shards" / "manifest.json").exists() else harness.make_shards(root, work)
@@ -254,7 +256,7 @@ def prepare_data(root: Path, work: Path, realisations: int) -> tuple[Path, dict,
                               "provenance": "python -m experiments.ablation: L143 quarter dose (low) vs L096 full "
                                             "dose (normal), train split of benchmarks.harness"}, CALIBRATION_FILE)
     if not data_lib.simulated_pair_count(data_lib.read_manifest(str(shards))):
-        simulate_pairs.run(["--data", str(shards), "--calibration", str(CALIBRATION_FILE),
+        simulate_cli.pairs(["--data", str(shards), "--calibration", str(CALIBRATION_FILE),
                             "--realisations", str(realisations)])
     return shards, calibration_lib.load(CALIBRATION_FILE), data_lib.read_manifest(str(shards))
 

@@ -11,9 +11,9 @@ and keeps the value with the best mean abdomen-window PSNR against the full-dose
 L096 and L143 of the AAPM-Mayo pairs (21 slices; BM3D on every 4th of them, 6 slices, because it costs about 7 s a
 slice).  Patient L286 is held out as the test patient of the quality benchmark.  Reproduce with::
 
-    python -m ldct_tf.baselines --pairs $LDCT_DATA_DIR/mayo_pairs/pairs.csv --patients L096,L143 \
+    python -m ldct_tf.evaluate --pairs $LDCT_DATA_DIR/mayo_pairs/pairs.csv --patients L096,L143 \
         --tune gaussian,nlm,tv --out tuning
-    python -m ldct_tf.baselines --pairs $LDCT_DATA_DIR/mayo_pairs/pairs.csv --patients L096,L143 \
+    python -m ldct_tf.evaluate --pairs $LDCT_DATA_DIR/mayo_pairs/pairs.csv --patients L096,L143 \
         --tune bm3d --tune-stride 4 --out tuning_bm3d
 
 Result (mean abdomen PSNR dB / SSIM on the development slices at each grid value; best marked *):
@@ -44,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from ldct_tf import ct
+from ldct_tf.errors import LdctError
 
 Denoiser = Callable[[np.ndarray], np.ndarray]
 
@@ -66,14 +67,19 @@ GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
 }
 
 
-class BaselineUnavailable(ImportError):
+class BaselineError(LdctError, ValueError):
+    """A baseline name, parameter or input that cannot be used; names the value.  A ``ValueError`` too, as these
+    checks raised before the project had one error base."""
+
+
+class BaselineUnavailable(LdctError, ImportError):
     """A baseline whose optional package is not installed."""
 
 
 def _check(hu: np.ndarray) -> np.ndarray:
     hu = np.asarray(hu)
     if hu.ndim != 2:
-        raise ValueError(f"expected one 2-D HU slice, got shape {hu.shape}")
+        raise BaselineError(f"expected one 2-D HU slice, got shape {hu.shape}")
     return hu.astype(np.float64)
 
 
@@ -88,7 +94,7 @@ def _from_unit(x: np.ndarray) -> np.ndarray:
 def gaussian(hu: np.ndarray, sigma: float = DEFAULTS["gaussian"]["sigma"]) -> np.ndarray:
     """Isotropic Gaussian smoothing with standard deviation ``sigma`` pixels."""
     if sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma!r}")
+        raise BaselineError(f"sigma must be >= 0, got {sigma!r}")
     return ndimage.gaussian_filter(_check(hu), sigma, mode="nearest").astype(np.float32)
 
 
@@ -98,7 +104,7 @@ def nlm(hu: np.ndarray, h_hu: float = DEFAULTS["nlm"]["h_hu"], patch_size: int =
     from skimage.restoration import denoise_nl_means
 
     if h_hu <= 0:
-        raise ValueError(f"h_hu must be > 0, got {h_hu!r}")
+        raise BaselineError(f"h_hu must be > 0, got {h_hu!r}")
     out = denoise_nl_means(_to_unit(_check(hu)), patch_size=patch_size, patch_distance=patch_distance,
                            h=h_hu / _SPAN, fast_mode=True)
     return _from_unit(out)
@@ -109,7 +115,7 @@ def tv(hu: np.ndarray, weight_hu: float = DEFAULTS["tv"]["weight_hu"]) -> np.nda
     from skimage.restoration import denoise_tv_chambolle
 
     if weight_hu <= 0:
-        raise ValueError(f"weight_hu must be > 0, got {weight_hu!r}")
+        raise BaselineError(f"weight_hu must be > 0, got {weight_hu!r}")
     return _from_unit(denoise_tv_chambolle(_to_unit(_check(hu)), weight=weight_hu / _SPAN))
 
 
@@ -133,7 +139,7 @@ def bm3d(hu: np.ndarray, sigma_hu: float = DEFAULTS["bm3d"]["sigma_hu"]) -> np.n
             "the bm3d baseline needs the optional bm3d package: pip install 'ldct_tf[baselines]' "
             "(bm3d==4.0.3; free for non-commercial use only)") from err
     if sigma_hu <= 0:
-        raise ValueError(f"sigma_hu must be > 0, got {sigma_hu!r}")
+        raise BaselineError(f"sigma_hu must be > 0, got {sigma_hu!r}")
     return _from_unit(bm3d_pkg.bm3d(_to_unit(_check(hu)), sigma_psd=sigma_hu / _SPAN))
 
 
@@ -155,13 +161,13 @@ def get(name: str, **params: float) -> Denoiser:
     its first slice rather than after the others.
     """
     if name not in _FUNCTIONS:
-        raise ValueError(f"unknown baseline {name!r}; known: {list(NAMES)}")
+        raise BaselineError(f"unknown baseline {name!r}; known: {list(NAMES)}")
     if name == "bm3d" and not bm3d_available():
         bm3d(np.zeros((8, 8)))  # raises BaselineUnavailable with the install hint
     allowed = set(DEFAULTS.get(name, {}))
     unknown = set(params) - allowed
     if unknown:
-        raise ValueError(f"baseline {name!r} takes {sorted(allowed) or 'no parameters'}, got {sorted(unknown)}")
+        raise BaselineError(f"baseline {name!r} takes {sorted(allowed) or 'no parameters'}, got {sorted(unknown)}")
     if name in ("nlm", "tv"):
         import skimage.restoration  # noqa: F401  (import now, so a timed first call measures denoising, not imports)
     fn = _FUNCTIONS[name]
@@ -179,12 +185,12 @@ def tune(name: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]], values: Opti
     from ldct_tf import metrics
 
     if name not in GRIDS:
-        raise ValueError(f"no tunable strength for {name!r}; tunable: {sorted(GRIDS)}")
+        raise BaselineError(f"no tunable strength for {name!r}; tunable: {sorted(GRIDS)}")
     param, default_grid = GRIDS[name]
     values = tuple(values) if values is not None else default_grid
     pairs = list(pairs)
     if not pairs:
-        raise ValueError("tune() needs at least one (low, normal) pair")
+        raise BaselineError("tune() needs at least one (low, normal) pair")
     scores = np.zeros((len(values), len(pairs), 2))
     bar = None
     if progress:
@@ -207,11 +213,3 @@ def tune(name: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]], values: Opti
         "at_grid_edge": best in (0, len(values) - 1),
         "grid": [{"value": float(v), "psnr_mean": float(m[0]), "ssim_mean": float(m[1])} for v, m in zip(values, means)],
     }
-
-
-if __name__ == "__main__":  # python -m ldct_tf.baselines: the tuning CLI (ldct_tf.evaluate.baseline_tuning)
-    import sys
-
-    from ldct_tf.evaluate.baseline_tuning import main
-
-    sys.exit(main())

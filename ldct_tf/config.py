@@ -7,7 +7,6 @@ Unknown keys are errors (a typo silently ignored is a wasted training run).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import typing
 from collections.abc import Mapping
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
+
+from ldct_tf.errors import LdctError
 
 
 @dataclass
@@ -171,7 +172,7 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-class ConfigError(ValueError):
+class ConfigError(LdctError, ValueError):
     """A config file or override that cannot be used; the message names the key and the problem."""
 
 
@@ -305,23 +306,6 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         set_value(config, key.strip(), value.strip())
-    return config
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, override_example: str) -> None:
-    """``--config FILE`` and the ``section.key=value`` overrides, as every config-driven CLI takes them."""
-    parser.add_argument("--config", help=config_help)
-    parser.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {override_example}")
-
-
-def load_from_args(args: argparse.Namespace) -> Config:
-    """The config those arguments name, printed as resolved (a run is reproducible from its log); a bad one exits
-    with one line."""
-    try:
-        config = load(args.config, args.overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    print("Resolved config:\n" + config.to_yaml(), flush=True)
     return config
 
 

@@ -24,7 +24,7 @@ def read_manifest(data_dir: str) -> dict:
     """The pipeline's ``manifest.json``; a missing one or another schema version raises with the folder named."""
     path = f"{data_dir.rstrip('/')}/{MANIFEST}"
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{data_dir}: no {MANIFEST}; is this the output folder of ldct_tf.pipeline.dicom_to_tfrecord?")
+        raise FileNotFoundError(f"{data_dir}: no {MANIFEST}; is this the output folder of python -m ldct_tf.pipeline?")
     with tf.io.gfile.GFile(path, "r") as handle:
         manifest = json.load(handle)
     version = manifest.get("schema_version")
@@ -214,7 +214,7 @@ def simulated_pair_stream(data_dir: str, patch_size: int, batch_size: int, min_t
     the reference by :func:`noisier2noise_target` (once per record, before the cache)."""
     files = sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{split}/simulated-*{SHARD_SUFFIX}"))
     if not files:
-        raise ValueError(f"{data_dir}: split {split!r} has no simulated pairs; run python -m ldct_tf.pipeline.simulate_pairs")
+        raise ValueError(f"{data_dir}: split {split!r} has no simulated pairs; run python -m ldct_tf.simulate pairs")
 
     def parse(serialized):
         pair, meta = records.parse_simulated(serialized)

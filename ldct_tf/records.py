@@ -247,7 +247,7 @@ def parse_simulated(serialized) -> tuple:
     features = tf.io.parse_single_example(serialized, spec)
     tf.debugging.assert_equal(features.pop("schema_version"), tf.constant(SIMULATED_SCHEMA_VERSION, tf.int64),
                               message="simulated-pair schema_version differs from this ldct_tf's; re-run "
-                                      "ldct_tf.pipeline.simulate_pairs")
+                                      "python -m ldct_tf.simulate pairs")
     shape = tf.stack([features["height"], features["width"]])
     images = [tf.cast(tf.reshape(tf.io.decode_raw(features.pop(k), tf.int16, little_endian=True), shape), tf.float32)
               for k in ("low", "reference")]

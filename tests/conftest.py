@@ -50,7 +50,7 @@ def sample(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_run(sample, tmp_path_factory):
     """One pipeline run over the sample archive (plus a folder of bad files); returns (output, manifest)."""
-    from ldct_tf.pipeline.dicom_to_tfrecord import run
+    from ldct_tf.pipeline.__main__ import run
 
     bad = tmp_path_factory.mktemp("bad_inputs")
     (bad / "notes.txt").write_text("not a DICOM file\n")

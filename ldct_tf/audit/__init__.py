@@ -18,17 +18,17 @@ How a reader should use it: README, "Auditing what the denoiser changed".
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
 from ldct_tf.audit.scores import (AuditConfigError, AuditThresholds, SliceAudit,  # noqa: F401 (re-export)
                                   audit_slice, load_config, load_thresholds)
+from ldct_tf.errors import LdctError
+from ldct_tf.jsonio import jsonable
 
 SIDECAR = "audit.json"
 AUDIT_FOLDER = "audit"
@@ -74,8 +74,6 @@ class SeriesAudit:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / SIDECAR
-        from ldct_tf.evaluate.report import jsonable  # the project's one strict-JSON converter (lazy: no cycle)
-
         path.write_text(json.dumps(jsonable(self.report()), indent=1, allow_nan=False) + "\n")
         return path
 
@@ -117,9 +115,10 @@ def write_figure(path: Path, low_hu: np.ndarray, denoised_hu: np.ndarray, result
     return path
 
 
-# --------------------------------------------------------------------------------------------------------- CLI
-class AuditInputError(Exception):
-    """A problem with the CLI's input (one line, exit status 1)."""
+# ------------------------------------------------------------------------------------- auditing two series on disk
+class AuditInputError(LdctError):
+    """A pair of series that cannot be audited (one line naming the folder or slice; exit status 1 on the command
+    line)."""
 
 
 def _read_series(folder: Path) -> list:
@@ -161,37 +160,16 @@ def match_slices(low: list, denoised: list) -> list[tuple]:
     return list(zip(low, denoised))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ldct_tf.audit", description=__doc__.split("\n\n")[0])
-    p.add_argument("low", help="the low-dose input series (folder or file)")
-    p.add_argument("denoised", help="the denoised series made from it")
-    p.add_argument("--out", required=True, help="output folder for audit.json and the flagged slices' PNGs")
-    p.add_argument("--config", help="audit config (default configs/audit.yaml)")
-    p.add_argument("--no-figures", action="store_true", help="skip the PNGs")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        pairs = match_slices(_read_series(Path(args.low)), _read_series(Path(args.denoised)))
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise AuditInputError(f"{out}: exists and is not a folder")
-        auditor = new_series_audit(out, args.config, figures=not args.no_figures)
-        for (_, low_hu, info), (ds, den_hu, _) in pairs:
-            if low_hu.shape != den_hu.shape:
-                raise AuditInputError(f"slice {info.instance}: shapes {low_hu.shape} and {den_hu.shape} differ")
-            auditor.add(low_hu, den_hu, info.pixel_spacing_mm, info.instance, str(ds.get("SOPInstanceUID", "")))
-        path = auditor.write()
-    except (AuditInputError, FileNotFoundError, ValueError) as exc:
-        print(f"ldct_tf.audit: error: {exc}", file=sys.stderr)
-        return 1
-    report = auditor.report()
-    print(f"audited {report['slices']} slices: {report['flagged_slices']} flagged "
-          f"({report['flagged_patches']} patches); wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def audit_series_folders(low: Path, denoised: Path, out: Path, config: Optional[str | Path] = None,
+                         figures: bool = True) -> tuple[Path, dict]:
+    """Audit the series in ``denoised`` against the low-dose series ``low`` into ``out``; returns the sidecar's path
+    and the report.  Raises :class:`AuditInputError` (or :class:`AuditConfigError`) when they cannot be audited."""
+    pairs = match_slices(_read_series(low), _read_series(denoised))
+    if out.exists() and not out.is_dir():
+        raise AuditInputError(f"{out}: exists and is not a folder")
+    auditor = new_series_audit(out, config, figures=figures)
+    for (_, low_hu, info), (ds, den_hu, _) in pairs:
+        if low_hu.shape != den_hu.shape:
+            raise AuditInputError(f"slice {info.instance}: shapes {low_hu.shape} and {den_hu.shape} differ")
+        auditor.add(low_hu, den_hu, info.pixel_spacing_mm, info.instance, str(ds.get("SOPInstanceUID", "")))
+    return auditor.write(), auditor.report()

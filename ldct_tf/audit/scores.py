@@ -41,7 +41,9 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[2]  # ldct_tf/audit/scores.py -> the repository
+from ldct_tf.errors import LdctError
+
+REPO = Path(__file__).resolve().parents[2]  # ldct_tf/STAGE/this file -> the checkout
 _PAIRS = ("frc_band_cyc_per_mm", "blob_sigmas_mm", "soft_tissue_hu")
 DEFAULT_CONFIG = REPO / "configs" / "audit.yaml"
 
@@ -84,7 +86,7 @@ class AuditThresholds:
         return out
 
 
-class AuditConfigError(ValueError):
+class AuditConfigError(LdctError, ValueError):
     """The audit config file is missing or malformed (the message names the file)."""
 
 

@@ -15,22 +15,21 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
 import os
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from ldct_tf.errors import LdctError
 
-REPO = Path(__file__).resolve().parents[2]
+
+REPO = Path(__file__).resolve().parents[2]  # ldct_tf/demo/__init__.py -> the checkout
 DEFAULT_MODEL = REPO / "saved_models" / "ldct_denoiser"
 HELD_OUT_PATIENT = "L286"  # never used to train the shipped model (saved_models/ldct_denoiser/README.md)
 DOSE_FRACTION = 0.25
@@ -39,8 +38,9 @@ MARKER = ".ldct_tf_demo_output.json"
 OUTPUTS = ("low_dose_dicom", "normal_dose_dicom", "denoised_dicom", "evaluation")
 
 
-class DemoError(Exception):
-    """A problem with the command line (paths); one line, exit status 2."""
+class DemoError(LdctError):
+    """A problem with the demo's paths (an --out that overlaps an input or holds other files); one line, exit
+    status 1 on the command line."""
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -173,60 +173,27 @@ def print_table(summary: dict) -> None:
         print(f"{'(normal dose)':<14}" + f"{'':>14}" * 4 + f"{reference:>14.1f}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldct_tf.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo_output", help="work folder (default %(default)s); must be new, empty "
-                                                             "or an earlier demo's output, whose files it replaces")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="SavedModel folder (default: the shipped model)")
-    parser.add_argument("--input", help="a folder of your own low-dose CT DICOM instead of the sample")
-    parser.add_argument("--reference", help="with --input: normal-dose DICOM of the same slices, matched by position, "
-                                            "to score against (without it, only denoising runs)")
-    parser.add_argument("--baseline", default=None, help="classical denoiser to compare (default bm3d, or nlm "
-                                                         "when bm3d is not installed)")
-    parser.add_argument("--max-slices", type=int, help="use only the first N packaged sample slices")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    work = Path(args.out).resolve()
-    inputs = [Path(p).resolve() for p in (args.input, args.reference, args.model) if p]
-    try:
-        prepare_out(work, inputs)
-    except DemoError as exc:
-        print(f"ldct_tf.demo: error: {exc}", file=sys.stderr)
-        return 2
-
+def run_demo(work: Path, model: str | Path = DEFAULT_MODEL, input_dir: Optional[str | Path] = None,
+             reference: Optional[str | Path] = None, baseline: Optional[str] = None,
+             max_slices: Optional[int] = None) -> dict:
+    """The three steps into ``work`` (input, denoise, evaluate), printing each as it goes; returns the folders and the
+    report written (``low_dir``, ``denoised_dir``, ``report``: None without a reference).  Raises :class:`DemoError`
+    for an unusable ``work`` folder and :class:`ldct_tf.denoise.DenoiseError` for an unusable model."""
+    inputs = [Path(p).resolve() for p in (input_dir, reference, model) if p]
+    prepare_out(work, inputs)
+    # Heavy stages (TensorFlow, the baselines), imported once the paths are known to be usable: a wrong --out fails
+    # in a second.
     from ldct_tf import baselines, denoise, evaluate
 
-    try:
-        model_fn, model_info = denoise.load_saved_model(args.model)
-    except denoise.DenoiseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    data_dir = os.environ.get("LDCT_DATA_DIR")
-    pairs: list = []
-    print("Step 1/3: input")
-    if args.input:
-        low_dir = Path(args.input).resolve()
-        if args.reference:
-            pairs = evaluate.load_pair_dirs(low_dir, Path(args.reference).resolve())
-        print(f"  your low-dose DICOM in {low_dir}")
-    elif data_dir and (Path(data_dir) / "mayo_pairs" / "pairs.csv").exists():
-        low_dir, pairs = mayo_input(Path(data_dir).resolve(), work)
-        print(f"  real AAPM-Mayo quarter-dose slices of patient {HELD_OUT_PATIENT} (held out from training), "
-              f"full dose as the reference: {len(pairs)} slices")
-    else:
-        low_dir, pairs = simulated_input(work, args.max_slices)
-        print(f"  {len(pairs)} real CT slices from installed packages, {DOSE_FRACTION:.0%} dose simulated by "
-              f"ldct_tf.simulate, written as DICOM to {low_dir}")
-
+    model_fn, model_info = denoise.load_saved_model(model)
+    low_dir, pairs = _demo_input(work, input_dir, reference, max_slices, evaluate)
     print(f"Step 2/3: denoising with {model_info.name} version {model_info.version} (DICOM in, DICOM out)")
     denoised_dir = work / "denoised_dicom"
     summary_d = denoise.denoise(low_dir, denoised_dir, model_fn, model_info, progress=True)
     print("  " + summary_d.line())
-
     report = None
     if pairs:
-        baseline = args.baseline or ("bm3d" if baselines.bm3d_available() else "nlm")
+        baseline = baseline or ("bm3d" if baselines.bm3d_available() else "nlm")
         print(f"Step 3/3: evaluating {model_info.name} against {baseline} and the low-dose input")
         denoisers = {"ldct_tf": lambda hu: np.asarray(model_fn(hu), np.float32), baseline: baselines.get(baseline),
                      "none": baselines.get("none")}
@@ -237,15 +204,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = summary["files"]["report"]
     else:
         print("Step 3/3: skipped (no reference images to score against; give --reference)")
-
-    print(f"\nDone in {time.perf_counter() - start:.0f} s.")
-    print(f"  low-dose input DICOM:  {low_dir}")
-    print(f"  denoised DICOM series: {denoised_dir}")
-    if report:
-        print(f"  report and figures:    {report}  ({work / 'evaluation' / 'figures'})")
-    print("Research use only: not a medical device.")
-    return 0
+    return {"low_dir": low_dir, "denoised_dir": denoised_dir, "report": report}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _demo_input(work: Path, input_dir, reference, max_slices: Optional[int], evaluate) -> tuple[Path, list]:
+    """Step 1: the user's series, else the held-out Mayo patient when the shared data is there, else packaged CT with
+    a simulated quarter dose."""
+    data_dir = os.environ.get("LDCT_DATA_DIR")
+    pairs: list = []
+    print("Step 1/3: input")
+    if input_dir:
+        low_dir = Path(input_dir).resolve()
+        if reference:
+            pairs = evaluate.load_pair_dirs(low_dir, Path(reference).resolve())
+        print(f"  your low-dose DICOM in {low_dir}")
+    elif data_dir and (Path(data_dir) / "mayo_pairs" / "pairs.csv").exists():
+        low_dir, pairs = mayo_input(Path(data_dir).resolve(), work)
+        print(f"  real AAPM-Mayo quarter-dose slices of patient {HELD_OUT_PATIENT} (held out from training), "
+              f"full dose as the reference: {len(pairs)} slices")
+    else:
+        low_dir, pairs = simulated_input(work, max_slices)
+        print(f"  {len(pairs)} real CT slices from installed packages, {DOSE_FRACTION:.0%} dose simulated by "
+              f"ldct_tf.simulate, written as DICOM to {low_dir}")
+    return low_dir, pairs

@@ -21,11 +21,9 @@ runs, and each series is staged and moved into place whole (``ldct_tf.denoise.ou
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +44,7 @@ log = logging.getLogger("ldct_tf.denoise")
 #: Float32 HU batch [N, H, W] -> denoised float32 HU batch, same shape.
 Denoiser = Callable[[np.ndarray], np.ndarray]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # ldct_tf/STAGE/this file -> the checkout
 DEFAULT_MODEL = REPO / "saved_models" / "ldct_denoiser"
 DEFAULT_SERVER_MODEL = "ldct_denoiser"
 DEFAULT_BATCH_SIZE = 8
@@ -297,77 +295,3 @@ def connect_server(url: str, model_name: str = DEFAULT_SERVER_MODEL, version: Op
             raise DenoiseError(f"TF Serving at {url}: {exc}") from None
 
     return predict, ModelInfo(model_name, shown, "TF Serving")
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ldct_tf.denoise",
-        description="Denoise low-dose CT: each CT series under INPUT becomes a derived DICOM series under OUTPUT.")
-    parser.add_argument("input", help="a CT DICOM file, a series folder, or a folder of studies")
-    parser.add_argument("output", help="output folder (created; must not be inside INPUT)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help=f"SavedModel folder (newest version) or one version's folder "
-                                        f"(default: {DEFAULT_MODEL})")
-    source.add_argument("--server", help="TF Serving URL instead of a local model: http://host:8501 (REST) or "
-                                         "host:8500 / grpc://host:8500 (gRPC)")
-    parser.add_argument("--server-model", default=DEFAULT_SERVER_MODEL, help="model name on the server "
-                                                                           "(default %(default)s)")
-    parser.add_argument("--server-version", type=int, help="model version on the server (default: its newest)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per server request (default 60)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help="slices per model call (default %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace files left in OUTPUT by an earlier run")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--no-audit", action="store_true",
-                        help="skip the per-slice change audit (default: SERIES/audit/audit.json and a PNG per "
-                             "flagged slice)")
-    parser.add_argument("--audit-config", help="audit thresholds (default configs/audit.yaml)")
-    parser.add_argument("--deidentify", action="store_true",
-                        help="write the derived series under the DICOM PS3.15 Basic Application Level "
-                             "Confidentiality Profile (pseudonyms, new UIDs, anonymous file names)")
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                        help="refuse slices of more pixels than this (rows x columns; default %(default)s, 4096x4096)")
-    parser.add_argument("--pseudonym-salt", default=os.environ.get("LDCT_PSEUDONYM_SALT"),
-                        help="key for --deidentify's pseudonyms (default $LDCT_PSEUDONYM_SALT, else random per run: "
-                             "the same salt gives the same pseudonym for the same patient across runs)")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    try:
-        if args.batch_size < 1:
-            raise DenoiseError(f"--batch-size must be >= 1, got {args.batch_size}")
-        check_paths(Path(args.input), Path(args.output))  # before loading a model: fail fast on wrong paths
-        if args.server:
-            denoiser, model = connect_server(args.server, args.server_model, args.server_version, args.timeout,
-                                              args.batch_size)
-        else:
-            denoiser, model = load_saved_model(args.model or DEFAULT_MODEL, args.batch_size)
-        print(f"model: {model.name} version {model.version} ({model.where})", flush=True)
-        with logging_redirect_tqdm():
-            summary = denoise(args.input, args.output, denoiser, model, batch_size=args.batch_size,
-                              overwrite=args.overwrite, progress=False if args.no_progress else None,
-                              audit_series=not args.no_audit, audit_config=args.audit_config,
-                              deidentify=args.deidentify, pseudonym_salt=args.pseudonym_salt,
-                              max_pixels=args.max_pixels)
-    except (DenoiseError, audit.AuditConfigError) as exc:
-        print(f"ldct_tf.denoise: error: {exc}", file=sys.stderr)
-        return 1
-    print(summary.line())
-    for folder in summary.folders:
-        print(f"  wrote {folder}")
-    for refused in summary.refused:
-        print(f"ldct_tf.denoise: error: {refused.line()}", file=sys.stderr)
-    if summary.slices == 0 and not summary.refused:
-        print(f"ldct_tf.denoise: error: no usable CT slices found in {args.input}", file=sys.stderr)
-    return 1 if summary.refused or summary.slices == 0 else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,13 +18,15 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Optional
 
+from ldct_tf.errors import LdctError
+
 STAGING_PREFIX = ".ldct_tf-partial-"
 #: Inside every staging folder: tells a later run that the folder is this tool's own leftover (after a kill -9).
 STAGING_MARKER = ".written-by-ldct_tf.denoise"
 _STAGING_NAME_LENGTH = len(STAGING_PREFIX) + 32
 
 
-class DenoiseError(Exception):
+class DenoiseError(LdctError):
     """A problem with the command as a whole (paths, model); reported as one line, exit status 1.
 
     Defined here so that the checks below raise it directly; ``ldct_tf.denoise.DenoiseError`` is the same class.

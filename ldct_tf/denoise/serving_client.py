@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ldct_tf.errors import LdctError
 from ldct_tf.saved_model import (BYTES_INPUT, BYTES_OUTPUT, BYTES_SIGNATURE, DEFAULT_SIGNATURE, HEIGHT_INPUT,
                                  HU_INPUT, HU_OUTPUT, WIDTH_INPUT, as_batch, from_int16_bytes, graph_error_message,
                                  int16_bytes)
@@ -44,7 +45,7 @@ _RETRY_HTTP = {429, 502, 503, 504}
 _MAX_MESSAGE = 1 << 30  # gRPC default is 4 MB: one batch of 512x512 float32 slices is 1 MB per slice
 
 
-class ServingError(RuntimeError):
+class ServingError(LdctError, RuntimeError):
     """A request the server refused or could not answer.  ``message`` is the sentence of the server's answer that
     says what went wrong (node names and TensorFlow's preamble dropped), ``details`` the server's full text, ``code``
     its status (gRPC status name, or the HTTP status as a string), ``url`` what was called."""

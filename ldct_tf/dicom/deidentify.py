@@ -35,6 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID_dictionary
 
 from ldct_tf.dicom.deid_profile import REPEATING_GROUPS, basic_profile
+from ldct_tf.errors import LdctError
 
 PROFILE = basic_profile()
 #: Attributes whose Z is filled with the run's pseudonym instead of an empty value.
@@ -53,7 +54,7 @@ _DUMMY_BY_VR = {
 }
 
 
-class RefusedForDeidentification(ValueError):
+class RefusedForDeidentification(LdctError, ValueError):
     """The object cannot be de-identified by this module (e.g. it says that text is burned into the pixels)."""
 
 

@@ -27,6 +27,7 @@ from pydicom.uid import UID
 
 from ldct_tf import ct, keras_compat
 from ldct_tf.dicom import plausibility
+from ldct_tf.errors import LdctError
 
 keras_compat.quiet_pydicom_validation()  # its warnings would print identifiers into logs
 
@@ -54,7 +55,7 @@ BAD_GEOMETRY = "bad_geometry"
 PathOrFile = Union[str, os.PathLike, BinaryIO, bytes]
 
 
-class NotUsableCT(Exception):
+class NotUsableCT(LdctError):
     """A file that is not a usable axial CT image. ``reason`` is one of the stable codes above; ``detail`` explains."""
 
     def __init__(self, source: str, reason: str, detail: str):

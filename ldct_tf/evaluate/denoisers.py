@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ldct_tf import baselines
+from ldct_tf.evaluate.pairs import EvaluateInputError
 
 SliceDenoiser = Callable[[np.ndarray], np.ndarray]
 
@@ -30,10 +31,10 @@ def make_denoisers(specs: Sequence[str]) -> dict[str, SliceDenoiser]:
     out: dict[str, SliceDenoiser] = {}
     for spec in specs:
         if spec in out:
-            raise ValueError(f"denoiser {spec!r} given twice")
+            raise EvaluateInputError(f"denoiser {spec!r} given twice")
         if spec.startswith("model:"):
             if not spec[len("model:"):]:
-                raise ValueError("model: needs a path, e.g. model:saved_models/ldct_denoiser")
+                raise EvaluateInputError("model: needs a path, e.g. model:saved_models/ldct_denoiser")
             out[spec] = model_denoiser(spec[len("model:"):])
         else:
             out[spec] = baselines.get(spec)

@@ -15,6 +15,12 @@ from typing import Iterable, Optional
 import numpy as np
 
 from ldct_tf import dicom
+from ldct_tf.errors import LdctError
+
+class EvaluateInputError(LdctError, ValueError):
+    """Pairs, score sheets or denoiser names that cannot be evaluated; names the file or value.  A ``ValueError`` too,
+    as these checks raised before the project had one error base."""
+
 
 @dataclass
 class Pair:
@@ -39,7 +45,8 @@ def load_pair(low_path: str | Path, normal_path: str | Path, name: Optional[str]
     low, low_info = _read(Path(low_path))
     normal, _ = _read(Path(normal_path))
     if low.shape != normal.shape:
-        raise ValueError(f"{low_path} ({low.shape}) and {normal_path} ({normal.shape}) differ in size: not a pair")
+        raise EvaluateInputError(f"{low_path} ({low.shape}) and {normal_path} ({normal.shape}) differ in size: "
+                                 "not a pair")
     return Pair(name or Path(low_path).stem, low, normal, tuple(low_info.pixel_spacing_mm))
 
 
@@ -61,16 +68,16 @@ def read_pairs_csv(path: str | Path, patients: Optional[Iterable[str]] = None) -
     low_col = next((c for c in ("low", "quarter_dose") if c in header), None)
     normal_col = next((c for c in ("normal", "full_dose") if c in header), None)
     if not rows or low_col is None or normal_col is None:
-        raise ValueError(f"{path}: expected a header with columns low,normal (or quarter_dose,full_dose) and at least "
-                         f"one row; got {list(header)}")
+        raise EvaluateInputError(f"{path}: expected a header with columns low,normal (or quarter_dose,full_dose) "
+                                 f"and at least one row; got {list(header)}")
     wanted = set(patients) if patients else None
     if wanted and "patient" not in header:
-        raise ValueError(f"{path}: --patients needs a 'patient' column")
+        raise EvaluateInputError(f"{path}: --patients needs a 'patient' column")
     base = path.parent
     out = [((base / r[low_col]).resolve(), (base / r[normal_col]).resolve(), _label(r[low_col])) for r in rows
            if wanted is None or r["patient"] in wanted]
     if not out:
-        raise ValueError(f"{path}: no pairs for patients {sorted(wanted or [])}")
+        raise EvaluateInputError(f"{path}: no pairs for patients {sorted(wanted or [])}")
     return out
 
 
@@ -87,7 +94,7 @@ def dicom_files(folder: Path) -> list[Path]:
         raise FileNotFoundError(f"{folder}: no such folder")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise ValueError(f"{folder}: no files")
+        raise EvaluateInputError(f"{folder}: no files")
     return files
 
 
@@ -95,7 +102,7 @@ def load_pair_dirs(low_dir: str | Path, normal_dir: str | Path) -> list[Pair]:
     """Pairs from two folders matched by position in name order (equal counts required)."""
     lows, normals = dicom_files(Path(low_dir)), dicom_files(Path(normal_dir))
     if len(lows) != len(normals):
-        raise ValueError(f"{low_dir} has {len(lows)} files but {normal_dir} has {len(normals)}: "
+        raise EvaluateInputError(f"{low_dir} has {len(lows)} files but {normal_dir} has {len(normals)}: "
                          f"--low/--normal are matched by position and need equal counts")
     low_root = Path(low_dir) if Path(low_dir).is_dir() else Path(low_dir).parent
     return [load_pair(lo, no, lo.relative_to(low_root).with_suffix("").as_posix()) for lo, no in zip(lows, normals)]
@@ -119,7 +126,7 @@ def simulated_pairs(normal_paths: Iterable[str | Path], dose_fraction: float, se
     for i, path in enumerate(normal_paths):
         hu, info = _read(Path(path))
         if hu.shape[0] != hu.shape[1]:
-            raise ValueError(f"{path}: --simulate needs square slices, got {hu.shape}")
+            raise EvaluateInputError(f"{path}: --simulate needs square slices, got {hu.shape}")
         kwargs = dict(simulate_kwargs)
         if calibration is not None:
             params = calibration_lib.simulation_parameters(calibration, info.kernel)

@@ -7,6 +7,7 @@ and its kit, key and agreement statistics (quadratically weighted Cohen's kappa)
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -14,9 +15,10 @@ import numpy as np
 
 from ldct_tf import ct
 from ldct_tf.evaluate.denoisers import SliceDenoiser
-from ldct_tf.evaluate.pairs import Pair
+from ldct_tf.evaluate.pairs import EvaluateInputError, Pair
 from ldct_tf.evaluate.report import fmt
 from ldct_tf.evaluate.scoring import REFERENCE, interval95
+from ldct_tf.jsonio import jsonable
 
 READER_CRITERIA = ("noise", "sharpness", "artifacts", "diagnostic_confidence")
 
@@ -33,7 +35,7 @@ def write_reader_study(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoi
 
     plt = pyplot()
     if n_slices < 1:
-        raise ValueError(f"--reader-study needs at least 1 slice, got {n_slices}")
+        raise EvaluateInputError(f"--reader-study needs at least 1 slice, got {n_slices}")
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(pairs), size=min(n_slices, len(pairs)), replace=False)
     cases = []
@@ -113,17 +115,17 @@ def summarise_scores(sheets: Sequence[str | Path], key_path: Optional[str | Path
         with open(sheet, newline="") as f:
             for line, r in enumerate(csv.DictReader(f), start=2):
                 if r.get("case") not in key:
-                    raise ValueError(f"{sheet}:{line}: case {r.get('case')!r} is not in {key_path}")
+                    raise EvaluateInputError(f"{sheet}:{line}: case {r.get('case')!r} is not in {key_path}")
                 reader = (r.get("reader") or "").strip() or sheet.stem
                 for c in READER_CRITERIA:
                     value = (r.get(c) or "").strip()
                     if not value:
                         continue
                     if value not in {"1", "2", "3", "4", "5"}:
-                        raise ValueError(f"{sheet}:{line}: {c} must be an integer 1-5, got {value!r}")
+                        raise EvaluateInputError(f"{sheet}:{line}: {c} must be an integer 1-5, got {value!r}")
                     scores.setdefault(reader, {}).setdefault(r["case"], {})[c] = int(value)
     if not scores:
-        raise ValueError(f"no scores found in {[str(s) for s in sheets]}")
+        raise EvaluateInputError(f"no scores found in {[str(s) for s in sheets]}")
     readers = sorted(scores)
     denoisers = sorted({r["denoiser"] for r in key.values()})
     per_denoiser = {d: {c: interval95([scores[rd][case][c] for rd in readers for case in scores[rd]
@@ -164,3 +166,16 @@ def score_report_markdown(result: dict) -> str:
             lines.append(f"- {c}: kappa {a['weighted_kappa']:.2f}, exact {a['exact_agreement']:.0%} "
                          f"({a['reader_pairs']} reader pair(s))")
     return "\n".join(lines) + "\n"
+
+
+def write_score_summary(sheets: Sequence[str | Path], key_path: Optional[str | Path] = None,
+                        out_dir: Optional[str | Path] = None) -> tuple[dict, str]:
+    """Unblind and summarise filled score sheets into ``out_dir`` (default: the first sheet's folder):
+    ``reader_scores.json`` (strict JSON) and ``reader_scores.md``; returns the summary and the Markdown."""
+    result = summarise_scores(sheets, key_path)
+    out = Path(out_dir or Path(sheets[0]).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reader_scores.json").write_text(json.dumps(jsonable(result), indent=1) + "\n")
+    text = score_report_markdown(result)
+    (out / "reader_scores.md").write_text(text)
+    return result, text

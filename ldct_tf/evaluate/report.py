@@ -12,26 +12,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from ldct_tf.audit import report as audit_report
 from ldct_tf.evaluate.scoring import METRICS, REFERENCE, WIN_METRICS, Scores
-
-
-def jsonable(value):
-    """Non-finite floats -> None, numpy scalars -> Python, recursively (strict JSON for summary.json and callers
-    that store the summary, such as the quality benchmark)."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
+from ldct_tf.jsonio import jsonable
 
 
 def write_metrics_csv(rows: Sequence[dict], path: Path) -> Path:

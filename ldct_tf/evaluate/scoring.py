@@ -17,7 +17,7 @@ import numpy as np
 from ldct_tf import metrics
 from ldct_tf.audit import report as audit_report
 from ldct_tf.evaluate.denoisers import SliceDenoiser
-from ldct_tf.evaluate.pairs import Pair
+from ldct_tf.evaluate.pairs import EvaluateInputError, Pair
 
 #: metrics.csv columns after ``slice`` and ``denoiser``.  ``higher`` says which direction is better (None: neither;
 #: a lower noise SD alone is not better, over-smoothing also lowers it).
@@ -139,9 +139,9 @@ def score(pairs: Sequence[Pair], denoisers: Mapping[str, SliceDenoiser], *, prog
           panel_slices: int = 3, info: Optional[dict] = None, lesions: int = 0) -> Scores:
     """Run every denoiser on every pair and score it (see ``ldct_tf.evaluate.evaluate`` for the summary's keys)."""
     if not pairs:
-        raise ValueError("evaluate() needs at least one pair")
+        raise EvaluateInputError("evaluate() needs at least one pair")
     if not denoisers:
-        raise ValueError("evaluate() needs at least one denoiser")
+        raise EvaluateInputError("evaluate() needs at least one denoiser")
     names = list(denoisers)
     rows: list[dict] = []
     ref_rows: list[dict] = []

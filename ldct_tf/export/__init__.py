@@ -22,20 +22,19 @@ Signatures (callers speak HU; the graph does clipping, scaling, padding to the n
 Bad input (NaN or Inf, wrong rank or channel count, smaller than ``min_size``, a byte string of the wrong length, an
 8-bit PNG) fails inside the graph with an ``InvalidArgument`` error that says what was expected, so TF Serving and
 Python report the same thing.  The names are the contract in :mod:`ldct_tf.saved_model`, the graph is
-:mod:`ldct_tf.export.graph`; this module writes versions and TF Serving's files.
+:mod:`ldct_tf.export.graph`; this module writes versions and TF Serving's files;
+``ldct_tf/export/__main__.py`` is the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -43,6 +42,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ldct_tf import ct, saved_model  # noqa: E402
+from ldct_tf.errors import LdctError  # noqa: E402
 from ldct_tf.saved_model import (BYTES_SIGNATURE, DEFAULT_SIGNATURE, METADATA_FILE,  # noqa: E402,F401 (re-exported)
                                  SavedModelDenoiser, resolve_version_dir)
 from ldct_tf.export.graph import DenoiserModule, infer_size_multiple, min_input_size  # noqa: E402
@@ -51,11 +51,16 @@ if TYPE_CHECKING:  # keras is only needed to export, not to run a SavedModel
     import keras
 
 # SavedModelDenoiser and resolve_version_dir live in ldct_tf.saved_model; imported here too for existing callers.
-__all__ = ["SavedModelDenoiser", "export_generator", "load_generator", "main", "model_folders",
+__all__ = ["ExportError", "SavedModelDenoiser", "export_generator", "load_generator", "model_folders",
            "resolve_version_dir", "write_batching_parameters", "write_models_config", "write_warmup_requests"]
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 MODELS_CONFIG = "models.config"
 BATCHING_FILE = "batching_parameters.txt"
+
+
+class ExportError(LdctError, ValueError):
+    """An export that cannot be made as asked (a bad setting, a generator that does not load); names the value or
+    file.  A ``ValueError`` too, as the checks raised before the project had one error base."""
 
 
 # --- writing a version --------------------------------------------------------------------------------------------
@@ -93,17 +98,17 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
     ``input_blend`` mixes that share of the input into the output inside the graph (``serving_graph.blend_input``).
     """
     if not 0.0 <= input_blend < 1.0:
-        raise ValueError(f"input_blend must be in [0, 1), got {input_blend!r}")
+        raise ExportError(f"input_blend must be in [0, 1), got {input_blend!r}")
     multiple = int(size_multiple or infer_size_multiple(generator))
     min_size = int(min_size or min_input_size(multiple))
     if warmup_size and warmup_size < min_size:
-        raise ValueError(f"warmup_size {warmup_size} is below the model's minimum input size {min_size}")
+        raise ExportError(f"warmup_size {warmup_size} is below the model's minimum input size {min_size}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     if version is None:
         version = _next_version(output)
     if not isinstance(version, int) or version < 1:
-        raise ValueError(f"version must be a positive integer, got {version!r}")
+        raise ExportError(f"version must be a positive integer, got {version!r}")
     final = output / str(version)
     if final.exists():
         raise FileExistsError(f"{final}: version {version} already exists; choose another --version or omit it")
@@ -253,7 +258,7 @@ def load_generator(model_dir: Path, cfg) -> "keras.Model":
     try:
         generator = keras.saving.load_model(path, compile=False)
     except Exception as exc:
-        raise ValueError(f"{path}: cannot load the generator: {exc}") from exc
+        raise ExportError(f"{path}: cannot load the generator: {exc}") from exc
     if any(getattr(layer, "dtype_policy", None) is not None and layer.dtype_policy.name != "float32"
            for layer in generator.layers):
         m = cfg.model
@@ -284,56 +289,3 @@ def training_metadata(model_dir: Path, cfg) -> dict:
         "warm_start_from": summary.get("init_from"),
         "config": cfg.to_dict(),
     }
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ldct_tf.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True, help="a training run folder (python -m ldct_tf.train)")
-    parser.add_argument("--output", help="model folder, saved_models/NAME (default: saved_models/<export.name>)")
-    parser.add_argument("--version", type=int, help="version number (default: the next free integer)")
-    parser.add_argument("--float16-weights", action="store_true",
-                        help="store the weights as float16 (half the size; computed in float32)")
-    parser.add_argument("--config", help="config YAML (default: MODEL_DIR/config.yaml)")
-    parser.add_argument("--serving-base", default="/models",
-                        help="where TF Serving sees the models root, written into models.config (default /models, "
-                             "the Docker image's; give the absolute path for a local tensorflow_model_server)")
-    parser.add_argument("--warmup-size", type=int, default=512, help="slice size of the warm-up requests (0: none)")
-    parser.add_argument("--input-blend", type=float, default=0.0,
-                        help="share of the low-dose input mixed back into the output, in [0, 1) (default 0)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. export.name=my_model")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ldct_tf import config as config_lib
-    from ldct_tf.models.generator import size_multiple
-
-    args = build_parser().parse_args(argv)
-    model_dir = Path(args.model_dir)
-    config_path = args.config or (model_dir / "config.yaml" if (model_dir / "config.yaml").exists() else None)
-    try:
-        cfg = config_lib.load(config_path, args.overrides)
-    except config_lib.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.float16_weights:
-        cfg.export.float16_weights = True
-    print("Resolved config:\n" + cfg.to_yaml(), flush=True)
-    output = Path(args.output) if args.output else Path("saved_models") / cfg.export.name
-    try:
-        generator = load_generator(model_dir, cfg)
-        version_dir = export_generator(
-            generator, output, version=args.version, metadata=training_metadata(model_dir, cfg),
-            float16_weights=cfg.export.float16_weights, size_multiple=size_multiple(cfg.model.depth),
-            warmup_size=args.warmup_size, serving_base=args.serving_base, input_blend=args.input_blend)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"Exported {output.name} version {version_dir.name} to {version_dir}")
-    print(f"Models config: {output.parent / MODELS_CONFIG}; batching parameters: {output.parent / BATCHING_FILE}")
-    print(f"Inspect: saved_model_cli show --all --dir {version_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

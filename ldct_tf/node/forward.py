@@ -19,11 +19,13 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from ldct_tf.errors import LdctError
+
 #: C-STORE statuses that mean "stored" (PS3.4 B.2.3: success and the three warnings, which still store the object).
 STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
-class ForwardError(Exception):
+class ForwardError(LdctError):
     """The destination could not be reached or did not store every instance (retried later)."""
 
 

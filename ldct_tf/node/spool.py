@@ -32,11 +32,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ldct_tf.errors import LdctError
+
 MARKER = ".ldct_node_spool"
 SUBFOLDERS = ("tmp", "incoming", "work", "failed", "done")
 
 
-class SpoolError(Exception):
+class SpoolError(LdctError):
     """The spool folder cannot be used (not a node spool, in use, not writable)."""
 
 

@@ -31,11 +31,12 @@ from ldct_tf import denoise
 from ldct_tf.node.forward import Destination, send_series
 from ldct_tf.node.spool import BatchState, Spool
 from ldct_tf.node.tracker import SeriesTracker
+from ldct_tf.errors import LdctError
 
 log = logging.getLogger("ldct_tf.node")
 
 
-class PermanentFailure(Exception):
+class PermanentFailure(LdctError):
     """Retrying cannot help (nothing in the series is usable CT)."""
 
 

@@ -1,4 +1,4 @@
-"""The Apache Beam DICOM -> TFRecord pipeline (``python -m ldct_tf.pipeline.dicom_to_tfrecord``)."""
+"""The Apache Beam DICOM -> TFRecord pipeline (``python -m ldct_tf.pipeline``)."""
 
 from ldct_tf.quiet_logs import import_beam_quietly as _import_beam_quietly
 

@@ -1,30 +1,30 @@
-"""``python -m ldct_tf.pipeline.dicom_to_tfrecord``: clinical DICOM -> de-identified, labelled, split TFRecord shards.
+"""``python -m ldct_tf.pipeline``: clinical DICOM -> de-identified, labelled, split TFRecord shards.
 
 Runs unchanged on the DirectRunner and on Dataflow (or any Beam runner): every option this module does not know is
 passed to Beam's PipelineOptions.  Examples::
 
-    python -m ldct_tf.pipeline.dicom_to_tfrecord --input /data/ct --dose-manifest doses.csv --output /data/shards \\
+    python -m ldct_tf.pipeline --input /data/ct --dose-manifest doses.csv --output /data/shards \\
         --salt "$SALT"    # DirectRunner; add --direct_num_workers N --direct_running_mode multi_processing on
                           # machines with many cores (on 2 cores it is no faster: benchmarks/results/pipeline.json)
 
-    python -m ldct_tf.pipeline.dicom_to_tfrecord --input gs://bucket/ct --dose-manifest gs://bucket/doses.csv \\
+    python -m ldct_tf.pipeline --input gs://bucket/ct --dose-manifest gs://bucket/doses.csv \\
         --output gs://bucket/shards --salt "$SALT" --runner DataflowRunner --project P --region R \\
         --temp_location gs://bucket/tmp --setup_file ./setup.py
 
-Exit status 0 when the run finished, whatever it rejected (see ``OUT/rejected/`` and ``manifest.json``); 2 with a
-one-line message for a usage error.
+Exit status 0 when the run finished, whatever it rejected (see ``OUT/rejected/`` and ``manifest.json``); 1 with a
+one-line message for unusable inputs or output, 2 for a command line argparse cannot parse.  The command line itself is
+``ldct_tf/pipeline/__main__.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import sys
 import time
 import uuid
-from typing import Optional, Sequence
+from typing import Any, Sequence
 
 
 import apache_beam as beam
@@ -33,6 +33,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from ldct_tf import records
+from ldct_tf.errors import LdctError
 from ldct_tf.pipeline import input_checks, site_local, transforms
 from ldct_tf.pipeline.dose import DoseClassifier, DoseManifest, DoseManifestError, DoseRules, is_remote, normalise_path
 
@@ -44,39 +45,9 @@ _GLOB_CHARS = set("*?[")
 MAX_SHARDS = 1024
 
 
-class UsageError(Exception):
-    """A problem with the command line or its inputs; reported as one line, exit status 2."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ldct_tf.pipeline.dicom_to_tfrecord",
-        description="Convert folders of clinical CT DICOM into de-identified gzip TFRecord shards of HU slices. "
-        "Unknown options go to Apache Beam (--runner, --direct_num_workers, Dataflow options, ...).",
-    )
-    parser.add_argument("--input", action="append", required=True,
-                        help="a DICOM file, a folder (searched recursively) or a glob; local or gs://; repeatable")
-    parser.add_argument("--output", required=True, help="output folder (local or gs://)")
-    parser.add_argument("--dose-manifest", help="CSV with header 'path,dose' (path = file, folder or "
-                        "SeriesInstanceUID; dose = low|normal); relative paths are relative to the CSV")
-    rules = parser.add_argument_group("dose rules on DICOM tags (used where the manifest is silent)")
-    rules.add_argument("--low-dose-description", help="regex on SeriesDescription meaning low dose")
-    rules.add_argument("--normal-dose-description", help="regex on SeriesDescription meaning normal dose")
-    rules.add_argument("--low-dose-max-ctdivol", type=float, help="CTDIvol (mGy) at or below this: low dose")
-    rules.add_argument("--normal-dose-min-ctdivol", type=float, help="CTDIvol (mGy) at or above this: normal dose")
-    rules.add_argument("--low-dose-max-mas", type=float, help="exposure (mAs) at or below this: low dose")
-    rules.add_argument("--normal-dose-min-mas", type=float, help="exposure (mAs) at or above this: normal dose")
-    parser.add_argument("--splits", default="train=0.8,val=0.1,test=0.1",
-                        help="fractions of PATIENTS per split (default %(default)s)")
-    parser.add_argument("--salt", default=os.environ.get("LDCT_SALT"),
-                        help="secret salt for the patient/series pseudonyms (default: $LDCT_SALT; keep it private)")
-    parser.add_argument("--num-shards", type=int, default=4,
-                        help="shards per split and dose (default %(default)s)")
-    parser.add_argument("--site-local", help="folder for the operator-only files (input paths); default: "
-                        "OUTPUT-site_local_DO_NOT_SHARE beside the output, never inside it")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the shards, rejected list and manifest of an earlier run in --output")
-    return parser
+class UsageError(LdctError):
+    """A problem with the command line's values or its inputs (no input files, an unusable output folder, no dose
+    source); reported as one line, exit status 1."""
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -262,14 +233,16 @@ def print_summary(manifest: dict, output: str, out=None, local: Optional[str] = 
           f"(it names your input paths).", file=out)
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict:
-    """Parse, validate, run the pipeline, write the manifest; returns it. Raises UsageError for bad usage."""
-    return run_with_output(argv)[0]
+def run(args: Any, beam_args: Sequence[str] = ()) -> dict:
+    """Validate, run the pipeline, write the manifest; returns it.  ``args`` holds the options of
+    ``python -m ldct_tf.pipeline`` as attributes (its parser's namespace, see ``ldct_tf/pipeline/__main__.py``),
+    ``beam_args`` Beam's own options.  Raises UsageError for bad usage."""
+    return run_with_output(args, beam_args)[0]
 
 
-def run_with_output(argv: Optional[Sequence[str]] = None) -> tuple[dict, str]:
+def run_with_output(args: Any, beam_args: Sequence[str] = ()) -> tuple[dict, str]:
     """:func:`run`, also returning the output folder (which the shareable manifest does not name)."""
-    args, beam_args = build_parser().parse_known_args(argv)
+    beam_args = list(beam_args)
     try:
         fractions = transforms.parse_splits(args.splits)
         rules = DoseRules(args.low_dose_description, args.normal_dose_description, args.low_dose_max_ctdivol,
@@ -323,17 +296,3 @@ def run_with_output(argv: Optional[Sequence[str]] = None) -> tuple[dict, str]:
     written = write_manifest(output, options, _counters(result), seconds, n_files, args.num_shards, warnings,
                              facts.get("duplicates_dropped", 0))
     return written, output
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        manifest, output = run_with_output(argv)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print_summary(manifest, output, local=build_parser().parse_known_args(argv)[0].site_local)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,12 +18,13 @@ from typing import Optional
 from apache_beam.io.filesystems import FileSystems
 
 from ldct_tf.records import SPLITS
+from ldct_tf.errors import LdctError
 
 DOSES = ("low", "normal")
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
 
-class DoseManifestError(ValueError):
+class DoseManifestError(LdctError, ValueError):
     """The dose manifest CSV cannot be used (message names the file, line and problem)."""
 
 

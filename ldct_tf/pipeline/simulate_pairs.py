@@ -1,8 +1,8 @@
-"""``python -m ldct_tf.pipeline.simulate_pairs``: the simulated-pair stream, a Beam stage beside the low and normal shards.
+"""``python -m ldct_tf.simulate pairs``: the simulated-pair stream, a Beam stage beside the low and normal shards.
 
-    python -m ldct_tf.pipeline.simulate_pairs --data SHARDS --calibration calibration.json --realisations 4
+    python -m ldct_tf.simulate pairs --data SHARDS --calibration calibration.json --realisations 4
 
-Reads the normal-dose shards of one split (``train`` by default) of a ``ldct_tf.pipeline.dicom_to_tfrecord`` output, makes
+Reads the normal-dose shards of one split (``train`` by default) of a ``python -m ldct_tf.pipeline`` output, makes
 ``--realisations`` calibrated low-dose realisations of every slice (``ldct_tf.simulate.ProjectionSimulator``: one
 projection per slice, one FBP per realisation) with the reference of each, and writes them as
 ``SHARDS/{split}/simulated-SSSSS-of-NNNNN.tfrecord.gz`` (``ldct_tf.records.encode_simulated``).  The manifest gains a
@@ -19,13 +19,11 @@ re-run writes the same pairs.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import time
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -33,7 +31,10 @@ import apache_beam as beam  # noqa: E402
 from apache_beam.io.filesystems import FileSystems  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
+from ldct_tf import data as data_lib  # noqa: E402
 from ldct_tf import records  # noqa: E402
+from ldct_tf.simulate import SimulationError  # noqa: E402
+from ldct_tf.simulate import calibration as calibration_lib  # noqa: E402
 
 SIMULATED = "simulated"
 
@@ -128,68 +129,51 @@ def _counter(result, name: str) -> int:
     return int(sum(c.committed or c.attempted or 0 for c in found))
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the stage; returns the manifest's new ``simulated`` entry.  Raises ValueError for unusable input."""
-    from ldct_tf.simulate import calibration as calibration_lib
-    from ldct_tf import data as data_lib
+def run(data: str, calibration: str, realisations: int = 4, split: str = "train", num_shards: int = 1,
+        reference: str = "original", textures: str = "mixed", overwrite: bool = False,
+        beam_args: Sequence[str] = ()) -> dict:
+    """Run the stage on the shards in ``data`` with the calibration JSON ``calibration``; returns the manifest's new
+    ``simulated`` entry.  ``beam_args`` are Beam's own options (``--runner``, ...).  Raises
+    :class:`ldct_tf.simulate.SimulationError` (or ``FileNotFoundError`` for a folder without a manifest) for unusable
+    input."""
+    if realisations < 1 or num_shards < 1:
+        raise SimulationError("--realisations and --num-shards must be >= 1")
+    try:
+        manifest = data_lib.read_manifest(data)
+    except ValueError as exc:
+        raise SimulationError(str(exc)) from None
+    if data_lib.slice_count(manifest, split, "normal") == 0:
+        raise SimulationError(f"{data}: split {split!r} has no normal-dose slices to simulate from")
+    fitted = calibration_lib.load(calibration)
+    return _simulate(manifest, data, fitted, realisations, split, num_shards, reference, textures, overwrite,
+                     beam_args)
 
-    parser = argparse.ArgumentParser(prog="python -m ldct_tf.pipeline.simulate_pairs", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="output folder of ldct_tf.pipeline.dicom_to_tfrecord")
-    parser.add_argument("--calibration", required=True, help="JSON written by python -m ldct_tf.simulate.calibration")
-    parser.add_argument("--realisations", type=int, default=4, help="noise realisations per slice (default 4)")
-    parser.add_argument("--split", default="train", choices=records.SPLITS)
-    parser.add_argument("--num-shards", type=int, default=1)
-    parser.add_argument("--reference", default="original", choices=("projected", "original"),
-                        help="what the noise is added to (default: the slice itself, see ldct_tf.simulate.REFERENCES)")
-    parser.add_argument("--textures", default="mixed", choices=("fitted", "mixed"),
-                        help="noise textures: the fitted FBP filter only, or (default) half fitted and half the other "
-                             "calibrated filters (ldct_tf.simulate.calibration.texture_variants)")
-    parser.add_argument("--overwrite", action="store_true", help="replace this split's simulated shards")
-    args, beam_args = parser.parse_known_args(argv)
-    if args.realisations < 1 or args.num_shards < 1:
-        raise ValueError("--realisations and --num-shards must be >= 1")
-    manifest = data_lib.read_manifest(args.data)
-    if data_lib.slice_count(manifest, args.split, "normal") == 0:
-        raise ValueError(f"{args.data}: split {args.split!r} has no normal-dose slices to simulate from")
-    calibration = calibration_lib.load(args.calibration)
-    existing = FileSystems.match([shard_pattern(args.data, args.split, SIMULATED)])[0].metadata_list
-    if existing and not args.overwrite:
-        raise ValueError(f"{args.data}: split {args.split!r} already has simulated shards; pass --overwrite")
+
+def _simulate(manifest: dict, data: str, calibration: dict, realisations: int, split: str, num_shards: int,
+              reference: str, textures: str, overwrite: bool, beam_args: Sequence[str]) -> dict:
+    """The checked run: replace an earlier stream if asked, run the Beam pipeline, record it in the manifest."""
+    existing = FileSystems.match([shard_pattern(data, split, SIMULATED)])[0].metadata_list
+    if existing and not overwrite:
+        raise SimulationError(f"{data}: split {split!r} already has simulated shards; pass --overwrite")
     if existing:
         FileSystems.delete([m.path for m in existing])  # this stage's own earlier output only
     started = time.perf_counter()
-    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    build_pipeline(pipeline, args.data, args.split, calibration, args.realisations, args.num_shards, args.reference,
-                   args.textures)
+    pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args)))
+    build_pipeline(pipeline, data, split, calibration, realisations, num_shards, reference, textures)
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.perf_counter() - started
     pairs = _counter(result, "pairs_written")
-    slices = data_lib.slice_count(manifest, args.split, "normal")
+    slices = data_lib.slice_count(manifest, split, "normal")
     entry = manifest.setdefault(SIMULATED, {})
-    entry[args.split] = {
-        "pairs": pairs, "source_slices": slices, "realisations": args.realisations, "reference": args.reference,
-        "textures": args.textures,
+    entry[split] = {
+        "pairs": pairs, "source_slices": slices, "realisations": realisations, "reference": reference,
+        "textures": textures,
         "schema_version": records.SIMULATED_SCHEMA_VERSION,
         "calibration": {k: calibration_lib.simulation_parameters(calibration, k) for k in calibration["kernels"]},
         "default_kernel": calibration.get("default_kernel"),
         "seconds": round(seconds, 1), "seconds_per_source_slice": round(seconds / max(slices, 1), 2),
     }
-    with FileSystems.create(f"{args.data.rstrip('/')}/manifest.json") as handle:
+    with FileSystems.create(f"{data.rstrip('/')}/manifest.json") as handle:
         handle.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
-    return entry[args.split]
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        entry = run(argv)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"Wrote {entry['pairs']} simulated pairs from {entry['source_slices']} normal-dose slices in "
-          f"{entry['seconds']:.0f} s ({entry['seconds_per_source_slice']:.1f} s per slice)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return entry[split]

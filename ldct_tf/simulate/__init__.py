@@ -44,6 +44,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ldct_tf.errors import LdctError
+
 #: Linear attenuation of water at about 70 keV, the effective energy of a 120 kVp beam (1/mm).
 MU_WATER_PER_MM = 0.0192
 #: Electronic noise variance in detector counts^2 (Yu et al. 2012 and Zeng et al. 2015 use about 10).
@@ -73,6 +75,12 @@ def _inscribed_circle(shape: tuple[int, int]) -> np.ndarray:
     return (rr - n // 2) ** 2 + (cc - n // 2) ** 2 <= (n // 2) ** 2
 
 
+class SimulationError(LdctError, ValueError):
+    """A simulation or calibration setting or input that cannot be used (a dose fraction outside (0, 1], a slice
+    that is not square, a calibration file that does not parse); names the value or file.  A ``ValueError`` too, as
+    these checks raised before the project had one error base."""
+
+
 class ProjectionSimulator:
     """One normal-dose slice, projected once, from which any number of low-dose realisations are made cheaply.
 
@@ -86,9 +94,9 @@ class ProjectionSimulator:
                  mu_water: float = MU_WATER_PER_MM):
         hu = np.asarray(hu, dtype=np.float64)
         if hu.ndim != 2 or hu.shape[0] != hu.shape[1]:
-            raise ValueError(f"simulate_low_dose needs a square 2-D HU slice, got shape {hu.shape}")
+            raise SimulationError(f"simulate_low_dose needs a square 2-D HU slice, got shape {hu.shape}")
         if pixel_spacing_mm <= 0:
-            raise ValueError(f"pixel_spacing_mm must be > 0, got {pixel_spacing_mm!r}")
+            raise SimulationError(f"pixel_spacing_mm must be > 0, got {pixel_spacing_mm!r}")
         from skimage.transform import radon
 
         self.size = hu.shape[0]
@@ -121,11 +129,11 @@ class ProjectionSimulator:
                        rng: Optional[np.random.Generator] = None) -> np.ndarray:
         """One realisation of the line-integral noise of a ``dose_fraction`` scan (see the module docstring)."""
         if not 0.0 < dose_fraction <= 1.0:
-            raise ValueError(f"dose_fraction must be in (0, 1], got {dose_fraction!r}")
+            raise SimulationError(f"dose_fraction must be in (0, 1], got {dose_fraction!r}")
         if i0 <= 0 or electronic_noise < 0:
-            raise ValueError(f"need i0 > 0 and electronic_noise >= 0; got {i0!r}, {electronic_noise!r}")
+            raise SimulationError(f"need i0 > 0 and electronic_noise >= 0; got {i0!r}, {electronic_noise!r}")
         if noise_model not in NOISE_MODELS:
-            raise ValueError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}")
+            raise SimulationError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}")
         rng = rng if rng is not None else np.random.default_rng()
         p, k = self.sinogram, float(dose_fraction)
         if noise_model == "insert":
@@ -155,7 +163,7 @@ class ProjectionSimulator:
         the scanner's own resolution in both images (the simulated-pair training stream uses them).
         """
         if reference not in REFERENCES:
-            raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+            raise SimulationError(f"reference must be one of {REFERENCES}, got {reference!r}")
         rng = np.random.default_rng(seed)
         noise = self.noise_hu(self.sinogram_noise(dose_fraction, i0, electronic_noise, noise_model, rng),
                               filter_name)
@@ -183,12 +191,12 @@ def simulate_low_dose(
     The same ``seed`` gives the same noise.  For several realisations of one slice use :class:`ProjectionSimulator`.
     """
     if not 0.0 < dose_fraction <= 1.0:
-        raise ValueError(f"dose_fraction must be in (0, 1], got {dose_fraction!r}")
+        raise SimulationError(f"dose_fraction must be in (0, 1], got {dose_fraction!r}")
     if i0 <= 0 or electronic_noise < 0 or pixel_spacing_mm <= 0:
-        raise ValueError(f"need i0 > 0, electronic_noise >= 0, pixel_spacing_mm > 0; got {i0!r}, "
+        raise SimulationError(f"need i0 > 0, electronic_noise >= 0, pixel_spacing_mm > 0; got {i0!r}, "
                          f"{electronic_noise!r}, {pixel_spacing_mm!r}")
     if noise_model not in NOISE_MODELS:
-        raise ValueError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}")
+        raise SimulationError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}")
     simulator = ProjectionSimulator(hu, pixel_spacing_mm, n_angles, mu_water)
     return simulator.pair(dose_fraction, i0, electronic_noise, seed, noise_model, filter_name)
 
@@ -224,7 +232,7 @@ def compare_with_real(normal_hu: np.ndarray, real_low_hu: np.ndarray, dose_fract
     sim_tiles = metrics.mask_tiles(low.astype(np.float64) - ref, mask, tile)
     real_tiles = metrics.mask_tiles(np.asarray(real_low_hu, np.float64) - normal_hu, mask, tile)
     if len(sim_tiles) == 0:
-        raise ValueError(f"no {tile}x{tile} tile fits inside the body of this slice")
+        raise SimulationError(f"no {tile}x{tile} tile fits inside the body of this slice")
     f_sim, nps_sim = metrics.nps_radial(sim_tiles, spacing)
     f_real, nps_real = metrics.nps_radial(real_tiles, spacing)
     sd_sim = float(np.sqrt(np.mean([np.var(t) for t in sim_tiles])))

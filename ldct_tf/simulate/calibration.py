@@ -22,14 +22,12 @@ cannot be told apart.  ``k`` comes from the headers (CTDIvol ratio of the two se
 caller (the Mayo quarter-dose images carry the full-dose CTDIvol, so 0.25 is given), and ``i0`` is fitted for it.
 
 The result is a small JSON file (:func:`save`) that the simulated-pair stream, ``evaluate --simulate`` and the exported
-model's metadata read.  ``python -m ldct_tf.simulate.calibration --data SHARDS --out calibration.json``.
+model's metadata read.  ``python -m ldct_tf.simulate calibrate --data SHARDS --out calibration.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -107,9 +105,9 @@ def calibrate_kernel(low_slices: Sequence[np.ndarray], normal_slices: Sequence[n
     from ldct_tf import metrics
 
     if not low_slices or not normal_slices:
-        raise ValueError("calibration needs at least one low-dose and one normal-dose slice")
+        raise simulate.SimulationError("calibration needs at least one low-dose and one normal-dose slice")
     if not 0.0 < dose_fraction < 1.0:
-        raise ValueError(f"dose_fraction must be in (0, 1), got {dose_fraction!r}")
+        raise simulate.SimulationError(f"dose_fraction must be in (0, 1), got {dose_fraction!r}")
     spacing = tuple(float(s) for s in pixel_spacing_mm)
     rng = np.random.default_rng(seed)
     evidence: dict[str, list] = {"low": [], "normal": []}
@@ -120,7 +118,7 @@ def calibrate_kernel(low_slices: Sequence[np.ndarray], normal_slices: Sequence[n
             if item is not None:
                 evidence[side].append(item)
     if not evidence["low"] or not evidence["normal"]:
-        raise ValueError("no flat soft-tissue tile found in the low- or the normal-dose slices")
+        raise simulate.SimulationError("no flat soft-tissue tile found in the low- or the normal-dose slices")
     f = evidence["low"][0]["f"]
     floor = min(MIN_BAND_FREQ, 0.25 * float(f.max()))  # coarse pixels: a quarter of Nyquist
     low_nps = np.mean([e["nps"] for e in evidence["low"]], axis=0)
@@ -183,9 +181,10 @@ def load(path: str | Path) -> dict:
     try:
         calibration = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the calibration: {exc}") from None
+        raise simulate.SimulationError(f"{path}: cannot read the calibration: {exc}") from None
     if calibration.get("format_version") != FORMAT_VERSION or not calibration.get("kernels"):
-        raise ValueError(f"{path}: not an ldct_tf calibration file (format_version {FORMAT_VERSION}, 'kernels')")
+        raise simulate.SimulationError(f"{path}: not an ldct_tf calibration file (format_version {FORMAT_VERSION}, "
+                                       "'kernels')")
     return calibration
 
 
@@ -243,9 +242,15 @@ def _slices_by_kernel(data_dir: str, split: str, dose: str, max_slices: int) -> 
 
 def calibrate_shards(data_dir: str, split: str = "train", max_slices: int = 6,
                      dose_fraction: float = 0.25) -> dict:
-    """Calibrate every kernel that has both low- and normal-dose slices in ``split`` of a pipeline output."""
-    lows = _slices_by_kernel(data_dir, split, "low", max_slices)
-    normals = _slices_by_kernel(data_dir, split, "normal", max_slices)
+    """Calibrate every kernel that has both low- and normal-dose slices in ``split`` of a pipeline output.  Shards
+    that cannot be read (another schema, a bad split) raise :class:`ldct_tf.simulate.SimulationError`."""
+    try:
+        lows = _slices_by_kernel(data_dir, split, "low", max_slices)
+        normals = _slices_by_kernel(data_dir, split, "normal", max_slices)
+    except simulate.SimulationError:
+        raise
+    except ValueError as exc:  # ldct_tf.data's checks of the manifest and the split
+        raise simulate.SimulationError(str(exc)) from None
     kernels, skipped = {}, {}
     for kernel in sorted(set(lows) | set(normals)):
         if kernel not in lows or kernel not in normals:
@@ -261,32 +266,7 @@ def calibrate_shards(data_dir: str, split: str = "train", max_slices: int = 6,
         print(f"{kernel}: i0 {fitted['i0']:.3g}, filter {fitted['filter_name']}, NPS mean frequency "
               f"{fitted['fit']['nps_mean_freq']:.3f} vs {measured:.3f} cycles/mm on the low-dose slices", flush=True)
     if not kernels:
-        raise ValueError(f"{data_dir}: no kernel has both low- and normal-dose slices in split {split!r}")
+        raise simulate.SimulationError(f"{data_dir}: no kernel has both low- and normal-dose slices in split {split!r}")
     default = max(kernels, key=lambda k: kernels[k]["low_slices"])
     return {"kernels": kernels, "default_kernel": default, "not_calibrated": skipped,
             "source": {"split": split, "max_slices_per_kernel_and_dose": max_slices}}
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldct_tf.simulate.calibration", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="output folder of ldct_tf.pipeline.dicom_to_tfrecord")
-    parser.add_argument("--out", required=True, help="calibration JSON to write")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--max-slices", type=int, default=6, help="per kernel and dose (each costs ~15 s)")
-    parser.add_argument("--dose-fraction", type=float, default=0.25,
-                        help="low/normal dose ratio where the headers do not tell it (default %(default)s)")
-    args = parser.parse_args(argv)
-    if Path(args.out).is_dir():
-        print(f"error: {args.out}: is a folder; give a file name for the calibration JSON", file=sys.stderr)
-        return 2
-    try:
-        result = calibrate_shards(args.data, args.split, args.max_slices, args.dose_fraction)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"Wrote {save(result, args.out)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,8 +14,10 @@ import json
 import numpy as np
 import tensorflow as tf
 
+from ldct_tf.errors import LdctError
 
-class Fault(Exception):
+
+class Fault(LdctError):
     """An error the server answers with: a gRPC status code name and a message."""
 
     def __init__(self, code: str, message: str):

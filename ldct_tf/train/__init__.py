@@ -15,19 +15,17 @@
 * With ``loss.simulated`` > 0 the shards' simulated-pair stream (``ldct_tf.pipeline.simulate_pairs``) adds a pixel loss of
   the denoiser on simulated pairs; with every other loss weight 0 the run is supervised on those pairs alone.
   ``train.init_from`` starts the denoiser from another run's ``generator.keras`` (a warm start).
-* The loop itself is :mod:`ldct_tf.train.loop`; :func:`run` is the Python API (``train.run(config, data_dir, model_dir)``).
+* The loop itself is :mod:`ldct_tf.train.loop`; :func:`run` is the Python API (``train.run(config, data_dir, model_dir)``);
+  the command line is ``ldct_tf/train/__main__.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -37,6 +35,7 @@ import tensorflow as tf  # noqa: E402
 
 from ldct_tf import config as config_lib  # noqa: E402
 from ldct_tf import ct, data
+from ldct_tf.errors import LdctError
 from ldct_tf.train import loop  # noqa: E402
 # The loop's public names, importable from here as before the loop had its own module.
 from ldct_tf.train.loop import (is_chief, is_multi_worker, make_step_functions, make_strategy,  # noqa: E402,F401
@@ -44,17 +43,7 @@ from ldct_tf.train.loop import (is_chief, is_multi_worker, make_step_functions, 
 
 # --- the run ------------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ldct_tf.train", description=__doc__.splitlines()[0])
-    config_lib.add_config_arguments(parser, "YAML config (configs/smoke.yaml, cpu_small.yaml, paper.yaml)",
-                                    "train.steps=100")
-    loop.add_run_arguments(parser)
-    parser.add_argument("--model-dir", required=True, help="checkpoints, logs and the trained generator go here")
-    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
-    return parser
-
-
-class TrainingError(Exception):
+class TrainingError(LdctError):
     """A problem with the run's inputs or folders, reported as one line."""
 
 
@@ -62,12 +51,12 @@ def _check_simulated_stream(cfg: config_lib.Config, manifest: dict, data_dir: st
     """The shards hold the simulated stream that ``loss.simulated`` (and ``loss.noisier2noise_i0``) needs."""
     if not data.simulated_pair_count(manifest):
         raise TrainingError(f"{data_dir}: loss.simulated > 0 needs simulated pairs; run python -m "
-                            "ldct_tf.pipeline.simulate_pairs on it first")
+                            "ldct_tf.simulate pairs on it first")
     stream = manifest["simulated"]["train"]
     if cfg.loss.noisier2noise_i0 > 0 and (stream.get("reference"), stream.get("textures")) != ("original", "fitted"):
         raise TrainingError(f"{data_dir}: loss.noisier2noise_i0 needs simulated pairs of the normal-dose slice itself "
-                            "in its fitted noise texture (ldct_tf.pipeline.simulate_pairs --reference original --textures "
-                            f"fitted); these have --reference {stream.get('reference')} --textures "
+                            "in its fitted noise texture (python -m ldct_tf.simulate pairs --reference original "
+                            f"--textures fitted); these have --reference {stream.get('reference')} --textures "
                             f"{stream.get('textures')}")
 
 
@@ -126,7 +115,7 @@ def run(cfg: config_lib.Config, data_dir: str, model_dir: str, *, resume: bool =
         verbose: int = 1) -> dict:
     """Train ``cfg`` on the shards in ``data_dir`` into ``model_dir``; returns the training summary.
 
-    Raises :class:`TrainingError` for unusable inputs or folders (the CLI prints it as one line).
+    Raises :class:`TrainingError` for unusable inputs or folders (the command prints it as one line).
     """
     try:
         manifest = data.read_manifest(data_dir)
@@ -221,23 +210,3 @@ def run(cfg: config_lib.Config, data_dir: str, model_dir: str, *, resume: bool =
             print(f"Interrupted: the checkpoint at step {final_step} is kept in {model_dir}/checkpoints; run the same "
                   "command again to resume from it", flush=True)
     return summary
-
-
-def train(argv: Optional[Sequence[str]] = None) -> dict:
-    """The CLI's work: parse ``argv``, load the config, :func:`run`.  Usage errors exit with one line."""
-    args = build_parser().parse_args(argv)
-    cfg = config_lib.load_from_args(args)
-    try:
-        return run(cfg, args.data, args.model_dir, resume=not args.no_resume, cpu_replicas=args.cpu_replicas,
-                   verbose=args.verbose)
-    except TrainingError as exc:
-        raise SystemExit(f"error: {exc}") from None
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    train(argv)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

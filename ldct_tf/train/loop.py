@@ -7,7 +7,6 @@ A custom loop rather than ``fit``: Keras 3's ``fit`` does not work under MultiWo
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from ldct_tf import ct
+from ldct_tf.config import ConfigError
 
 CHECKPOINT = "latest.weights.h5"
 
@@ -29,10 +29,12 @@ CHECKPOINT = "latest.weights.h5"
 # --- strategy -----------------------------------------------------------------------------------------------------
 
 def tf_config() -> dict:
+    """The cluster of a multi-worker run, from the ``TF_CONFIG`` environment variable ({} when unset).  Raises
+    :class:`ldct_tf.config.ConfigError` when it is not JSON: a guessed cluster would hang the other workers."""
     try:
         return json.loads(os.environ.get("TF_CONFIG", "") or "{}")
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: TF_CONFIG is not valid JSON: {exc}") from None
+        raise ConfigError(f"TF_CONFIG is not valid JSON: {exc}") from None
 
 
 def is_multi_worker() -> bool:
@@ -65,15 +67,6 @@ def make_strategy(cpu_replicas: int = 0) -> tf.distribute.Strategy:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
         return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cpu_replicas)])
     return tf.distribute.MirroredStrategy()
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--data``, ``--cpu-replicas`` (:func:`make_strategy`) and ``--verbose``, as the training and tuning CLIs
-    take them."""
-    parser.add_argument("--data", required=True, help="output folder of ldct_tf.pipeline.dicom_to_tfrecord")
-    parser.add_argument("--cpu-replicas", type=int, default=0,
-                        help="without GPUs: split the CPU into N logical devices under MirroredStrategy (testing)")
-    parser.add_argument("--verbose", type=int, default=1, help="Keras progress: 0 silent, 1 bar, 2 line per epoch")
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------

@@ -33,23 +33,19 @@ workers (``KERASTUNER_TUNER_ID=tuner0``, ``tuner1``, ...), all with ``KERASTUNER
 (Hyperband continues one worker's trial on another).  The chief runs only the oracle; it writes the results and
 ``best.yaml`` when the workers have finished.  Each worker runs its trials under its own local strategy.
 
-This module is the CLI; the search itself is the package :mod:`ldct_tf.tune` (``space``, ``scoring``,
+The command line is ``ldct_tf/tune/__main__.py``; the search is this package (``space``, ``scoring``,
 ``hypermodel``, ``search``), whose Python API is :func:`run` (``tune.run(config, data_dir, out_dir, ...)``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from typing import Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from ldct_tf import config as config_lib  # noqa: E402
 # The tests patch ``train_lib.make_step_functions`` (the training loop's module) to skip the step's tracing.
 from ldct_tf.train import loop as train_lib  # noqa: E402,F401
-from ldct_tf.config import TuningError  # noqa: E402
+from ldct_tf.config import TuningError  # noqa: E402,F401
 # The search's public names, importable from here as before the search had its own package.
 from ldct_tf.tune.hypermodel import CycleGANHyperModel  # noqa: E402,F401
 from ldct_tf.tune.scoring import (SCORE_WINDOW, Validation, choose_objective, denoise_hu,  # noqa: E402,F401
@@ -58,37 +54,3 @@ from ldct_tf.tune.search import (TUNERS, best_config_yaml, make_tuner, results_t
                                    write_results)
 from ldct_tf.tune.space import (DEFAULT_SPACE, TUNING_DEFAULTS, Dimension, apply_values,  # noqa: E402,F401
                                   parse_dimension, search_space, tuning_settings)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ldct_tf.tune", description=__doc__.splitlines()[0])
-    config_lib.add_config_arguments(parser, "YAML config with an optional tuning: section "
-                                            "(configs/tuning_example.yaml)", "tuning.epochs=1")
-    train_lib.add_run_arguments(parser)
-    parser.add_argument("--dir", required=True, help="search folder: Keras Tuner state, results, best.yaml")
-    parser.add_argument("--tuner", choices=TUNERS, default="random", help="search algorithm (default random)")
-    parser.add_argument("--max-trials", type=int, help="trials in all, finished ones included (random, bayesian; "
-                                                       "default tuning.max_trials)")
-    parser.add_argument("--overwrite", action="store_true", help="discard an earlier search in --dir")
-    return parser
-
-
-def tune(argv: Optional[Sequence[str]] = None) -> dict:
-    """The CLI's work: parse ``argv``, load the config, :func:`ldct_tf.tune.search.run`.  Problems with the
-    config, the data or the search folder, and a search where no trial produced a score, exit with one line."""
-    args = build_parser().parse_args(argv)
-    cfg = config_lib.load_from_args(args)
-    try:
-        return run(cfg, args.data, args.dir, algorithm=args.tuner, max_trials=args.max_trials,
-                   overwrite=args.overwrite, cpu_replicas=args.cpu_replicas, verbose=args.verbose)
-    except TuningError as exc:
-        raise SystemExit(f"error: {exc}") from None
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    tune(argv)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,6 +12,7 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from ldct_tf import audit, denoise
+from ldct_tf.audit import __main__ as audit_cli
 from ldct_tf.audit import scores as audit_scores
 from ldct_tf.evaluate import lesions
 
@@ -170,10 +171,10 @@ def test_denoise_writes_the_audit_by_default_and_no_audit_skips_it(series, tmp_p
 def test_cli_audits_a_pair_of_series(series, tmp_path, capsys):
     model = denoise.ModelInfo("painter", "1", "a test function")
     denoise.denoise(series, tmp_path / "den", _paint, model, progress=False, audit_series=False)
-    assert audit.main([str(series), str(tmp_path / "den"), "--out", str(tmp_path / "report")]) == 0
+    assert audit_cli.main([str(series), str(tmp_path / "den"), "--out", str(tmp_path / "report")]) == 0
     report = json.loads((tmp_path / "report" / "audit.json").read_text())
     assert report["slices"] == 2 and report["flagged_slices"] == 2
     assert "2 flagged" in capsys.readouterr().out
-    assert audit.main([str(tmp_path / "nothing"), str(tmp_path / "den"), "--out", str(tmp_path / "r2")]) == 1
+    assert audit_cli.main([str(tmp_path / "nothing"), str(tmp_path / "den"), "--out", str(tmp_path / "r2")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not found" in err

@@ -7,6 +7,7 @@ import pydicom
 import pytest
 
 from ldct_tf import demo
+from ldct_tf.demo import __main__ as demo_cli
 from tests.conftest import REPO
 from ldct_tf.testing.models import export_test_model
 
@@ -21,7 +22,8 @@ def test_model(tmp_path_factory):
 def test_demo_on_packaged_ct(test_model, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LDCT_DATA_DIR", raising=False)
     out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--model", str(test_model), "--max-slices", "1", "--baseline", "gaussian"]) == 0
+    assert demo_cli.main(["--out", str(out), "--model", str(test_model), "--max-slices", "1",
+                          "--baseline", "gaussian"]) == 0
     text = capsys.readouterr().out
     assert "PSNR abd dB" in text and "Research use only" in text
     low = sorted((out / "low_dose_dicom").rglob("*.dcm"))
@@ -41,7 +43,7 @@ def test_demo_on_packaged_ct(test_model, tmp_path, capsys, monkeypatch):
 
 
 def test_demo_without_a_model_says_how_to_get_one(tmp_path, capsys):
-    assert demo.main(["--out", str(tmp_path / "d"), "--model", str(tmp_path / "nowhere")]) == 2
+    assert demo_cli.main(["--out", str(tmp_path / "d"), "--model", str(tmp_path / "nowhere")]) == 1
     assert "no exported model" in capsys.readouterr().err
 
 
@@ -112,12 +114,12 @@ def test_demo_refuses_an_out_holding_files_it_did_not_write(tmp_path, capsys):
     (out / "low").mkdir(parents=True)
     user_file = out / "low" / "slice.dcm"
     user_file.write_bytes(b"user data")
-    assert demo.main(["--input", str(out / "low"), "--out", str(out)]) == 2
+    assert demo_cli.main(["--input", str(out / "low"), "--out", str(out)]) == 1
     assert "overlaps the input" in capsys.readouterr().err
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    assert demo.main(["--out", str(other), "--model", str(tmp_path / "nowhere")]) == 2
+    assert demo_cli.main(["--out", str(other), "--model", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err
     assert "did not write" in err and len(err.strip().splitlines()) == 1
     assert user_file.read_bytes() == b"user data" and (other / "notes.txt").read_text() == "keep me"

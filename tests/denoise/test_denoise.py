@@ -23,6 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, U
 from scipy import ndimage
 
 from ldct_tf import denoise, dicom
+from ldct_tf.denoise import __main__ as denoise_cli
 from ldct_tf.demo import sample_data
 from tests.conftest import IN_CI, missing
 
@@ -245,7 +246,7 @@ def test_model_returning_a_wrong_shape_is_an_error(ct_small_series, tmp_path):
 
 def test_cli_without_a_model_says_how_to_get_one(ct_small_series, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(denoise, "DEFAULT_MODEL", tmp_path / "saved_models" / "ldct_denoiser")
-    assert denoise.main([str(ct_small_series), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert denoise_cli.main([str(ct_small_series), str(tmp_path / "out"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "no exported model" in err and "python -m ldct_tf.export" in err
     assert not (tmp_path / "out").exists()
@@ -255,7 +256,7 @@ def test_cli_with_nothing_to_denoise_fails(tmp_path, capsys, monkeypatch):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "readme.txt").write_text("no images here")
     monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size: (smooth_and_shift, MODEL))
-    assert denoise.main([str(tmp_path / "in"), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert denoise_cli.main([str(tmp_path / "in"), str(tmp_path / "out"), "--no-progress"]) == 1
     assert "no usable CT slices" in capsys.readouterr().err
 
 
@@ -296,8 +297,8 @@ def model_denoiser(saved_model):
 @needs_dciodvfy
 def test_cli_with_saved_model(ct_small_series, saved_model, model_denoiser, tmp_path, capsys):
     out = tmp_path / "out"
-    assert denoise.main([str(ct_small_series), str(out), "--model", str(saved_model), "--batch-size", "2",
-                         "--no-progress"]) == 0
+    assert denoise_cli.main([str(ct_small_series), str(out), "--model", str(saved_model), "--batch-size", "2",
+                             "--no-progress"]) == 0
     printed = capsys.readouterr()
     assert "denoised 1 series, 3 slices" in printed.out and "slices/s" in printed.out
     assert "broken.dcm" in printed.err and "notes.txt" in printed.err
@@ -324,9 +325,9 @@ def test_cli_with_tf_serving(ct_small_series, saved_model, model_denoiser, tmp_p
     with serve(saved_model.parent, saved_model.name) as (rest_url, grpc_target):
         url = rest_url if protocol == "rest" else f"grpc://{grpc_target}"
         out = tmp_path / "out"
-        assert denoise.main([str(ct_small_series), str(out), "--server", url, "--no-progress"]) == 0
-        assert denoise.main([str(ct_small_series), str(tmp_path / "x"), "--server", url, "--server-model", "nope",
-                             "--no-progress"]) == 1
+        assert denoise_cli.main([str(ct_small_series), str(out), "--server", url, "--no-progress"]) == 0
+        assert denoise_cli.main([str(ct_small_series), str(tmp_path / "x"), "--server", url, "--server-model", "nope",
+                                 "--no-progress"]) == 1
     printed = capsys.readouterr()
     assert "denoised 1 series, 3 slices" in printed.out
     assert "model 'nope'" in printed.err and not (tmp_path / "x").exists()
@@ -486,7 +487,7 @@ def test_unwritable_or_too_long_output_fails_before_the_model_runs(ct_small_seri
             denoise.denoise(ct_small_series, locked / "out", model, MODEL, progress=False)
     assert model.calls == 0
     # The CLI says it in one line, before loading any model.
-    assert denoise.main([str(ct_small_series), str(blocker / "out"), "--model", str(tmp_path / "none")]) == 1
+    assert denoise_cli.main([str(ct_small_series), str(blocker / "out"), "--model", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file, not a folder" in err[0]
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ldct_tf import baselines, evaluate, metrics
+from ldct_tf.evaluate import __main__ as evaluate_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REQUIRED = ["slice", "denoiser", "psnr_abdomen", "ssim_abdomen", "psnr_wide", "ssim_wide", "rmse_hu", "noise_sd_hu"]
@@ -51,8 +52,8 @@ def _text_outputs(folder: Path) -> str:
 def cli_run(sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "out"
     pairs_csv = _write_pairs_csv(sample, 3)
-    rc = evaluate.main(["--pairs", str(pairs_csv), "--denoiser", "none", "--denoiser", "gaussian", "--denoiser", "tv",
-                        "--out", str(out), "--panels", "1", "--reader-study", "2"])
+    rc = evaluate_cli.main(["--pairs", str(pairs_csv), "--denoiser", "none", "--denoiser", "gaussian",
+                            "--denoiser", "tv", "--out", str(out), "--panels", "1", "--reader-study", "2"])
     assert rc == 0
     return out
 
@@ -127,8 +128,9 @@ def test_score_sheets_unblind_and_agreement(cli_run, tmp_path):
             w.writeheader()
             w.writerows(sheet)
     out = tmp_path / "scores"
-    rc = evaluate.main(["--score-sheet", str(tmp_path / "sheet_A.csv"), "--score-sheet", str(tmp_path / "sheet_B.csv"),
-                        "--key", str(kit / "key.csv"), "--out", str(out)])
+    rc = evaluate_cli.main(["--score-sheet", str(tmp_path / "sheet_A.csv"),
+                            "--score-sheet", str(tmp_path / "sheet_B.csv"), "--key", str(kit / "key.csv"),
+                            "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "reader_scores.json").read_text())
     assert result["readers"] == 2
@@ -168,8 +170,8 @@ def test_low_normal_folders_match_by_position(sample, tmp_path):
 
 def test_simulated_input(sample, tmp_path):
     out = tmp_path / "sim"
-    rc = evaluate.main(["--normal", str(sample.files["normal"][0]), "--simulate", "0.25", "--denoiser", "none",
-                        "--denoiser", "gaussian", "--out", str(out), "--no-figures"])
+    rc = evaluate_cli.main(["--normal", str(sample.files["normal"][0]), "--simulate", "0.25", "--denoiser", "none",
+                            "--denoiser", "gaussian", "--out", str(out), "--no-figures"])
     assert rc == 0
     rows = _read_csv(out / "metrics.csv")
     assert len(rows) == 2 and not (out / "figures").exists()
@@ -197,9 +199,9 @@ def test_core_function_without_output_folder():
 def test_bad_inputs_exit_with_a_message(tmp_path, capsys):
     bad = tmp_path / "pairs.csv"
     bad.write_text("a,b\nx,y\n")
-    assert evaluate.main(["--pairs", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert evaluate_cli.main(["--pairs", str(bad), "--out", str(tmp_path / "o")]) == 1
     assert f"{bad}: expected a header with columns low,normal" in capsys.readouterr().err
-    assert evaluate.main(["--pairs", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert evaluate_cli.main(["--pairs", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")]) == 1
     assert "no such pairs CSV" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown baseline 'median'"):
         evaluate.make_denoisers(["median"])
@@ -209,8 +211,8 @@ def test_bad_inputs_exit_with_a_message(tmp_path, capsys):
 
 def test_mayo_pairs_csv_with_patient_filter(shared_data, tmp_path):
     out = tmp_path / "mayo"
-    rc = evaluate.main(["--pairs", str(shared_data / "mayo_pairs" / "pairs.csv"), "--patients", "L286",
-                        "--denoiser", "none", "--out", str(out), "--no-figures"])
+    rc = evaluate_cli.main(["--pairs", str(shared_data / "mayo_pairs" / "pairs.csv"), "--patients", "L286",
+                            "--denoiser", "none", "--out", str(out), "--no-figures"])
     assert rc == 0
     rows = _read_csv(out / "metrics.csv")
     assert [r["slice"] for r in rows] == [f"quarter_dose/L286_D45f_{i}" for i in range(14, 18)]
@@ -244,8 +246,8 @@ def test_model_denoiser_from_a_saved_model(saved_model, sample, tmp_path):
 
     out = tmp_path / "model_eval"
     spec = f"model:{saved_model}"  # a model folder: its newest version is used
-    rc = evaluate.main(["--pairs", str(_write_pairs_csv(sample, 2)), "--denoiser", "none", "--denoiser", spec,
-                        "--out", str(out), "--no-figures"])
+    rc = evaluate_cli.main(["--pairs", str(_write_pairs_csv(sample, 2)), "--denoiser", "none", "--denoiser", spec,
+                            "--out", str(out), "--no-figures"])
     assert rc == 0
     rows = _read_csv(out / "metrics.csv")
     assert {r["denoiser"] for r in rows} == {"none", spec}
@@ -258,7 +260,8 @@ def test_model_denoiser_from_a_saved_model(saved_model, sample, tmp_path):
 
 def test_tune_mode_writes_the_grid(sample, tmp_path):
     out = tmp_path / "tuning"
-    assert evaluate.main(["--pairs", str(_write_pairs_csv(sample, 2)), "--tune", "gaussian", "--out", str(out)]) == 0
+    assert evaluate_cli.main(["--pairs", str(_write_pairs_csv(sample, 2)), "--tune", "gaussian",
+                              "--out", str(out)]) == 0
     result = json.loads((out / "tuning.json").read_text())["gaussian"]
     assert result["slices"] == 2 and result["parameter"] == "sigma"
     assert len(result["grid"]) == len(baselines.GRIDS["gaussian"][1])
@@ -266,45 +269,46 @@ def test_tune_mode_writes_the_grid(sample, tmp_path):
     assert result["best"] == best["value"] > baselines.GRIDS["gaussian"][1][0]  # 40 HU noise: some smoothing wins
 
 
-def test_baselines_cli_tunes_like_the_evaluate_alias(sample, tmp_path):
-    """``python -m ldct_tf.baselines`` is the tuning CLI; ``evaluate --tune`` must write the same tuning.json."""
+def test_the_tuning_command_tunes_like_its_python_call(sample, tmp_path):
+    """``python -m ldct_tf.evaluate --tune`` (formerly ``python -m ldct_tf.baselines``) writes the same tuning.json
+    as its in-process call; a missing pairs CSV is one line and exit status 1."""
     import os
     import subprocess
     import sys
 
     pairs_csv = str(_write_pairs_csv(sample, 2))
     alias, own = tmp_path / "alias", tmp_path / "own"
-    assert evaluate.main(["--pairs", pairs_csv, "--tune", "gaussian", "--out", str(alias)]) == 0
+    assert evaluate_cli.main(["--pairs", pairs_csv, "--tune", "gaussian", "--out", str(alias)]) == 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "ldct_tf.baselines", "--pairs", pairs_csv, "--tune", "gaussian",
+    done = subprocess.run([sys.executable, "-m", "ldct_tf.evaluate", "--pairs", pairs_csv, "--tune", "gaussian",
                            "--out", str(own)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "gaussian: best sigma=" in done.stdout
     assert json.loads((own / "tuning.json").read_text()) == json.loads((alias / "tuning.json").read_text())
-    missing = subprocess.run([sys.executable, "-m", "ldct_tf.baselines", "--pairs", str(tmp_path / "no.csv"),
+    missing = subprocess.run([sys.executable, "-m", "ldct_tf.evaluate", "--pairs", str(tmp_path / "no.csv"),
                               "--tune", "gaussian", "--out", str(tmp_path / "x")],
                              capture_output=True, text=True, env=env, timeout=120)
-    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "no such pairs CSV" in missing.stderr
+    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "no such pairs CSV" in missing.stderr
     assert not (tmp_path / "x").exists()
 
 
 def test_out_that_is_a_file_and_key_messages_are_one_line(cli_run, tmp_path, capsys):
     a_file = tmp_path / "results.txt"
     a_file.write_text("mine")
-    assert evaluate.main(["--pairs", str(tmp_path / "p.csv"), "--out", str(a_file)]) == 2
+    assert evaluate_cli.main(["--pairs", str(tmp_path / "p.csv"), "--out", str(a_file)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exists and is not a folder" in err[0] and a_file.read_text() == "mine"
     # --key given but wrong: the message must not tell the user to "pass --key"; the kit's real key path works.
     sheet = cli_run / "reader_study" / "score_sheet.csv"
-    assert evaluate.main(["--score-sheet", str(sheet), "--key", str(tmp_path / "study" / "key.csv"),
-                          "--out", str(tmp_path / "s")]) == 2
+    assert evaluate_cli.main(["--score-sheet", str(sheet), "--key", str(tmp_path / "study" / "key.csv"),
+                              "--out", str(tmp_path / "s")]) == 1
     err = capsys.readouterr().err
     assert "given with --key was not found" in err and "pass --key" not in err
     copied = tmp_path / "sheets" / "sheet.csv"
     copied.parent.mkdir()
     copied.write_text(sheet.read_text())
-    assert evaluate.main(["--score-sheet", str(copied), "--out", str(tmp_path / "s")]) == 2
+    assert evaluate_cli.main(["--score-sheet", str(copied), "--out", str(tmp_path / "s")]) == 1
     assert "pass --key OUT/reader_study/key.csv" in capsys.readouterr().err
 
 

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from ldct_tf import config as config_lib
 from ldct_tf import ct, export, saved_model
+from ldct_tf.export import __main__ as export_cli
 from tests.conftest import REPO
 from ldct_tf.testing.model_server import LoopbackModelServer
 from ldct_tf.testing.models import smoke_generator
@@ -43,7 +44,7 @@ def exported(tmp_path_factory):
         "steps": TRAIN_STEP, "seconds": 1.0, "strategy": "MirroredStrategy", "replicas": 1,
         "data": {"counts": {"train": {"low": 3, "normal": 3}}, "patients": {"train": {"low": 1, "normal": 1}}}}))
     root = tmp_path_factory.mktemp("saved_models")
-    code = export.main(["--model-dir", str(run), "--output", str(root / "ldct_denoiser"), "--warmup-size", "64"])
+    code = export_cli.main(["--model-dir", str(run), "--output", str(root / "ldct_denoiser"), "--warmup-size", "64"])
     assert code == 0
     return generator, root, root / "ldct_denoiser" / "1", run
 
@@ -185,8 +186,8 @@ def test_versions_float16_weights_and_resolution(exported, tmp_path):
     generator, root, version_dir, run = exported
     model_folder = version_dir.parent
     # An explicit version that exists is refused (never overwritten).
-    assert export.main(["--model-dir", str(run), "--output", str(model_folder), "--version", "1",
-                        "--warmup-size", "0"]) == 1
+    assert export_cli.main(["--model-dir", str(run), "--output", str(model_folder), "--version", "1",
+                            "--warmup-size", "0"]) == 1
     # Next free version; float16 weights halve the variables and stay within a few HU of float32.
     second = export.export_generator(generator, model_folder, metadata={"note": "half"}, float16_weights=True,
                                      warmup_size=0)
@@ -215,7 +216,7 @@ def test_versions_float16_weights_and_resolution(exported, tmp_path):
 
 
 def test_cli_reports_a_run_without_a_generator(tmp_path, capsys):
-    assert export.main(["--model-dir", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
+    assert export_cli.main(["--model-dir", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
     assert "generator.keras" in capsys.readouterr().err
 
 
@@ -280,8 +281,8 @@ def test_input_blend_mixes_the_clipped_input_back_inside_the_graph(exported, tmp
     generator, _, version_dir, run = exported
     plain = export.SavedModelDenoiser(version_dir)
     assert plain.metadata["input_blend"] == 0.0
-    code = export.main(["--model-dir", str(run), "--output", str(tmp_path / "blended"), "--warmup-size", "0",
-                        "--serving-base", str(tmp_path), "--input-blend", "0.3"])
+    code = export_cli.main(["--model-dir", str(run), "--output", str(tmp_path / "blended"), "--warmup-size", "0",
+                            "--serving-base", str(tmp_path), "--input-blend", "0.3"])
     assert code == 0
     blended = export.SavedModelDenoiser(tmp_path / "blended")
     assert blended.metadata["input_blend"] == 0.3
@@ -291,5 +292,5 @@ def test_input_blend_mixes_the_clipped_input_back_inside_the_graph(exported, tmp
     np.testing.assert_allclose(blended(hu), expected, atol=0.05)
     assert np.abs(blended(hu) - plain(hu)).mean() > 1.0
     # A share outside [0, 1) is one line and writes nothing.
-    assert export.main(["--model-dir", str(run), "--output", str(tmp_path / "bad"), "--input-blend", "1"]) == 1
+    assert export_cli.main(["--model-dir", str(run), "--output", str(tmp_path / "bad"), "--input-blend", "1"]) == 1
     assert "input_blend must be in [0, 1)" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from ldct_tf import dicom
-from ldct_tf.pipeline.dicom_to_tfrecord import run
+from ldct_tf.pipeline.__main__ import run
 from tests.pipeline.test_pipeline import _all_records
 
 IDENTIFYING = ("PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "InstitutionName",

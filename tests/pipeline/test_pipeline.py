@@ -14,7 +14,8 @@ import pydicom
 import pytest
 
 from ldct_tf import data, records
-from ldct_tf.pipeline.dicom_to_tfrecord import UsageError, run
+from ldct_tf.pipeline.__main__ import run
+from ldct_tf.pipeline.dicom_to_tfrecord import UsageError
 from tests.conftest import REPO
 
 
@@ -106,7 +107,7 @@ def test_no_identifiers_in_any_output(sample, sample_run):
 
 def test_cli_exit_codes_logs_and_one_line_errors(sample, tmp_path):
     out = tmp_path / "cli_out"
-    cmd = [sys.executable, "-m", "ldct_tf.pipeline.dicom_to_tfrecord", "--input", str(sample.root / "patient02"),
+    cmd = [sys.executable, "-m", "ldct_tf.pipeline", "--input", str(sample.root / "patient02"),
            "--dose-manifest", str(sample.dose_manifest), "--output", str(out), "--salt", "x", "--num-shards", "1"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -117,13 +118,13 @@ def test_cli_exit_codes_logs_and_one_line_errors(sample, tmp_path):
             assert value not in logs
     # Running again into the same folder is refused (never mixes two runs' shards) ...
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2
-    assert again.stderr.strip().splitlines()[-1].startswith("error: --output")
-    # ... unless asked; and a usage error is one line with status 2.
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines()[-1].startswith("python -m ldct_tf.pipeline: error: --output")
+    # ... unless asked; and an input that matches no file is one line with status 1.
     empty = tmp_path / "empty"
     empty.mkdir()
     bad = subprocess.run(cmd[:4] + [str(empty)] + cmd[5:], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "no input files found" in bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 1 and "no input files found" in bad.stderr.strip().splitlines()[-1]
 
 
 def _args(sample, out, *extra):

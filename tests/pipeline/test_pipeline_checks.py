@@ -16,7 +16,7 @@ from ldct_tf import dicom
 from ldct_tf.dicom import plausibility
 from ldct_tf.demo import sample_data
 from ldct_tf.pipeline import site_local
-from ldct_tf.pipeline.dicom_to_tfrecord import run
+from ldct_tf.pipeline.__main__ import run
 
 
 def _rewrite(path: Path, target: Path, **attributes) -> Path:

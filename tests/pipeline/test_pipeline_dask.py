@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("distributed")
 pytest.importorskip("apache_beam.runners.dask.dask_runner")
 
-from ldct_tf.pipeline.dicom_to_tfrecord import run  # noqa: E402
+from ldct_tf.pipeline.__main__ import run  # noqa: E402
 from tests.pipeline.test_pipeline import _all_records  # noqa: E402
 
 

@@ -145,7 +145,8 @@ def test_supervised_only_without_pairs_is_refused():
 @pytest.fixture(scope="module")
 def simulated_shards(sample_run, tmp_path_factory):
     """A copy of the session's pipeline output (never modify the shared one) with a simulated stream."""
-    from ldct_tf.pipeline import simulate_pairs
+    from ldct_tf.pipeline import simulate_pairs  # noqa: F401
+    from ldct_tf.simulate import __main__ as simulate_cli
     from ldct_tf.simulate import calibration
 
     source, _ = sample_run
@@ -155,13 +156,14 @@ def simulated_shards(sample_run, tmp_path_factory):
                                                 "dose_fraction": 0.25, "electronic_noise": 10.0,
                                                 "noise_model": "insert"}}, "default_kernel": "ANY"},
                            shards.parent / "calibration.json")
-    entry = simulate_pairs.run(["--data", str(shards), "--calibration", str(cal), "--realisations", "2"])
+    entry = simulate_cli.pairs(["--data", str(shards), "--calibration", str(cal), "--realisations", "2"])
     return shards, entry, cal
 
 
 def test_simulate_pairs_stage_writes_a_readable_deterministic_stream(simulated_shards):
     from ldct_tf import data, records
-    from ldct_tf.pipeline import simulate_pairs
+    from ldct_tf.pipeline import simulate_pairs  # noqa: F401
+    from ldct_tf.simulate import __main__ as simulate_cli
 
     shards, entry, cal = simulated_shards
     manifest = data.read_manifest(str(shards))
@@ -186,8 +188,8 @@ def test_simulate_pairs_stage_writes_a_readable_deterministic_stream(simulated_s
     first = sorted(p.tobytes() for p in pairs)
     # A second run refuses to mix streams without --overwrite, and with it writes the same pairs again.
     with pytest.raises(ValueError, match="--overwrite"):
-        simulate_pairs.run(["--data", str(shards), "--calibration", str(cal), "--realisations", "2"])
-    simulate_pairs.run(["--data", str(shards), "--calibration", str(cal), "--realisations", "2", "--overwrite"])
+        simulate_cli.pairs(["--data", str(shards), "--calibration", str(cal), "--realisations", "2"])
+    simulate_cli.pairs(["--data", str(shards), "--calibration", str(cal), "--realisations", "2", "--overwrite"])
     files = sorted((shards / "train").glob("simulated-*.tfrecord.gz"))
     again = sorted(records.parse_simulated(x)[0].numpy().tobytes()
                    for x in tf.data.TFRecordDataset([str(f) for f in files], "GZIP"))
@@ -200,7 +202,8 @@ def test_simulate_pairs_stage_writes_a_readable_deterministic_stream(simulated_s
 
 def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp_path):
     from ldct_tf import train
-    from ldct_tf.pipeline import simulate_pairs
+    from ldct_tf.pipeline import simulate_pairs  # noqa: F401
+    from ldct_tf.simulate import __main__ as simulate_cli
 
     shards, _, cal = simulated_shards
     pre = config.load(SMOKE, ["loss.adversarial=0", "loss.cycle=0", "loss.identity=0", "loss.perceptual=0",
@@ -217,7 +220,7 @@ def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp
     assert not (tmp_path / "n2n_mixed").exists()  # refused before the model folder is made
     fitted = shards.parent / "fitted"
     shutil.copytree(shards, fitted)
-    simulate_pairs.run(["--data", str(fitted), "--calibration", str(cal), "--realisations", "2", "--textures", "fitted",
+    simulate_cli.pairs(["--data", str(fitted), "--calibration", str(cal), "--realisations", "2", "--textures", "fitted",
                         "--overwrite"])
     summary = train.run(n2n, str(fitted), str(tmp_path / "n2n"), verbose=0)
     assert summary["final_metrics"]["train"]["simulated_loss"] > 0
@@ -234,12 +237,12 @@ def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp
     manifest = json.loads((source / "manifest.json").read_text())
     manifest.pop("simulated")
     (source / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(train.TrainingError, match="simulate_pairs"):
+    with pytest.raises(train.TrainingError, match="simulate pairs"):
         train.run(hybrid, str(source), str(tmp_path / "none"), verbose=0)
     # Noisier2Noise targets need the original slice as the reference: a projected stream is refused with one line.
     projected = shards.parent / "projected"
     shutil.copytree(fitted, projected)
-    simulate_pairs.run(["--data", str(projected), "--calibration", str(cal), "--realisations", "1", "--textures",
+    simulate_cli.pairs(["--data", str(projected), "--calibration", str(cal), "--realisations", "1", "--textures",
                         "fitted", "--reference", "projected", "--overwrite"])
     with pytest.raises(train.TrainingError, match="these have --reference projected"):
         train.run(n2n, str(projected), str(tmp_path / "n2n_projected"), verbose=0)
@@ -248,10 +251,11 @@ def test_training_with_the_simulated_term_and_a_warm_start(simulated_shards, tmp
 def test_evaluate_simulate_uses_the_calibrated_level(sample, tmp_path):
     """``evaluate --simulate`` simulates with the calibration's i0 (the shipped file by default), not 1e5."""
     from ldct_tf import evaluate
+    from ldct_tf.evaluate import __main__ as evaluate_cli
     from ldct_tf.simulate import calibration
 
     shipped = calibration.load(evaluate.DEFAULT_CALIBRATION)
-    assert evaluate.build_parser().parse_args(["--normal", "x", "--simulate", "0.25"]).calibration == str(
+    assert evaluate_cli.build_parser().parse_args(["--normal", "x", "--simulate", "0.25"]).calibration == str(
         evaluate.DEFAULT_CALIBRATION)
     path = sample.files["normal"][0]
     plain = evaluate.simulated_pairs([path], 0.25, seed=0)[0]

@@ -21,7 +21,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def test_cli_trains_checkpoints_logs_and_saves(sample_run, tmp_path):
-    from ldct_tf.train import train
+    from ldct_tf.train.__main__ import train
 
     shards, _ = sample_run
     run = tmp_path / "run"
@@ -44,7 +44,7 @@ def test_cli_trains_checkpoints_logs_and_saves(sample_run, tmp_path):
 
 
 def test_time_limit_stops_early_and_still_saves(sample_run, tmp_path):
-    from ldct_tf.train import train
+    from ldct_tf.train.__main__ import train
 
     shards, _ = sample_run
     run = tmp_path / "run"

@@ -34,46 +34,46 @@ def test_config_ranges_are_checked_at_load(override, match):
         config.load(SMOKE, [override])
 
 
-def _train(args, tmp_path):
-    from ldct_tf.train import train
+def _train(args, capsys):
+    from ldct_tf.train.__main__ import main
 
-    with pytest.raises(SystemExit) as info:
-        train(["--config", SMOKE, "--verbose", "0", *args])
-    message = str(info.value)
-    assert message.startswith("error: ") and "\n" not in message
+    capsys.readouterr()
+    assert main(["--config", SMOKE, "--verbose", "0", *args]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("python -m ldct_tf.train: error: ") and message.count("\n") == 1
     return message
 
 
-def test_a_folder_without_a_manifest_is_one_line(tmp_path):
-    message = _train(["--data", str(tmp_path), "--model-dir", str(tmp_path / "run")], tmp_path)
+def test_a_folder_without_a_manifest_is_one_line(tmp_path, capsys):
+    message = _train(["--data", str(tmp_path), "--model-dir", str(tmp_path / "run")], capsys)
     assert "manifest.json" in message and str(tmp_path) in message
 
 
-def test_a_manifest_without_shards_says_the_shards_are_missing(sample_run, tmp_path):
+def test_a_manifest_without_shards_says_the_shards_are_missing(sample_run, tmp_path, capsys):
     shards, _ = sample_run
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "manifest.json").write_text((shards / "manifest.json").read_text())
-    message = _train(["--data", str(empty), "--model-dir", str(tmp_path / "run")], tmp_path)
+    message = _train(["--data", str(empty), "--model-dir", str(tmp_path / "run")], capsys)
     assert "no shard files" in message
 
 
-def test_an_unwritable_model_dir_fails_before_training(sample_run, tmp_path):
+def test_an_unwritable_model_dir_fails_before_training(sample_run, tmp_path, capsys):
     shards, _ = sample_run
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    message = _train(["--data", str(shards), "--model-dir", str(blocker / "run")], tmp_path)
+    message = _train(["--data", str(shards), "--model-dir", str(blocker / "run")], capsys)
     assert "cannot write the model folder" in message
 
 
-def test_resuming_with_another_architecture_is_refused(sample_run, tmp_path):
-    from ldct_tf.train import train
+def test_resuming_with_another_architecture_is_refused(sample_run, tmp_path, capsys):
+    from ldct_tf.train.__main__ import train
 
     shards, _ = sample_run
     run = tmp_path / "run"
     train(["--config", SMOKE, "--data", str(shards), "--model-dir", str(run), "--verbose", "0", "train.steps=1"])
     message = _train(["--data", str(shards), "--model-dir", str(run), "train.steps=2", "model.base_filters=4"],
-                     tmp_path)
+                     capsys)
     assert "another architecture" in message and "model.base_filters: 8 -> 4" in message and "--no-resume" in message
 
 
@@ -81,8 +81,17 @@ def test_cli_bad_value_exits_non_zero_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ldct_tf.train", "--config", SMOKE, "--data", str(tmp_path),
                            "--model-dir", str(tmp_path / "run"), "train.generator_lr=-1"],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert "Traceback" not in done.stderr and "generator_lr must be > 0" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("python -m ldct_tf.train: error: ")
+
+
+def test_a_tf_config_that_is_not_json_is_a_config_error(monkeypatch):
+    from ldct_tf.train import loop
+
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(config.ConfigError, match="TF_CONFIG is not valid JSON"):
+        loop.tf_config()
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from ldct_tf import config, ct
 from ldct_tf import tune
+from ldct_tf.tune import __main__ as tune_cli
 from tests.conftest import REPO
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -34,7 +35,7 @@ TINY = ["loss.perceptual=0", "loss.identity=0", "model.depth=1", "model.residual
 @pytest.fixture(scope="module")
 def paired_shards(sample, tmp_path_factory):
     """Pipeline shards whose val split holds paired slices (the shared ``sample_run`` puts no patient in val)."""
-    from ldct_tf.pipeline.dicom_to_tfrecord import run
+    from ldct_tf.pipeline.__main__ import run
 
     out = tmp_path_factory.mktemp("tune_shards") / "out"
     manifest = run(["--input", str(sample.root), "--dose-manifest", str(sample.dose_manifest), "--output", str(out),
@@ -198,8 +199,8 @@ def test_hyperband_search_continues_trials_from_their_checkpoints(paired_shards,
         return result
 
     monkeypatch.setattr(tune.CycleGANHyperModel, "fit", recording_fit)
-    summary = tune.tune(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--tuner", "hyperband",
-                         "--verbose", "1", *TINY, "tuning.hyperband.max_epochs=2", "tuning.hyperband.factor=2"])
+    summary = tune_cli.tune(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--tuner", "hyperband",
+                             "--verbose", "1", *TINY, "tuning.hyperband.max_epochs=2", "tuning.hyperband.factor=2"])
     output = capsys.readouterr().out
     assert summary["objective"] == "val_psnr" and summary["paired"]
     rows = summary["trials"]
@@ -251,7 +252,7 @@ def test_chief_and_worker_run_one_search(paired_shards, tmp_path, no_training_st
     try:
         for name, value in {**cluster, "KERASTUNER_TUNER_ID": "tuner0"}.items():
             monkeypatch.setenv(name, value)
-        assert tune.tune(argv) == {"worker": True}
+        assert tune_cli.tune(argv) == {"worker": True}
         output, _ = chief.communicate(timeout=300)
     finally:
         if chief.poll() is None:
@@ -265,12 +266,13 @@ def test_chief_and_worker_run_one_search(paired_shards, tmp_path, no_training_st
     assert config.load(tmp_path / "search" / "best.yaml").model.depth == 1
 
 
-def test_a_search_where_every_trial_fails_says_so(paired_shards, tmp_path, no_training_steps, monkeypatch):
+def test_a_search_where_every_trial_fails_says_so(paired_shards, tmp_path, no_training_steps, monkeypatch, capsys):
     monkeypatch.setattr(tune.Validation, "score", lambda self, generator, multiple: {"val_psnr": float("nan"),
                                                                                       "val_ssim": float("nan")})
-    with pytest.raises(SystemExit, match="none of the 1 trial"):
-        tune.tune(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--max-trials", "1",
-                   "--verbose", "0", *TINY])
+    assert tune_cli.main(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--max-trials", "1",
+                          "--verbose", "0", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m ldct_tf.tune: error: ") and "none of the 1 trial" in err and err.count("\n") == 1
     assert not (tmp_path / "best.yaml").exists()
 
 
@@ -292,12 +294,12 @@ def test_interrupted_random_search_resumes_and_its_best_config_trains(paired_sha
 
     monkeypatch.setattr(tune.CycleGANHyperModel, "fit", interrupted_in_second_trial)
     with pytest.raises(KeyboardInterrupt):
-        tune.tune(argv)
+        tune_cli.tune(argv)
     first_trial = (search / "search" / "trial_0" / "trial.json").read_text()
     assert json.loads(first_trial)["status"] == "COMPLETED"
     monkeypatch.setattr(tune.CycleGANHyperModel, "fit", fit)
 
-    summary = tune.tune(argv)
+    summary = tune_cli.tune(argv)
     assert summary["run_now"] == [2]  # the finished trial (number 1, folder trial_0) is not run again
     assert (search / "search" / "trial_0" / "trial.json").read_text() == first_trial
     rows = summary["trials"]
@@ -310,7 +312,7 @@ def test_interrupted_random_search_resumes_and_its_best_config_trains(paired_sha
     assert cfg.loss.cycle == best["loss.cycle"]
     assert cfg.train.generator_lr == pytest.approx(best["train.generator_lr"])
 
-    from ldct_tf.train import train
+    from ldct_tf.train.__main__ import train
 
     trained = train(["--config", str(search / "best.yaml"), "--data", paired_shards, "--model-dir",
                      str(tmp_path / "run"), "--verbose", "0", "train.steps=1"])

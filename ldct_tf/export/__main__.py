@@ -1,0 +1,66 @@
+"""``python -m ldct_tf.export``: parse the command line, export a training run's generator with
+:func:`ldct_tf.export.export_generator`, report errors as one line (see :mod:`ldct_tf.export` for the layout written
+and the signatures)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ldct_tf import cli
+from ldct_tf import config as config_lib
+from ldct_tf.export import BATCHING_FILE, MODELS_CONFIG, export_generator, load_generator, training_metadata
+from ldct_tf.models.generator import size_multiple
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ldct_tf.export", description="The trained generator as a "
+                                     "SavedModel that TF Serving (or Python) runs on HU slices.")
+    parser.add_argument("--model-dir", required=True, help="a training run folder (python -m ldct_tf.train)")
+    parser.add_argument("--output", help="model folder, saved_models/NAME (default: saved_models/<export.name>)")
+    parser.add_argument("--version", type=int, help="version number (default: the next free integer)")
+    parser.add_argument("--float16-weights", action="store_true",
+                        help="store the weights as float16 (half the size; computed in float32)")
+    parser.add_argument("--config", help="config YAML (default: MODEL_DIR/config.yaml)")
+    parser.add_argument("--serving-base", default="/models",
+                        help="where TF Serving sees the models root, written into models.config (default /models, "
+                             "the Docker image's; give the absolute path for a local tensorflow_model_server)")
+    parser.add_argument("--warmup-size", type=int, default=512, help="slice size of the warm-up requests (0: none)")
+    parser.add_argument("--input-blend", type=float, default=0.0,
+                        help="share of the low-dose input mixed back into the output, in [0, 1) (default 0)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. export.name=my_model")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> config_lib.Config:
+    """``--config``, else the run's own ``config.yaml``, with the overrides; printed as resolved."""
+    model_dir = Path(args.model_dir)
+    config_path = args.config or (model_dir / "config.yaml" if (model_dir / "config.yaml").exists() else None)
+    cfg = config_lib.load(config_path, args.overrides)
+    if args.float16_weights:
+        cfg.export.float16_weights = True
+    print("Resolved config:\n" + cfg.to_yaml(), flush=True)
+    return cfg
+
+
+def _export(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    model_dir = Path(args.model_dir)
+    output = Path(args.output) if args.output else Path("saved_models") / cfg.export.name
+    version_dir = export_generator(
+        load_generator(model_dir, cfg), output, version=args.version, metadata=training_metadata(model_dir, cfg),
+        float16_weights=cfg.export.float16_weights, size_multiple=size_multiple(cfg.model.depth),
+        warmup_size=args.warmup_size, serving_base=args.serving_base, input_blend=args.input_blend)
+    print(f"Exported {output.name} version {version_dir.name} to {version_dir}")
+    print(f"Models config: {output.parent / MODELS_CONFIG}; batching parameters: {output.parent / BATCHING_FILE}")
+    print(f"Inspect: saved_model_cli show --all --dir {version_dir}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.run_main(build_parser(), _export, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
