@@ -55,6 +55,7 @@ class Window:
 WINDOWS: dict[str, Window] = {
     "abdomen": Window("abdomen", -160.0, 240.0),
     "liver": Window("liver", -45.0, 205.0),  # W 250 / L 80
+    "brain": Window("brain", 0.0, 80.0),  # W 80 / L 40: a head slice in the liver window shows nothing of the brain
     "wide": Window("wide", -1024.0, 1900.0),
     "lung": Window("lung", -1350.0, 150.0),  # W 1500 / L -600
     "bone": Window("bone", -450.0, 1050.0),  # W 1500 / L 300

@@ -90,3 +90,20 @@ def test_bm3d_denoises():
     out = B.get("bm3d")(noisy)
     assert out.shape == noisy.shape and out.dtype == np.float32
     assert M.rmse_hu(out, clean) < 0.7 * M.rmse_hu(noisy, clean)
+
+
+def test_bm3d_adaptive_sets_its_strength_from_each_slice_s_own_noise(monkeypatch):
+    from ldct_tf import baselines as b
+
+    seen = []
+    monkeypatch.setattr(b, "bm3d", lambda hu, sigma_hu: seen.append(sigma_hu) or hu)
+    rng = np.random.default_rng(0)
+    quiet = (40 + rng.normal(0, 10, (96, 96))).astype(np.float32)
+    noisy = (40 + rng.normal(0, 40, (96, 96))).astype(np.float32)
+    b.bm3d_adaptive(quiet, factor=2.0)
+    b.bm3d_adaptive(noisy, factor=2.0)
+    b.bm3d_adaptive(noisy, factor=4.0)
+    assert seen[1] / seen[0] == pytest.approx(4.0, rel=0.2)  # 4x the noise, 4x the strength
+    assert seen[2] == pytest.approx(2 * seen[1])
+    with pytest.raises(ValueError, match="factor"):
+        b.bm3d_adaptive(noisy, factor=0)

@@ -31,7 +31,9 @@ from ldct_tf.errors import LdctError
 
 REPO = Path(__file__).resolve().parents[2]  # ldct_tf/demo/__init__.py -> the checkout
 DEFAULT_MODEL = REPO / "saved_models" / "ldct_denoiser"
-HELD_OUT_PATIENT = "L286"  # never used to train the shipped model (saved_models/ldct_denoiser/README.md)
+#: The development patient v3 never trained on (its validation patient).  The test patient L286 is read once, by
+#: ``python -m experiments.v3 test``, and by nothing else, the demo included.
+HELD_OUT_PATIENT = "L143"
 DOSE_FRACTION = 0.25
 #: Written into --out by the demo; lists what the demo wrote there, so a re-run deletes only that.
 MARKER = ".ldct_tf_demo_output.json"
@@ -88,6 +90,14 @@ class SampleSlice:
     name: str
     hu: np.ndarray
     pixel_spacing_mm: tuple[float, float]
+    window: str = "abdomen"
+
+
+#: Real CT that ships inside PyPI packages: (label, file name, display window).  The abdomen (pancreas) and neck
+#: slices are body CT the model is for; the head slice shows what it does outside that, in a brain window.  None of
+#: them is a training source of the shipped model (experiments/v3_data.py, DEMO_FILES).
+PACKAGED = (("abdomen", "explicit_VR-UN.dcm", "abdomen"), ("neck", "bad_sequence.dcm", "abdomen"),
+            ("small_phantomlike", "CT_small.dcm", "abdomen"), ("head", "693_UNCI.dcm", "brain"))
 
 
 def packaged_ct() -> list[SampleSlice]:
@@ -97,21 +107,21 @@ def packaged_ct() -> list[SampleSlice]:
     from ldct_tf import dicom
 
     found = []
-    candidates = [("CT_small", get_testdata_file("CT_small.dcm"))]
     # pydicom-data installs as the module ``data_store``, which pydicom's data manager searches; without it
-    # get_testdata_file would try to download, so look for the package first.
-    if importlib.util.find_spec("data_store") is not None:
-        candidates += [("head_693", get_testdata_file("693_UNCI.dcm")),
-                       ("abdomen_eCT", get_testdata_file("eCT_Supplemental.dcm"))]
-    else:
+    # get_testdata_file would try to download, so only pydicom's own CT_small.dcm is used then.
+    with_data = importlib.util.find_spec("data_store") is not None
+    if not with_data:
         print("  (pydicom-data is not installed: only CT_small.dcm is used; `pip install pydicom-data` adds 3 slices)")
-    for name, path in candidates:
+    for label, name, window in PACKAGED:
+        if name != "CT_small.dcm" and not with_data:
+            continue
+        path = get_testdata_file(name)
         if not path:
             continue
         for index, (hu, info) in enumerate(dicom.read_slices(path)):
-            label = name if index == 0 else f"{name}_{index + 1}"
             # Some scanners store values below air outside the reconstruction circle (-3995 HU in 693_UNCI).
-            found.append(SampleSlice(label, np.maximum(hu, -1024.0), tuple(info.pixel_spacing_mm)))
+            found.append(SampleSlice(label if index == 0 else f"{label}_{index + 1}", np.maximum(hu, -1024.0),
+                                     tuple(info.pixel_spacing_mm), window))
     return found
 
 
@@ -136,7 +146,7 @@ def simulated_input(work: Path, max_slices: Optional[int] = None) -> tuple[Path,
                                  signed=True)
         # The pair as stored in DICOM (integer HU), so the scores describe exactly the files written.
         pairs.append(evaluate.Pair(item.name, np.round(low).astype(np.float32), np.round(item.hu).astype(np.float32),
-                                   item.pixel_spacing_mm))
+                                   item.pixel_spacing_mm, item.window))
     return low_dir, pairs
 
 
@@ -155,6 +165,14 @@ def mayo_input(data_dir: Path, work: Path) -> tuple[Path, list]:
             os.symlink((mayo / row["quarter_dose"]).resolve(), target)
     pairs = evaluate.load_pairs_csv(mayo / "pairs.csv", patients=[HELD_OUT_PATIENT])
     return low_dir, pairs
+
+
+HOW_TO_READ = """How to read this table: each row is one denoiser run on the same low-dose slices, scored against the
+normal-dose slices of the same positions (the reference).  PSNR and SSIM in the abdomen window (W400/L40): higher is
+closer to the reference; RMSE: lower is closer.  'none' is the low-dose input itself: a denoiser must beat it.  Noise
+SD is measured in flat soft tissue; the normal-dose row shows how much noise the reference itself carries, so a
+noise SD far below it means smoothing, not dose recovery.  The panels in the report show every slice in its own
+window, with each output minus the reference below it."""
 
 
 def print_table(summary: dict) -> None:
@@ -193,14 +211,16 @@ def run_demo(work: Path, model: str | Path = DEFAULT_MODEL, input_dir: Optional[
     print("  " + summary_d.line())
     report = None
     if pairs:
-        baseline = baseline or ("bm3d" if baselines.bm3d_available() else "nlm")
+        baseline = baseline or ("bm3d_adaptive" if baselines.bm3d_available() else "nlm")
         print(f"Step 3/3: evaluating {model_info.name} against {baseline} and the low-dose input")
         denoisers = {"ldct_tf": lambda hu: np.asarray(model_fn(hu), np.float32), baseline: baselines.get(baseline),
                      "none": baselines.get("none")}
-        summary = evaluate.evaluate(pairs, denoisers, work / "evaluation",
+        summary = evaluate.evaluate(pairs, denoisers, work / "evaluation", panel_slices=len(pairs),
                                     info={"model": f"{model_info.name} v{model_info.version}", "input": str(low_dir)})
         print()
         print_table(summary)
+        print()
+        print(HOW_TO_READ)
         report = summary["files"]["report"]
     else:
         print("Step 3/3: skipped (no reference images to score against; give --reference)")
@@ -220,7 +240,7 @@ def _demo_input(work: Path, input_dir, reference, max_slices: Optional[int], eva
         print(f"  your low-dose DICOM in {low_dir}")
     elif data_dir and (Path(data_dir) / "mayo_pairs" / "pairs.csv").exists():
         low_dir, pairs = mayo_input(Path(data_dir).resolve(), work)
-        print(f"  real AAPM-Mayo quarter-dose slices of patient {HELD_OUT_PATIENT} (held out from training), "
+        print(f"  real AAPM-Mayo quarter-dose slices of patient {HELD_OUT_PATIENT} (never trained on; v3's validation patient), "
               f"full dose as the reference: {len(pairs)} slices")
     else:
         low_dir, pairs = simulated_input(work, max_slices)

@@ -56,9 +56,10 @@ def crop_box(shape: tuple[int, int], rois) -> metrics.Box:
 
 
 def panel_figure(label: str, pair, outputs: Mapping[str, np.ndarray], rois):
-    """One slice: every denoiser's output and the reference (liver window), a zoomed crop, the difference map."""
+    """One slice: every denoiser's output and the reference (in the pair's display window, the liver window unless it
+    says otherwise), a zoomed crop, the difference map."""
     plt = pyplot()
-    liver = ct.window("liver")
+    liver = ct.window(getattr(pair, "window", "liver"))
     images = list(outputs.items()) + [("normal dose (reference)", pair.normal)]
     box = crop_box(pair.normal.shape, rois)
     fig, axes = plt.subplots(3, len(images), figsize=(2.6 * len(images) + 1.0, 8.6), squeeze=False,
@@ -74,7 +75,7 @@ def panel_figure(label: str, pair, outputs: Mapping[str, np.ndarray], rois):
         for r in range(3):
             axes[r, col].set_xticks([])
             axes[r, col].set_yticks([])
-    axes[0, 0].set_ylabel(f"liver window W{liver.high - liver.low:.0f}/L{(liver.high + liver.low) / 2:.0f}",
+    axes[0, 0].set_ylabel(f"{liver.name} window W{liver.high - liver.low:.0f}/L{(liver.high + liver.low) / 2:.0f}",
                           fontsize=8)
     axes[1, 0].set_ylabel("zoom (yellow box)", fontsize=8)
     axes[2, 0].set_ylabel("minus reference", fontsize=8)

@@ -30,6 +30,8 @@ class Pair:
     low: np.ndarray
     normal: np.ndarray
     pixel_spacing_mm: tuple[float, float] = (1.0, 1.0)
+    #: Display window of its panel (``ldct_tf.ct.WINDOWS``): the liver window unless the slice needs another (a head).
+    window: str = "liver"
 
 
 # ------------------------------------------------------------------------------------------------------------ input
