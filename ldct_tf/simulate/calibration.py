@@ -90,9 +90,11 @@ def _detrended_tiles(image: np.ndarray, mask: np.ndarray, tile: int) -> np.ndarr
 
 
 def _tiles(image: np.ndarray, mask: np.ndarray, tile: int) -> np.ndarray:
+    """Every ``tile`` square wholly inside ``mask``, overlapping by half (Welch's NPS estimate): on the Mayo slices
+    this finds about four times the tiles of a non-overlapping grid, where a slice may hold only one or two."""
     from ldct_tf import metrics
 
-    return metrics.mask_tiles(np.asarray(image, np.float64), mask, tile, stride=tile)
+    return metrics.mask_tiles(np.asarray(image, np.float64), mask, tile, stride=max(1, tile // 2))
 
 
 #: Below this spatial frequency anatomy (organ texture, vessels) dominates a flat tile's power spectrum.

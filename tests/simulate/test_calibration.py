@@ -188,3 +188,11 @@ def test_projection_simulator_reuses_the_projection():
     np.testing.assert_array_equal(ref, ref2)
     c, _ = sim.pair(0.25, 3e4, seed=2)
     assert not np.array_equal(a, c)
+
+
+def test_tiles_overlap_by_half_to_use_every_flat_region():
+    """A 64 x 64 flat region holds 16 disjoint 16 x 16 tiles but 49 half-overlapping ones (Welch's estimate)."""
+    image = np.zeros((80, 80))
+    mask = np.zeros((80, 80), bool)
+    mask[8:72, 8:72] = True
+    assert len(C._tiles(image, mask, 16)) == 49
