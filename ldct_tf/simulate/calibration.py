@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -478,7 +479,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw_argv)
     if (args.low is None) != (args.normal is None):
         parser.error("--low and --normal go together")
     if Path(args.out).is_dir():
@@ -498,6 +500,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result["runtime_s"] = round(time.monotonic() - start, 1)
+    result["command"] = " ".join(["python -m ldct_tf.simulate.calibration", *map(shlex.quote, raw_argv)])
     print(f"Wrote {save(result, args.out)} in {result['runtime_s']:.0f} s")
     return 0
 
