@@ -27,15 +27,18 @@ texture follows ``filter_name`` rather than the scanner's kernel.  ``i0`` ~ 1e5 
 figure; :func:`compare_with_real` measures the noise SD ratio and NPS against a real low-dose slice, and because
 added variance scales with ``1 / i0``, ``i0 * ratio**2`` is the i0 that matches that scanner.
 
-Measured on the real AAPM-Mayo pairs (simulated quarter dose of the full-dose slice vs the real quarter dose, added
-noise in 64 x 64 tiles inside the body; defaults: i0 1e5, ramp filter, 1024 views):
+Measured on real AAPM-Mayo pairs of the development patients only (simulated quarter dose of the full-dose slice vs
+the real quarter dose, added noise in 64 x 64 tiles inside the body; defaults: i0 1e5, ramp filter, 1024 views):
 
-- sharp D45f kernel (L096_D45f_02, L286_D45f_14 to 17): noise SD ratio simulated / real 1.9 to 2.7 (mean 2.28),
-  NPS mean frequency 0.38 to 0.43 vs 0.43 to 0.45 cycles/mm (6-11 % lower).  The texture matches; the level matches
-  with i0 of about 5e5 (1e5 x 2.3^2), plausible for 3 mm slices that sum several detector rows.
+- sharp D45f kernel (L096_D45f_00 to 04): noise SD ratio simulated / real 1.1 to 2.7 (median 2.4), NPS mean
+  frequency 0.38 vs 0.41 to 0.43 cycles/mm (about 10 % lower).  The texture matches; the level does not, and patients
+  differ: the i0 that matches a site is fitted by :mod:`ldct_tf.simulate.calibration` (for the Mayo scanner
+  ``configs/calibration_dev_v3.json``, from L096 and L143 only), never set here.
 - smooth B30f kernel (L143_B30f_20 to 22): ratio 5.6 to 7.0 with the ramp filter, NPS mean frequency 0.34 vs 0.27;
   ``filter_name="hann"`` gives ratio 2.1 and 0.20 vs 0.27 (L143_B30f_20).  Pick the FBP filter to resemble the
-  kernel whose images you simulate.
+  kernel whose images you simulate (the calibration picks it by the NPS mean frequency).
+
+The held-out test patient L286 was used for none of these figures.
 """
 
 from __future__ import annotations

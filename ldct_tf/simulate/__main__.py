@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,13 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldct_tf.simulate", description="Calibrate the low-dose "
                                      "simulator on a site's shards, or write the simulated-pair stream.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{calibrate,pairs}")
-    cal = commands.add_parser("calibrate", help="fit i0 and the FBP filter per kernel to unpaired shards")
-    cal.add_argument("--data", required=True, help="output folder of python -m ldct_tf.pipeline")
+    cal = commands.add_parser("calibrate", help="fit i0 and the FBP filter per kernel to unpaired shards or DICOM")
+    source = cal.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="output folder of python -m ldct_tf.pipeline")
+    source.add_argument("--low", nargs="+", metavar="PATH", help="low-dose DICOM files or folders (with --normal)")
+    cal.add_argument("--normal", nargs="+", metavar="PATH", help="normal-dose DICOM files or folders")
     cal.add_argument("--out", required=True, help="calibration JSON to write")
-    cal.add_argument("--split", default="train")
-    cal.add_argument("--max-slices", type=int, default=6, help="per kernel and dose (each costs ~15 s)")
-    cal.add_argument("--dose-fraction", type=float, default=0.25,
-                     help="low/normal dose ratio where the headers do not tell it (default %(default)s)")
+    cal.add_argument("--split", default="train", help="with --data")
+    cal.add_argument("--max-slices", type=int, default=None,
+                     help="per kernel and dose (default: all; each costs 10-30 s at 512 x 512)")
+    cal.add_argument("--dose-fraction", type=float, default=None,
+                     help="low/normal dose ratio; never replaced by headers (default: the CTDIvol ratio of matched "
+                          f"slices where credible, else {calibration_lib.DEFAULT_DOSE_FRACTION})")
+    cal.add_argument("--bootstrap", type=int, default=calibration_lib.BOOTSTRAP_RESAMPLES,
+                     help="resamples for the i0 interval")
+    cal.add_argument("--seed", type=int, default=0)
     pairs = commands.add_parser("pairs", help="write calibrated simulated pairs beside the shards (Beam)")
     pairs.add_argument("--data", required=True, help="output folder of python -m ldct_tf.pipeline")
     pairs.add_argument("--calibration", required=True, help="JSON written by python -m ldct_tf.simulate calibrate")
@@ -46,11 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _calibrate(args: argparse.Namespace) -> None:
+def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if Path(args.out).is_dir():
         raise SimulationError(f"{args.out}: is a folder; give a file name for the calibration JSON")
-    result = calibration_lib.calibrate_shards(args.data, args.split, args.max_slices, args.dose_fraction)
-    print(f"Wrote {calibration_lib.save(result, args.out)}")
+    start = time.monotonic()
+    kwargs = {"bootstrap": args.bootstrap, "seed": args.seed}
+    if args.data:
+        result = calibration_lib.calibrate_shards(args.data, args.split, args.max_slices, args.dose_fraction, **kwargs)
+    else:
+        progress = calibration_lib.print_progress
+        lows = calibration_lib.slices_from_dicom(args.low, args.max_slices, progress)
+        normals = calibration_lib.slices_from_dicom(args.normal, args.max_slices, progress)
+        result = calibration_lib.calibrate_sets(lows, normals, args.dose_fraction, **kwargs)
+        result["source"] = {"max_slices_per_kernel_and_dose": args.max_slices}
+    result["runtime_s"] = round(time.monotonic() - start, 1)
+    result["command"] = " ".join(["python -m ldct_tf.simulate", *map(shlex.quote, argv)])
+    print(f"Wrote {calibration_lib.save(result, args.out)} in {result['runtime_s']:.0f} s")
 
 
 def _pairs(args: argparse.Namespace, beam_args: Sequence[str]) -> dict:
@@ -78,7 +99,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return
         if args.unknown:  # only the Beam stage takes options of its own
             parser.error(f"unrecognized arguments: {' '.join(args.unknown)}")
-        _calibrate(args)
+        if (args.low is None) != (args.normal is None):
+            parser.error("--low and --normal go together")
+        _calibrate(args, list(sys.argv[1:] if argv is None else argv))
 
     return cli.run_main(parser, work, argv, pass_unknown=True)
 
