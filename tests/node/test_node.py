@@ -9,6 +9,7 @@ Settings-level behaviour (spool, tracker, argument errors) is tested in-process 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 
@@ -17,7 +18,8 @@ import pydicom
 import pytest
 
 from ldct_tf.node import __main__ as cli
-from ldct_tf.node.forward import Destination, parse_destination
+from ldct_tf.audit import dicom_object
+from ldct_tf.node.forward import Destination, parse_destination, sop_classes
 from ldct_tf.node.spool import Spool, SpoolError
 from ldct_tf.node.tracker import SeriesTracker
 from ldct_tf.node.worker import derived_files
@@ -88,8 +90,24 @@ def test_spool_recovery_and_tracker_rule(tmp_path):
 
 def test_derived_files_are_only_dicom(tmp_path):
     (tmp_path / "a.dcm").write_bytes(b"x")
+    (tmp_path / "b.dcm").write_bytes(b"x")
     (tmp_path / "audit.json").write_text("{}")
-    assert derived_files(tmp_path) == [tmp_path / "a.dcm"]
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "audit" / dicom_object.OBJECT_NAME).write_bytes(b"x")
+    assert derived_files(tmp_path) == [tmp_path / "a.dcm", tmp_path / "b.dcm",
+                                       tmp_path / "audit" / dicom_object.OBJECT_NAME]  # the audit object last
+
+
+def test_forward_proposes_the_sop_class_of_each_file(tmp_path):
+    """CT images and the audit's Secondary Capture object go on one association: both classes are proposed."""
+    [ct] = write_ct_small_series(tmp_path / "in", n=1)
+    sc = tmp_path / "sc.dcm"
+    ds = pydicom.dcmread(ct)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.save_as(sc, enforce_file_format=True)
+    assert sop_classes([ct, sc, ct]) == [pydicom.uid.CTImageStorage, pydicom.uid.SecondaryCaptureImageStorage]
+    (tmp_path / "junk.dcm").write_bytes(b"not dicom")
+    assert sop_classes([tmp_path / "junk.dcm"]) == [pydicom.uid.CTImageStorage]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -114,6 +132,19 @@ def test_missing_model_fails_before_listening(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ one shared node
+
+def audit_objects(destination, study: str) -> list[pydicom.Dataset]:
+    """The Secondary Capture audit objects of ``study`` that reached ``destination``."""
+    found = []
+    for path in destination.iterdir():
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception:  # storescp still writing it
+            continue
+        if ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and str(ds.StudyInstanceUID) == study:
+            found.append(ds)
+    return found
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -204,9 +235,18 @@ def test_ct_small_series_in_derived_series_out(setup, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     derived = wait_for_derived(destination, sent, 120, node)
     check_derived(derived, sent)
-    # --store got the same series; the spool keeps nothing of a delivered series
+    # the audit travels with the series: a Secondary Capture summary in the derived study, forwarded and stored
+    study = str(derived[0].StudyInstanceUID)
+    wait_for(lambda: len(audit_objects(destination, study)) > 0, 60, "the audit object at the destination",
+             node.proc, node.log)
+    [audit_object] = audit_objects(destination, study)
+    assert audit_object.Manufacturer == "ldct_tf" and "ldct_denoiser" in audit_object.DerivationDescription
+    assert audit_object.SeriesInstanceUID != derived[0].SeriesInstanceUID
+    # --store got the same series and its audit object; the spool keeps nothing of a delivered series
     stored = [pydicom.dcmread(p) for p in (root / "store").rglob("*.dcm")]
     assert {str(ds.SOPInstanceUID) for ds in derived} <= {str(ds.SOPInstanceUID) for ds in stored}
+    assert str(audit_object.SOPInstanceUID) in {str(ds.SOPInstanceUID) for ds in stored}
+    assert re.search(r"audit flagged \d+ of 4 slice\(s\)", node.text())  # the flags are in the node's log
     time.sleep(0.5)
     assert list((node.spool / "work").iterdir()) == [] and list((node.spool / "failed").iterdir()) == []
 
