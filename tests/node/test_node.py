@@ -349,3 +349,41 @@ def test_sigterm_stops_cleanly_and_logs_carry_no_identifiers(setup):
     for path in state_files:
         text = json.dumps(json.loads(path.read_text()))
         assert FAKE_ID not in text and FAKE_NAME not in text
+
+
+@needs_dcmtk
+def test_worker_forwards_the_audit_object_and_logs_flags(tmp_path, caplog):
+    """In-process (no TensorFlow: a blurring numpy denoiser, which the audit flags): the worker logs the flags, and
+    storescp receives the CT series and then its audit object, a valid Secondary Capture in the same study."""
+    from scipy import ndimage
+
+    from ldct_tf import denoise
+    from ldct_tf.node.worker import SeriesWorker, WorkerOptions
+    from tests.node.test_node_support import free_port as port_for
+
+    sent = write_ct_small_series(tmp_path / "in", n=3)
+    now = [1000.0]
+    spool = Spool(tmp_path / "spool").open()
+    tracker = SeriesTracker(spool, quiet_s=1.0, clock=lambda: now[0])
+    for i, path in enumerate(sent):
+        tracker.receive(spool.write_instance(path.read_bytes()), "series1", f"inst{i}", association=1)
+    tracker.association_ended(1)
+    now[0] += 5
+    [(_, batch, _)] = tracker.claim_ready()
+    port = port_for()
+    blur = lambda hu: ndimage.uniform_filter(hu, size=(1, 9, 9)).astype(np.float32)  # noqa: E731
+    with storescp(tmp_path / "destination", port) as destination:
+        worker = SeriesWorker(spool, tracker, blur, denoise.ModelInfo("blur", "1", "numpy"),
+                              WorkerOptions(ae_title="LDCT", forward=Destination("DEST", "127.0.0.1", port),
+                                            store=tmp_path / "store"))
+        with caplog.at_level("INFO", logger="ldct_tf.node"):
+            worker.process(batch)
+        derived = derived_of(destination, sent)
+        assert len(derived) == 3
+        [audit_object] = audit_objects(destination, str(derived[0].StudyInstanceUID))
+    spool.close()
+    assert audit_object.ImageType == ["DERIVED", "SECONDARY"] and audit_object.ReferencedImageSequence
+    assert list((tmp_path / "store").rglob(dicom_object.OBJECT_NAME))
+    assert re.search(r"audit flagged 3 of 3 slice\(s\), \d+ patch\(es\).*flagged instance number\(s\) 1, 2, 3",
+                     caplog.text)
+    assert FAKE_ID not in caplog.text and FAKE_NAME not in caplog.text
