@@ -1,7 +1,8 @@
 """Send a derived series to the forward destination by C-STORE (the node acting as a Storage SCU).
 
 The derived files are uncompressed (``ldct_tf.dicom.derived_dataset`` writes Explicit or Implicit VR Little
-Endian), so the node proposes both uncompressed syntaxes and lets pynetdicom convert between them: any storage SCP
+Endian), and so is the audit's Secondary Capture object; the node proposes each file's SOP class with both
+uncompressed syntaxes and lets pynetdicom convert between them: any storage SCP
 accepts one of the two.  One association per series; any instance the destination does not accept fails the whole
 attempt (the worker retries it later, sending every instance again: the SOP Instance UIDs stay the same, so a
 destination simply replaces what it already has).
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -51,13 +54,28 @@ def parse_destination(text: str) -> Destination:
     return Destination(match["aet"].strip(), match["host"].strip("[]"), int(match["port"]))
 
 
+def sop_classes(files: Sequence[Path]) -> list[str]:
+    """The storage SOP classes to propose: those of ``files`` (CT images and the audit's Secondary Capture), read from
+    their file meta; CT alone when none can be read (the send then reports the unreadable file)."""
+    found = []
+    for path in files:
+        try:
+            uid = str(read_file_meta_info(path).get("MediaStorageSOPClassUID", ""))
+        except (OSError, ValueError, AttributeError, InvalidDicomError):
+            continue
+        if uid and uid not in found:
+            found.append(uid)
+    return found or [CTImageStorage]
+
+
 def send_series(files: Sequence[Path], destination: Destination, calling_ae_title: str,
                 timeout_s: float = 60.0, tls: Optional[ssl.SSLContext] = None) -> int:
     """C-STORE every file to ``destination`` (over TLS with ``tls``, checking the destination's certificate against
     its host name); returns how many were stored, raises :class:`ForwardError`."""
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for sop_class in sop_classes(files):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     tls_args = (tls, destination.host) if tls is not None else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:

@@ -9,6 +9,9 @@ in its ``state.json`` once done, so that a retry (or a restart after a crash) re
 2. ``--store``: copy ``out/`` to ``STORE/<batch>/`` (via a hidden partial folder, then a rename);
 3. ``--forward``: C-STORE every derived instance to the destination.
 
+Step 1 also logs each derived series' audit flags and adds the audit as a Secondary Capture summary
+(``ldct_tf.audit.dicom_object``, in ``out/.../audit/``), which steps 2 and 3 store and forward with the series.
+
 An attempt is counted (and saved) *before* its first step starts, so an attempt that kills the process (an OOM
 kill during denoising, kill -9) counts too: a batch that crashes the node cannot loop forever across restarts.
 After ``max_attempts`` failed or unfinished attempts (or at once for a series with nothing to denoise) the batch
@@ -17,6 +20,7 @@ moves to ``failed/`` with its reasons.  Retries wait ``retry_delay_s * 2**(attem
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from ldct_tf import denoise
+from ldct_tf.audit import dicom_object
 from ldct_tf.node.forward import Destination, send_series
 from ldct_tf.node.spool import BatchState, Spool
 from ldct_tf.node.tracker import SeriesTracker
@@ -61,9 +66,10 @@ def run_denoise(input_dir: Path, output_dir: Path, denoiser: denoise.Denoiser, m
 
 
 def derived_files(out: Path) -> list[Path]:
-    """The derived DICOM instances in ``out`` (denoise names them after their inputs, ``<key>.dcm``); any other
-    file denoise writes beside them (a sidecar) is stored but never sent by C-STORE."""
-    return sorted(p for p in out.rglob("*.dcm") if p.is_file())
+    """The derived DICOM instances in ``out`` (denoise names them after their inputs, ``<key>.dcm``), the CT images
+    first, then the audit object; any other file denoise writes beside them (a sidecar) is stored but never sent."""
+    files = (p for p in out.rglob("*.dcm") if p.is_file())
+    return sorted(files, key=lambda p: (p.name == dicom_object.OBJECT_NAME, p))
 
 
 class SeriesWorker(threading.Thread):
@@ -161,6 +167,7 @@ class SeriesWorker(threading.Thread):
             shutil.rmtree(partial, ignore_errors=True)
             reasons = "; ".join(state.skipped[:3]) or "no files"
             raise PermanentFailure(f"no usable CT slices in the series ({reasons})")
+        self._audit(batch, summary)
         os.rename(partial, out)
         state.denoise_s, state.slices, state.denoised = time.time() - started, summary.slices, True
         self.spool.save_state(batch, state)
@@ -172,6 +179,28 @@ class SeriesWorker(threading.Thread):
                 series=state.series, instances=len(unused), skipped=state.skipped,
                 failed_reason="not denoised (see skipped)"))
             log.warning("batch %s: %d instance(s) not usable CT, kept in %s", batch, len(unused), target)
+
+    def _audit(self, batch: str, summary: denoise.DenoiseSummary) -> None:
+        """Log each derived series' audit flags (counts and instance numbers only) and add the audit as a DICOM
+        object to the series (``ldct_tf.audit.dicom_object``), so that it is stored and forwarded with it."""
+        for sidecar in summary.audits:
+            try:
+                report = json.loads(sidecar.read_text())
+            except (OSError, ValueError) as exc:
+                log.error("batch %s: cannot read the audit: %s", batch, exc)
+                continue
+            counts = dicom_object.flag_counts(report)
+            by = counts["by"]
+            level = logging.WARNING if counts["flagged_slices"] else logging.INFO
+            log.log(level, "batch %s: audit flagged %d of %d slice(s), %d patch(es) (FRC %d, blob %d, anatomy %d)%s",
+                    batch, counts["flagged_slices"], counts["slices"], counts["flagged_patches"], by["frc"],
+                    by["blob"], by["anatomy"], "; flagged instance number(s) " + ", ".join(
+                        map(str, counts["instances"])) if counts["instances"] else "")
+            try:
+                dicom_object.write_audit_object(sidecar.parent.parent)
+            except (dicom_object.AuditObjectError, ValueError, OSError) as exc:
+                log.error("batch %s: the audit object was not made (%s: %s); the series goes without it", batch,
+                          type(exc).__name__, exc)
 
     def _store(self, batch: str, out: Path) -> None:
         store = self.options.store

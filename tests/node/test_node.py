@@ -9,6 +9,7 @@ Settings-level behaviour (spool, tracker, argument errors) is tested in-process 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 
@@ -17,7 +18,8 @@ import pydicom
 import pytest
 
 from ldct_tf.node import __main__ as cli
-from ldct_tf.node.forward import Destination, parse_destination
+from ldct_tf.audit import dicom_object
+from ldct_tf.node.forward import Destination, parse_destination, sop_classes
 from ldct_tf.node.spool import Spool, SpoolError
 from ldct_tf.node.tracker import SeriesTracker
 from ldct_tf.node.worker import derived_files
@@ -88,8 +90,24 @@ def test_spool_recovery_and_tracker_rule(tmp_path):
 
 def test_derived_files_are_only_dicom(tmp_path):
     (tmp_path / "a.dcm").write_bytes(b"x")
+    (tmp_path / "b.dcm").write_bytes(b"x")
     (tmp_path / "audit.json").write_text("{}")
-    assert derived_files(tmp_path) == [tmp_path / "a.dcm"]
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "audit" / dicom_object.OBJECT_NAME).write_bytes(b"x")
+    assert derived_files(tmp_path) == [tmp_path / "a.dcm", tmp_path / "b.dcm",
+                                       tmp_path / "audit" / dicom_object.OBJECT_NAME]  # the audit object last
+
+
+def test_forward_proposes_the_sop_class_of_each_file(tmp_path):
+    """CT images and the audit's Secondary Capture object go on one association: both classes are proposed."""
+    [ct] = write_ct_small_series(tmp_path / "in", n=1)
+    sc = tmp_path / "sc.dcm"
+    ds = pydicom.dcmread(ct)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.save_as(sc, enforce_file_format=True)
+    assert sop_classes([ct, sc, ct]) == [pydicom.uid.CTImageStorage, pydicom.uid.SecondaryCaptureImageStorage]
+    (tmp_path / "junk.dcm").write_bytes(b"not dicom")
+    assert sop_classes([tmp_path / "junk.dcm"]) == [pydicom.uid.CTImageStorage]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -114,6 +132,19 @@ def test_missing_model_fails_before_listening(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ one shared node
+
+def audit_objects(destination, study: str) -> list[pydicom.Dataset]:
+    """The Secondary Capture audit objects of ``study`` that reached ``destination``."""
+    found = []
+    for path in destination.iterdir():
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception:  # storescp still writing it
+            continue
+        if ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and str(ds.StudyInstanceUID) == study:
+            found.append(ds)
+    return found
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -204,9 +235,18 @@ def test_ct_small_series_in_derived_series_out(setup, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     derived = wait_for_derived(destination, sent, 120, node)
     check_derived(derived, sent)
-    # --store got the same series; the spool keeps nothing of a delivered series
+    # the audit travels with the series: a Secondary Capture summary in the derived study, forwarded and stored
+    study = str(derived[0].StudyInstanceUID)
+    wait_for(lambda: len(audit_objects(destination, study)) > 0, 60, "the audit object at the destination",
+             node.proc, node.log)
+    [audit_object] = audit_objects(destination, study)
+    assert audit_object.Manufacturer == "ldct_tf" and "ldct_denoiser" in audit_object.DerivationDescription
+    assert audit_object.SeriesInstanceUID != derived[0].SeriesInstanceUID
+    # --store got the same series and its audit object; the spool keeps nothing of a delivered series
     stored = [pydicom.dcmread(p) for p in (root / "store").rglob("*.dcm")]
     assert {str(ds.SOPInstanceUID) for ds in derived} <= {str(ds.SOPInstanceUID) for ds in stored}
+    assert str(audit_object.SOPInstanceUID) in {str(ds.SOPInstanceUID) for ds in stored}
+    assert re.search(r"audit flagged \d+ of 4 slice\(s\)", node.text())  # the flags are in the node's log
     time.sleep(0.5)
     assert list((node.spool / "work").iterdir()) == [] and list((node.spool / "failed").iterdir()) == []
 
@@ -309,3 +349,41 @@ def test_sigterm_stops_cleanly_and_logs_carry_no_identifiers(setup):
     for path in state_files:
         text = json.dumps(json.loads(path.read_text()))
         assert FAKE_ID not in text and FAKE_NAME not in text
+
+
+@needs_dcmtk
+def test_worker_forwards_the_audit_object_and_logs_flags(tmp_path, caplog):
+    """In-process (no TensorFlow: a blurring numpy denoiser, which the audit flags): the worker logs the flags, and
+    storescp receives the CT series and then its audit object, a valid Secondary Capture in the same study."""
+    from scipy import ndimage
+
+    from ldct_tf import denoise
+    from ldct_tf.node.worker import SeriesWorker, WorkerOptions
+    from tests.node.test_node_support import free_port as port_for
+
+    sent = write_ct_small_series(tmp_path / "in", n=3)
+    now = [1000.0]
+    spool = Spool(tmp_path / "spool").open()
+    tracker = SeriesTracker(spool, quiet_s=1.0, clock=lambda: now[0])
+    for i, path in enumerate(sent):
+        tracker.receive(spool.write_instance(path.read_bytes()), "series1", f"inst{i}", association=1)
+    tracker.association_ended(1)
+    now[0] += 5
+    [(_, batch, _)] = tracker.claim_ready()
+    port = port_for()
+    blur = lambda hu: ndimage.uniform_filter(hu, size=(1, 9, 9)).astype(np.float32)  # noqa: E731
+    with storescp(tmp_path / "destination", port) as destination:
+        worker = SeriesWorker(spool, tracker, blur, denoise.ModelInfo("blur", "1", "numpy"),
+                              WorkerOptions(ae_title="LDCT", forward=Destination("DEST", "127.0.0.1", port),
+                                            store=tmp_path / "store"))
+        with caplog.at_level("INFO", logger="ldct_tf.node"):
+            worker.process(batch)
+        derived = derived_of(destination, sent)
+        assert len(derived) == 3
+        [audit_object] = audit_objects(destination, str(derived[0].StudyInstanceUID))
+    spool.close()
+    assert audit_object.ImageType == ["DERIVED", "SECONDARY"] and audit_object.ReferencedImageSequence
+    assert list((tmp_path / "store").rglob(dicom_object.OBJECT_NAME))
+    assert re.search(r"audit flagged 3 of 3 slice\(s\), \d+ patch\(es\).*flagged instance number\(s\) 1, 2, 3",
+                     caplog.text)
+    assert FAKE_ID not in caplog.text and FAKE_NAME not in caplog.text
