@@ -7,6 +7,7 @@
     python -m experiments.v3 validate --work /tmp/v3     # L143 (held out): seeds, BM3D tuned per dose; picks the seed
     python -m experiments.v3 ship --work /tmp/v3         # exports the picked seed as saved_models/ldct_denoiser/3
     python -m experiments.v3 test --work /tmp/v3         # L286, read once: v3 seeds vs BM3D (dev-tuned) vs v2
+    python -m experiments.v3 report --work /tmp/v3       # cost JSON and the markdown tables of the results files
 
 Nothing is chosen on L286: ``test`` only reads what ``validate`` decided (``work/validation.json``) and reports.
 """
@@ -51,6 +52,11 @@ def _test(args) -> None:
     v3_steps.test(Path(args.work))
 
 
+def _report(args) -> None:
+    v3_steps.cost(Path(args.work))
+    v3_steps.report()
+
+
 def _all(args) -> None:
     work = Path(args.work)
     v3_steps.simulate(work, args.realisations, args.processes)
@@ -60,13 +66,15 @@ def _all(args) -> None:
     v3_steps.validate(work)
     v3_steps.ship(work, Path(args.target))
     v3_steps.test(work)
+    v3_steps.cost(work)
+    v3_steps.report()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.v3", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="step", required=True)
     for name, fn in (("simulate", _simulate), ("train", _train), ("bm3d", _bm3d), ("validate", _validate), ("ship", _ship),
-                     ("test", _test), ("all", _all)):
+                     ("test", _test), ("report", _report), ("all", _all)):
         p = sub.add_parser(name)
         p.add_argument("--work", required=True, help="working folder (created; holds pairs, seeds, results)")
         p.add_argument("--realisations", type=int, default=6, help="simulated pairs per source slice")

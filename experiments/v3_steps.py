@@ -343,3 +343,88 @@ def test(work: Path) -> None:
     out_file.write_text(json.dumps({"patient": v3_data.TEST_PATIENT, "slices": len(pairs), "seeds": seeds,
                                     "summary": summary, "results": results}, indent=1))
     print(json.dumps(summary, indent=1))
+
+
+CONDITION_TEXT = {"real_25": "real 25 % dose (Mayo noise insertion)", "sim_10": "10 % dose, simulated",
+                  "sim_25": "25 % dose, simulated", "sim_50": "50 % dose, simulated"}
+
+
+def _validation_table(record: dict) -> list[str]:
+    seeds = sorted(k for k in next(iter(record["results"].values())) if k.startswith("seed"))
+    lines = ["| condition | input | v3 (mean of seeds; min-max) | BM3D PSNR-optimal (factor) | "
+             "BM3D SSIM-optimal (factor) |", "|---|---|---|---|---|"]
+    for name, r in record["results"].items():
+        psnr = [r[s]["psnr_mean"] for s in seeds]
+        ssim = [r[s]["ssim_mean"] for s in seeds]
+        p, q = r["bm3d_psnr_optimal"], r["bm3d_ssim_optimal"]
+        lines.append(f"| {CONDITION_TEXT[name]} | {r['input']['psnr_mean']:.2f} / {r['input']['ssim_mean']:.3f} | "
+                     f"{np.mean(psnr):.2f} ({min(psnr):.2f}-{max(psnr):.2f}) / {np.mean(ssim):.3f} "
+                     f"({min(ssim):.3f}-{max(ssim):.3f}) | {p['psnr_mean']:.2f} / {p['ssim_mean']:.3f} ({p['factor']:g}) "
+                     f"| {q['psnr_mean']:.2f} / {q['ssim_mean']:.3f} ({q['factor']:g}) |")
+    return lines
+
+
+def _kernel_lines(record: dict) -> list[str]:
+    """Validation per kernel (the held-out patient has both): v3 seeds' mean vs BM3D at its PSNR optimum."""
+    lines = ["| condition | kernel | slices | v3 PSNR / SSIM | BM3D (PSNR-optimal) PSNR / SSIM |", "|---|---|---|---|---|"]
+    for name, r in record["results"].items():
+        seeds = sorted(k for k in r if k.startswith("seed"))
+        kernels = r["input"]["kernels"]
+        for kernel in sorted(set(kernels)):
+            idx = [i for i, k in enumerate(kernels) if k == kernel]
+            v3p = np.mean([[r[s]["psnr"][i] for i in idx] for s in seeds])
+            v3s = np.mean([[r[s]["ssim"][i] for i in idx] for s in seeds])
+            b = r["bm3d_psnr_optimal"]
+            lines.append(f"| {CONDITION_TEXT[name]} | {kernel} | {len(idx)} | {v3p:.2f} / {v3s:.3f} | "
+                         f"{np.mean([b['psnr'][i] for i in idx]):.2f} / {np.mean([b['ssim'][i] for i in idx]):.3f} |")
+    return lines
+
+
+def _test_table(record: dict) -> list[str]:
+    lines = ["| condition | input | v2 | v3 mean ± SD over seeds | BM3D PSNR-opt. | BM3D SSIM-opt. | "
+             "v3 − BM3D PSNR-opt. in PSNR (95 % CI, slices won) | v3 − BM3D SSIM-opt. in SSIM (95 % CI, slices won) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, s in record["summary"].items():
+        dp, ds = s["v3_minus_bm3d_psnr_optimal_psnr"], s["v3_minus_bm3d_ssim_optimal_ssim"]
+        lines.append(
+            f"| {CONDITION_TEXT[name]} | {s['input'][0]:.2f} / {s['input'][1]:.3f} | {s['v2'][0]:.2f} / {s['v2'][1]:.3f} "
+            f"| {s['v3_psnr_mean_sd'][0]:.2f} ± {s['v3_psnr_mean_sd'][1]:.2f} / {s['v3_ssim_mean_sd'][0]:.3f} ± "
+            f"{s['v3_ssim_mean_sd'][1]:.3f} | {s['bm3d_psnr_optimal'][0]:.2f} / {s['bm3d_psnr_optimal'][1]:.3f} | "
+            f"{s['bm3d_ssim_optimal'][0]:.2f} / {s['bm3d_ssim_optimal'][1]:.3f} | {dp['mean']:+.2f} dB "
+            f"({dp['interval_95'][0]:+.2f} to {dp['interval_95'][1]:+.2f}; {dp['slices_won']}/{dp['slices']}) | "
+            f"{ds['mean']:+.3f} ({ds['interval_95'][0]:+.3f} to {ds['interval_95'][1]:+.3f}; "
+            f"{ds['slices_won']}/{ds['slices']}) |")
+    return lines
+
+
+def report() -> None:
+    """Markdown tables of the validation and test results files (experiments/results/v3_report.md)."""
+    lines = ["# v3: validation and test (written by `python -m experiments.v3 report`)", "",
+             "Abdomen-window PSNR (dB) / SSIM against the full-dose slice, mean over slices.", ""]
+    validation = RESULTS / "v3_validation.json"
+    if validation.exists():
+        record = json.loads(validation.read_text())
+        lines += [f"## Validation: patient {record['patient']} ({record['slices']} slices), never trained on", "",
+                  *_validation_table(record), "", *_kernel_lines(record), "",
+                  f"Picked seed: {record['picked_seed']} ({record['rule']}).", ""]
+    test_file = RESULTS / "v3_test.json"
+    if test_file.exists():
+        record = json.loads(test_file.read_text())
+        lines += [f"## Test: patient {record['patient']} ({record['slices']} slices), read once", "",
+                  *_test_table(record), ""]
+    train = sorted(RESULTS.glob("v3_cost.json"))
+    if train:
+        cost = json.loads(train[0].read_text())
+        lines += ["## Cost", "", "| step | CPU seconds | wall seconds |", "|---|---|---|"]
+        lines += [f"| {k} | {v['cpu_seconds']:.0f} | {v.get('wall_seconds', float('nan')):.0f} |" for k, v in cost.items()]
+    (RESULTS / "v3_report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def cost(work: Path) -> None:
+    """Training and simulation cost per seed (benchmarks-style JSON: experiments/results/v3_cost.json)."""
+    out = {"simulate": json.loads((work / "simulate.json").read_text())}
+    for f in sorted(work.glob("seed*/train.json")):
+        out[f.parent.name] = {k: v for k, v in json.loads(f.read_text()).items() if k != "log"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "v3_cost.json").write_text(json.dumps(out, indent=1))
