@@ -3,7 +3,8 @@
 A denoiser trained for the mean squared error smooths what it cannot tell from noise, edges included: every
 simulated-pair recipe of the ablation ends with validation edge sharpness near 0.90 whatever its target (the blurred
 projector round trip, the sharp slice, or its Noisier2Noise estimate).  Mixing a share of the input back
-(``serving_graph.blend_input``, as vendors blend iterative reconstructions with FBP) trades noise for edge contrast
+(the SavedModel's strength control, ``ldct_tf.saved_model``: a share B is strength 1 - B; as vendors blend iterative
+reconstructions with FBP) trades noise for edge contrast
 and noise texture, one number a site can reason about.  The share is chosen like the recipe, on validation only:
 among the shares in :data:`BLENDS` whose output still beats BM3D in validation abdomen PSNR and SSIM, the one with the
 highest validation edge sharpness (``ablation.choose`` on the shares).  The chosen share's test figures are reported,
@@ -27,10 +28,9 @@ def blend_name(weight: float) -> str:
 def score_blends(version: Path, root: Path, work: Path, split: str, blends=BLENDS) -> dict:
     """The SavedModel ``version`` at each share, scored on ``split`` as ``ablation.score`` scores a recipe."""
     from ldct_tf.saved_model import SavedModelDenoiser
-    from ldct_tf.export.graph import blend_input
 
     model = SavedModelDenoiser(version)
-    denoisers = {blend_name(b): (lambda b: lambda hu: blend_input(model(hu), hu, b))(b) for b in blends}
+    denoisers = {blend_name(b): (lambda b: lambda hu: model(hu, strength=round(1.0 - b, 6)))(b) for b in blends}
     return ablation.score_rows(root, mayo_data.pairs_of(root, split), denoisers, work / "reports" / f"blend_{split}",
                                {"split": split})
 

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-model", default=denoise.DEFAULT_SERVER_MODEL, help="model name on the server")
     p.add_argument("--server-version", type=int, help="model version on the server (default: its newest)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per TF Serving request (default 60)")
+    p.add_argument("--strength", type=float, help="denoising strength in [0, 1] (default: the model's; see "
+                                                  "python -m ldct_tf.denoise --help)")
     p.add_argument("--batch-size", type=int, default=denoise.DEFAULT_BATCH_SIZE, help="slices per model call")
     p.add_argument("--forward", metavar="AET@HOST:PORT", help="C-STORE each derived series here (e.g. your PACS)")
     p.add_argument("--store", metavar="DIR", help="also write each derived series to DIR/<batch>/")
@@ -106,9 +108,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         spool.open()
         if args.server:
             denoiser, model = denoise.connect_server(args.server, args.server_model, args.server_version,
-                                                     args.timeout, args.batch_size)
+                                                     args.timeout, args.batch_size, args.strength)
         else:
-            denoiser, model = denoise.load_saved_model(args.model or denoise.DEFAULT_MODEL, args.batch_size)
+            denoiser, model = denoise.load_saved_model(args.model or denoise.DEFAULT_MODEL, args.batch_size,
+                                                       args.strength)
         if store is not None:
             store.mkdir(parents=True, exist_ok=True)
     except (NodeError, SpoolError, denoise.DenoiseError, ValueError, OSError) as exc:
