@@ -109,4 +109,5 @@ def ship(model_dir: Path, target: Path, metadata: dict, input_blend: float = 0.0
 
     cfg = config_lib.load(model_dir / "config.yaml")
     export_generator(load_generator(model_dir, cfg), target.parent, version=int(target.name),
-                     metadata={**metadata, "config": cfg.to_dict()}, input_blend=input_blend)
+                     metadata={**metadata, "config": cfg.to_dict()},
+                     default_strength=round(1.0 - input_blend, 6))  # a share B of the input is strength 1 - B

@@ -3,7 +3,8 @@
 A denoiser trained for the mean squared error smooths what it cannot tell from noise, edges included: every
 simulated-pair recipe of the ablation ends with validation edge sharpness near 0.90 whatever its target (the blurred
 projector round trip, the sharp slice, or its Noisier2Noise estimate).  Mixing a share of the input back
-(``ldct_tf.export.graph.blend_input``, as vendors blend iterative reconstructions with FBP) trades noise for edge
+(the SavedModel's strength control, ``ldct_tf.saved_model``: a share B is strength 1 - B; as vendors blend iterative
+reconstructions with FBP) trades noise for edge
 contrast and noise texture, one number a site can reason about.  The shares tried are
 ``configs/experiments/blend_choice.yaml``; the share is chosen like the recipe, on validation only, by
 ``ldct_tf.evaluate.selection.choose_blend``.  The chosen share's test figures are reported, never used.
@@ -26,11 +27,10 @@ BLENDS = tuple(float(b) for b in arms_lib.load_arms("blend_choice", ("blends",))
 
 def score_blends(version: Path, root: Path, work: Path, split: str, blends: Sequence[float] = BLENDS) -> dict:
     """The SavedModel ``version`` at each share, scored on ``split`` as ``arms.score`` scores a recipe."""
-    from ldct_tf.export.graph import blend_input
     from ldct_tf.saved_model import SavedModelDenoiser
 
     model = SavedModelDenoiser(version)
-    denoisers = {selection.blend_name(b): (lambda b: lambda hu: blend_input(model(hu), hu, b))(b) for b in blends}
+    denoisers = {selection.blend_name(b): (lambda b: lambda hu: model(hu, strength=round(1.0 - b, 6)))(b) for b in blends}
     return arms_lib.score_rows(root, harness.pairs_of(root, split), denoisers, work / "reports" / f"blend_{split}",
                                {"split": split})
 

@@ -1,5 +1,13 @@
 """The exported denoiser's contract: signature and tensor names, the bytes encodings, the version layout, the metadata
-file, the shapes callers may send, and loading a version (:class:`SavedModelDenoiser`).
+file, the shapes callers may send, the strength control, and loading a version (:class:`SavedModelDenoiser`).
+
+Strength (as vendors offer low / medium / high): ``output = input + strength * (network output - input)`` in HU, with
+strength in [0, 1]; 0 returns the input bit for bit, 1 the network output bit for bit (:func:`apply_strength`).  A
+SavedModel signature cannot give an input a default, so each signature comes twice: without ``strength``
+(``serving_default``, ``denoise_bytes``: the model's ``default_strength`` from ``metadata.json``, 1.0 unless the
+exporter chose another) and with it (``denoise_strength``, ``denoise_bytes_strength``: a float32 scalar, or one value
+per slice ``[batch]``).  Versions exported before the control (``saved_models/ldct_denoiser/1`` and ``2``) have only
+the first two; :class:`SavedModelDenoiser` applies the same formula to their output outside the graph.
 
 Everything that talks to an exported model (the local denoiser, ``ldct_tf.denoise.serving_client``'s client, the loopback TF
 Serving stand-in, the exporter) reads these names from here, so the writer and the readers cannot drift apart.
@@ -18,9 +26,15 @@ from ldct_tf import ct
 
 DEFAULT_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "denoise_bytes"
+#: The same two with a ``strength`` input (SavedModel signatures cannot have optional inputs).
+STRENGTH_SIGNATURE = "denoise_strength"
+BYTES_STRENGTH_SIGNATURE = "denoise_bytes_strength"
 #: Input and output tensor names of each signature.
 HU_INPUT, HU_OUTPUT = "hu", "denoised_hu"
 BYTES_INPUT, HEIGHT_INPUT, WIDTH_INPUT, BYTES_OUTPUT = "image_bytes", "height", "width", "denoised_bytes"
+STRENGTH_INPUT = "strength"
+#: The strength of a model whose metadata names none (every version exported before the control).
+DEFAULT_STRENGTH = 1.0
 #: Stored value of a 16-bit PNG = HU + PNG_HU_OFFSET (the usual CT convention: rescale intercept -1024).
 PNG_HU_OFFSET = 1024
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,6 +50,38 @@ SIGNATURES = {
                                  WIDTH_INPUT: "int32 [batch] (raw: required; PNG: 0 or its width)"},
                       "outputs": {BYTES_OUTPUT: "string [batch], same encoding as each input"}},
 }
+_STRENGTH_TEXT = "float32 scalar or [batch] in [0, 1]: 0 returns the input unchanged, 1 the full network output"
+SIGNATURES[STRENGTH_SIGNATURE] = {"inputs": {**SIGNATURES[DEFAULT_SIGNATURE]["inputs"], STRENGTH_INPUT: _STRENGTH_TEXT},
+                                  "outputs": SIGNATURES[DEFAULT_SIGNATURE]["outputs"]}
+SIGNATURES[BYTES_STRENGTH_SIGNATURE] = {"inputs": {**SIGNATURES[BYTES_SIGNATURE]["inputs"],
+                                                   STRENGTH_INPUT: _STRENGTH_TEXT},
+                                        "outputs": SIGNATURES[BYTES_SIGNATURE]["outputs"]}
+
+
+def check_strength(value: object, what: str = "strength") -> float:
+    """``value`` as a float in [0, 1]; ValueError quoting it otherwise (NaN, Inf, out of range, not a number).
+
+    Checked before any model runs, by every caller (export, the local denoiser, the serving client, the CLIs), so a
+    wrong strength is one line and never a half-written series; the graph checks again for TF Serving's clients.
+    """
+    try:
+        strength = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}") from None
+    if not (np.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise ValueError(f"{what} must be a finite number in [0, 1], got {value!r}")
+    return strength
+
+
+def apply_strength(network_hu: np.ndarray, hu: np.ndarray, strength: float) -> np.ndarray:
+    """``hu + strength * (network_hu - hu)`` in float32, with 0 giving ``hu`` and 1 giving ``network_hu`` exactly:
+    the graph's formula (``ldct_tf.export.graph.mix_strength``), for versions exported without a strength input."""
+    hu, network_hu = np.asarray(hu, np.float32), np.asarray(network_hu, np.float32)
+    if strength == 0.0:
+        return hu.copy()
+    if strength == 1.0:
+        return network_hu
+    return hu + np.float32(strength) * (network_hu - hu)
 
 
 def versions(model_folder: Path) -> list[int]:
@@ -134,10 +180,13 @@ def _assert_items(text: str) -> list[str]:
 class SavedModelDenoiser:
     """Loads a SavedModel version folder (or model folder -> newest version) and denoises HU slices.
 
-    Calls the ``serving_default`` signature directly (one graph for any size; no retracing), batch by batch.
+    Calls the ``serving_default`` signature directly (one graph for any size; no retracing), batch by batch; at a
+    strength other than the model's default, ``denoise_strength``.  ``strength`` None is the model's
+    ``default_strength`` (1.0 for versions exported before the control, whose output as exported is their "network
+    output"; another strength on those is applied outside the graph with the same formula, :func:`apply_strength`).
     """
 
-    def __init__(self, path: str | Path, batch_size: int = 8):
+    def __init__(self, path: str | Path, batch_size: int = 8, strength: float | None = None):
         import tensorflow as tf
 
         if batch_size < 1:
@@ -149,6 +198,9 @@ class SavedModelDenoiser:
             self.metadata: dict = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         except json.JSONDecodeError as exc:
             raise ValueError(f"{meta_file}: not valid JSON: {exc}") from None
+        self.default_strength = check_strength(self.metadata.get("default_strength", DEFAULT_STRENGTH),
+                                               f"{meta_file}: default_strength")
+        self.strength = self.default_strength if strength is None else check_strength(strength)
         self.name: str = self.path.parent.name if self.path.name.isdigit() else self.metadata.get("name",
                                                                                                   self.path.name)
         self.version: int = int(self.path.name) if self.path.name.isdigit() else int(self.metadata.get("version", 0))
@@ -160,22 +212,36 @@ class SavedModelDenoiser:
             raise ValueError(f"{self.path}: SavedModel has no {DEFAULT_SIGNATURE!r} signature "
                              f"(has {sorted(self._loaded.signatures)})")
         self._serve = self._loaded.signatures[DEFAULT_SIGNATURE]
+        self._serve_strength = self._loaded.signatures.get(STRENGTH_SIGNATURE)  # None before the control
+        if self._serve_strength is None and self.default_strength != DEFAULT_STRENGTH:
+            raise ValueError(f"{self.path}: metadata says default_strength {self.default_strength:g} but the "
+                             f"SavedModel has no {STRENGTH_SIGNATURE!r} signature")
 
     def __repr__(self) -> str:
-        return f"SavedModelDenoiser({self.name!r}, version={self.version}, path={str(self.path)!r})"
+        return (f"SavedModelDenoiser({self.name!r}, version={self.version}, path={str(self.path)!r}, "
+                f"strength={self.strength:g})")
 
-    def __call__(self, hu: np.ndarray) -> np.ndarray:
-        """float HU [H,W], [N,H,W] or [N,H,W,1] -> denoised float32 HU of the same shape, batched by batch_size."""
-        import tensorflow as tf
-
+    def __call__(self, hu: np.ndarray, strength: float | None = None) -> np.ndarray:
+        """float HU [H,W], [N,H,W] or [N,H,W,1] -> denoised float32 HU of the same shape, batched by batch_size;
+        ``strength`` None is this denoiser's ``strength``."""
+        strength = self.strength if strength is None else check_strength(strength)
         batch, restore = as_batch(hu)
-        outputs = []
-        for start in range(0, len(batch), self.batch_size):
-            chunk = tf.constant(batch[start:start + self.batch_size])
-            try:
-                outputs.append(self._serve(**{HU_INPUT: chunk})[HU_OUTPUT].numpy())
-            except tf.errors.InvalidArgumentError as exc:
-                raise ValueError(f"{self.path}: {graph_error_message(exc.message)}") from None
+        outputs = [self._run(batch[start:start + self.batch_size], strength)
+                   for start in range(0, len(batch), self.batch_size)]
         if not outputs:
             return restore(np.zeros((0,) + batch.shape[1:], np.float32))
         return restore(np.concatenate(outputs))
+
+    def _run(self, chunk: np.ndarray, strength: float) -> np.ndarray:
+        import tensorflow as tf
+
+        try:
+            if strength == self.default_strength:
+                return self._serve(**{HU_INPUT: tf.constant(chunk)})[HU_OUTPUT].numpy()
+            if self._serve_strength is not None:
+                return self._serve_strength(**{HU_INPUT: tf.constant(chunk),
+                                               STRENGTH_INPUT: tf.constant(strength, tf.float32)})[HU_OUTPUT].numpy()
+            # Exported before the control: its default (1.0) output is the network output; mix it here.
+            return apply_strength(self._serve(**{HU_INPUT: tf.constant(chunk)})[HU_OUTPUT].numpy(), chunk, strength)
+        except tf.errors.InvalidArgumentError as exc:
+            raise ValueError(f"{self.path}: {graph_error_message(exc.message)}") from None

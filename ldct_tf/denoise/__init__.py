@@ -67,14 +67,16 @@ class ModelInfo:
     name: str
     version: str
     where: str  # "SavedModel" or "TF Serving": how it was run
+    strength: Optional[float] = None  # None: the model's default, not known to this side (a server's model)
 
     def derivation_description(self) -> str:
         return (f"Low-dose CT denoised by ldct_tf {package_version()} (denoising network): model {self.name} "
-                f"version {self.version} via {self.where}; {ai_marking.RESEARCH_USE}")
+                f"version {self.version} via {self.where}, {ai_marking.strength_text(self.strength)}; "
+                f"{ai_marking.RESEARCH_USE}")
 
     def ai_model(self) -> ai_marking.AIModel:
         """What the derived files' Contributing Equipment Sequence says made them (``ldct_tf.dicom.ai_marking``)."""
-        return ai_marking.AIModel(self.name, self.version, package_version(), self.where)
+        return ai_marking.AIModel(self.name, self.version, package_version(), self.where, self.strength)
 
     def series_suffix(self) -> str:
         return f" denoised {self.name} v{self.version}"
@@ -250,8 +252,11 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
 
 # --------------------------------------------------------------------------------------------------- models
 
-def load_saved_model(path: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[Denoiser, ModelInfo]:
-    """A local SavedModel: a model folder (newest version) or one version's folder."""
+def load_saved_model(path: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE,
+                     strength: Optional[float] = None) -> tuple[Denoiser, ModelInfo]:
+    """A local SavedModel: a model folder (newest version) or one version's folder, run at ``strength`` (None: the
+    model's default; see :mod:`ldct_tf.saved_model`)."""
+    _check_strength(strength)
     path = Path(path)
     if not path.exists() or not (path.is_dir() and (any(p.name.isdigit() for p in path.iterdir())
                                                     or (path / "saved_model.pb").exists())):
@@ -261,24 +266,38 @@ def load_saved_model(path: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SI
     from ldct_tf.export import SavedModelDenoiser  # TensorFlow is imported only when a local model is used
 
     try:
-        loaded = SavedModelDenoiser(path, batch_size=batch_size)
+        loaded = SavedModelDenoiser(path, batch_size=batch_size, strength=strength)
     except (FileNotFoundError, ValueError) as exc:
         raise DenoiseError(str(exc)) from None
-    return loaded, ModelInfo(str(loaded.name), str(loaded.version), "SavedModel")
+    return loaded, ModelInfo(str(loaded.name), str(loaded.version), "SavedModel", loaded.strength)
+
+
+def _check_strength(strength: Optional[float]) -> None:
+    """A strength outside [0, 1] is the command's error (one line, exit 1), found before any model is loaded."""
+    if strength is not None:
+        from ldct_tf.saved_model import check_strength
+
+        try:
+            check_strength(strength)
+        except ValueError as exc:
+            raise DenoiseError(str(exc)) from None
 
 
 def connect_server(url: str, model_name: str = DEFAULT_SERVER_MODEL, version: Optional[int] = None,
-                   timeout_s: float = 60.0, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[Denoiser, ModelInfo]:
+                   timeout_s: float = 60.0, batch_size: int = DEFAULT_BATCH_SIZE,
+                   strength: Optional[float] = None) -> tuple[Denoiser, ModelInfo]:
     """A TF Serving endpoint (REST ``http://host:8501`` or gRPC ``host:8500``; see ``ldct_tf.denoise.serving_client``).
 
     Asks the server for the model's status first, so that a wrong URL or model name fails before any file is read,
     and so that the derived series can name the version that actually answers (the newest AVAILABLE one unless
-    ``version`` pins one).
+    ``version`` pins one).  ``strength`` None leaves the server's model at its default (sent otherwise).
     """
     from ldct_tf.denoise.serving_client import ServingClient, ServingError
 
+    _check_strength(strength)
     try:
-        client = ServingClient(url, model=model_name, version=version, timeout_s=timeout_s, batch_size=batch_size)
+        client = ServingClient(url, model=model_name, version=version, timeout_s=timeout_s, batch_size=batch_size,
+                               strength=strength)
         status = client.status()
     except (ValueError, ServingError, OSError) as exc:
         raise DenoiseError(f"TF Serving at {url}, model {model_name!r}: {exc}") from None
@@ -294,4 +313,4 @@ def connect_server(url: str, model_name: str = DEFAULT_SERVER_MODEL, version: Op
         except ServingError as exc:
             raise DenoiseError(f"TF Serving at {url}: {exc}") from None
 
-    return predict, ModelInfo(model_name, shown, "TF Serving")
+    return predict, ModelInfo(model_name, shown, "TF Serving", strength)

@@ -14,6 +14,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldct_tf import cli
 from ldct_tf import denoise
+from ldct_tf.dicom import ai_marking
 from ldct_tf.denoise import DEFAULT_BATCH_SIZE, DEFAULT_SERVER_MODEL, DenoiseError
 
 
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per server request (default 60)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="slices per model call (default %(default)s)")
+    parser.add_argument("--strength", type=float,
+                        help="denoising strength in [0, 1]: 0 returns the input, 1 the full network output "
+                             "(default: the model's default_strength, recorded in each derived file)")
     parser.add_argument("--overwrite", action="store_true", help="replace files left in OUTPUT by an earlier run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-audit", action="store_true",
@@ -58,10 +62,12 @@ def _denoise(args: argparse.Namespace) -> None:
     denoise.check_paths(Path(args.input), Path(args.output))  # before loading a model: fail fast on wrong paths
     if args.server:
         denoiser, model = denoise.connect_server(args.server, args.server_model, args.server_version, args.timeout,
-                                                  args.batch_size)
+                                                  args.batch_size, args.strength)
     else:
-        denoiser, model = denoise.load_saved_model(args.model or denoise.DEFAULT_MODEL, args.batch_size)
-    print(f"model: {model.name} version {model.version} ({model.where})", flush=True)
+        denoiser, model = denoise.load_saved_model(args.model or denoise.DEFAULT_MODEL, args.batch_size,
+                                                   args.strength)
+    print(f"model: {model.name} version {model.version} ({model.where}), {ai_marking.strength_text(model.strength)}",
+          flush=True)
     with logging_redirect_tqdm():
         summary = denoise.denoise(args.input, args.output, denoiser, model, batch_size=args.batch_size,
                                   overwrite=args.overwrite, progress=False if args.no_progress else None,

@@ -15,6 +15,8 @@ Wire formats (TF Serving's documented ones):
   to integers in and out (what a DICOM stores anyway).  Errors come back as ``{"error": message}``.
 * gRPC ``tensorflow.serving.PredictionService/Predict`` with ``TensorProto`` tensors (binary, so float32 is the
   default there) and ``ModelService/GetModelStatus``.
+* ``strength`` given: the same requests to ``denoise_strength`` / ``denoise_bytes_strength`` with a ``strength``
+  input (a scalar; in REST row format one per instance); None: the signatures above, at the model's default.
 
 Transient failures (connection refused or reset, HTTP 502/503/504/429, gRPC UNAVAILABLE, DEADLINE_EXCEEDED,
 RESOURCE_EXHAUSTED) are retried ``retries`` times with exponential backoff; anything else raises
@@ -36,9 +38,10 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ldct_tf.errors import LdctError
-from ldct_tf.saved_model import (BYTES_INPUT, BYTES_OUTPUT, BYTES_SIGNATURE, DEFAULT_SIGNATURE, HEIGHT_INPUT,
-                                 HU_INPUT, HU_OUTPUT, WIDTH_INPUT, as_batch, from_int16_bytes, graph_error_message,
-                                 int16_bytes)
+from ldct_tf.saved_model import (BYTES_INPUT, BYTES_OUTPUT, BYTES_SIGNATURE, BYTES_STRENGTH_SIGNATURE,
+                                 DEFAULT_SIGNATURE, HEIGHT_INPUT, HU_INPUT, HU_OUTPUT, STRENGTH_INPUT,
+                                 STRENGTH_SIGNATURE, WIDTH_INPUT, as_batch, check_strength, from_int16_bytes,
+                                 graph_error_message, int16_bytes)
 
 ENCODINGS = ("float32", "int16")
 _RETRY_HTTP = {429, 502, 503, 504}
@@ -63,12 +66,13 @@ class ServingClient:
     ``url``: ``http(s)://host:port`` -> REST; ``grpc://host:port``, ``grpcs://host:port`` (TLS) or a bare
     ``host:port`` -> gRPC; ``protocol`` ("rest" / "grpc") overrides the guess.  ``version`` pins a model version
     (default: the server's newest).  ``encoding`` is "float32" or "int16" (see the module docstring); default float32
-    over gRPC, int16 over REST.  Slices are sent ``batch_size`` at a time.
+    over gRPC, int16 over REST.  Slices are sent ``batch_size`` at a time.  ``strength`` (in [0, 1]) is sent with
+    every request when given; None leaves the server's model at its default strength.
     """
 
     def __init__(self, url: str, model: str = "ldct_denoiser", version: Optional[int] = None, *,
                  protocol: Optional[str] = None, timeout_s: float = 60.0, retries: int = 2, batch_size: int = 8,
-                 encoding: Optional[str] = None, backoff_s: float = 0.5):
+                 encoding: Optional[str] = None, backoff_s: float = 0.5, strength: Optional[float] = None):
         parsed = urlparse(url if "://" in url else f"//{url}")
         scheme = parsed.scheme.lower()
         if protocol is None:
@@ -87,6 +91,7 @@ class ServingClient:
         if batch_size < 1 or retries < 0 or timeout_s <= 0:
             raise ValueError(f"need batch_size >= 1, retries >= 0, timeout_s > 0; got {batch_size}, {retries}, "
                              f"{timeout_s}")
+        self.strength = None if strength is None else check_strength(strength)
         self.url, self.model, self.version = url, model, version
         self.protocol, self.encoding = protocol, encoding
         self.timeout_s, self.retries, self.batch_size, self.backoff_s = timeout_s, retries, batch_size, backoff_s
@@ -101,7 +106,7 @@ class ServingClient:
 
     def __repr__(self) -> str:
         return (f"ServingClient({self.url!r}, model={self.model!r}, version={self.version}, "
-                f"protocol={self.protocol!r}, encoding={self.encoding!r})")
+                f"protocol={self.protocol!r}, encoding={self.encoding!r}, strength={self.strength})")
 
     def close(self) -> None:
         if self._channel is not None:
@@ -126,7 +131,7 @@ class ServingClient:
         for start in range(0, len(batch), self.batch_size):
             chunk = batch[start:start + self.batch_size]
             call = self._predict_rest if self.protocol == "rest" else self._predict_grpc
-            out = self._with_retries(lambda: call(chunk))
+            out = self._with_retries(lambda: self._missing_strength_signature(call, chunk))
             if out.shape != chunk.shape:
                 raise ServingError(f"server returned shape {out.shape} for a request of shape {chunk.shape}",
                                    "BAD_RESPONSE", self.url)
@@ -134,6 +139,22 @@ class ServingClient:
         if not outputs:
             return restore(np.zeros((0,) + batch.shape[1:], np.float32))
         return restore(np.concatenate(outputs))
+
+    def _signature(self, plain: str, with_strength: str) -> str:
+        return plain if self.strength is None else with_strength
+
+    def _missing_strength_signature(self, call, chunk: np.ndarray) -> np.ndarray:
+        """``call(chunk)``; a model exported before the strength control answers that the signature does not exist:
+        say so in one line rather than in the server's words."""
+        try:
+            return call(chunk)
+        except ServingError as exc:
+            missing = "not found" in exc.message and any(name in exc.message for name in (STRENGTH_SIGNATURE,
+                                                                                         BYTES_STRENGTH_SIGNATURE))
+            if self.strength is not None and missing:
+                raise ServingError(f"model {self.model!r} has no strength input (exported before the strength "
+                                   f"control); leave the strength at the model's default", exc.code, exc.url) from None
+            raise
 
     def status(self) -> dict:
         """The model's version states: ``{"model": NAME, "versions": [{"version": int, "state": "AVAILABLE",
@@ -183,7 +204,8 @@ class ServingClient:
 
     def _predict_rest(self, batch: np.ndarray) -> np.ndarray:
         if self.encoding == "float32":
-            body = {"signature_name": DEFAULT_SIGNATURE, "inputs": {HU_INPUT: batch.tolist()}}
+            inputs = {HU_INPUT: batch.tolist(), **self._strength_inputs()}
+            body = {"signature_name": self._signature(DEFAULT_SIGNATURE, STRENGTH_SIGNATURE), "inputs": inputs}
             answer = self._http("POST", self._model_path() + ":predict", body)
             if "outputs" not in answer:
                 raise ServingError(f"response has no 'outputs': keys {sorted(answer)}", "BAD_RESPONSE", self.url)
@@ -193,9 +215,11 @@ class ServingClient:
             return np.asarray(outputs, np.float32)
         _, height, width, _ = batch.shape
         instances = [{BYTES_INPUT: {"b64": base64.b64encode(int16_bytes(image)).decode("ascii")},
-                      HEIGHT_INPUT: int(height), WIDTH_INPUT: int(width)} for image in batch[..., 0]]
+                      HEIGHT_INPUT: int(height), WIDTH_INPUT: int(width), **self._strength_inputs()}
+                     for image in batch[..., 0]]
         answer = self._http("POST", self._model_path() + ":predict",
-                            {"signature_name": BYTES_SIGNATURE, "instances": instances})
+                            {"signature_name": self._signature(BYTES_SIGNATURE, BYTES_STRENGTH_SIGNATURE),
+                             "instances": instances})
         if "predictions" not in answer:
             raise ServingError(f"response has no 'predictions': keys {sorted(answer)}", "BAD_RESPONSE", self.url)
         images = []
@@ -207,6 +231,9 @@ class ServingClient:
                                    "BAD_RESPONSE", self.url)
             images.append(self._from_int16_bytes(base64.b64decode(item["b64"]), height, width))
         return np.stack(images)[..., np.newaxis]
+
+    def _strength_inputs(self) -> dict:
+        return {} if self.strength is None else {STRENGTH_INPUT: self.strength}
 
     def _http(self, method: str, path: str, body: Optional[dict] = None) -> dict:
         url = self._base + path
@@ -272,15 +299,17 @@ class ServingClient:
         request = predict_pb2.PredictRequest()
         _, height, width, _ = batch.shape
         if self.encoding == "float32":
-            self._fill_spec(request.model_spec, DEFAULT_SIGNATURE)
+            self._fill_spec(request.model_spec, self._signature(DEFAULT_SIGNATURE, STRENGTH_SIGNATURE))
             request.inputs[HU_INPUT].CopyFrom(make_tensor_proto(batch))
             request.output_filter.append(HU_OUTPUT)
         else:
-            self._fill_spec(request.model_spec, BYTES_SIGNATURE)
+            self._fill_spec(request.model_spec, self._signature(BYTES_SIGNATURE, BYTES_STRENGTH_SIGNATURE))
             request.inputs[BYTES_INPUT].CopyFrom(
                 make_tensor_proto([int16_bytes(image) for image in batch[..., 0]]))
             request.inputs[HEIGHT_INPUT].CopyFrom(make_tensor_proto(np.full(len(batch), height, np.int32)))
             request.inputs[WIDTH_INPUT].CopyFrom(make_tensor_proto(np.full(len(batch), width, np.int32)))
+        if self.strength is not None:
+            request.inputs[STRENGTH_INPUT].CopyFrom(make_tensor_proto(np.float32(self.strength)))
         stub = prediction_service_pb2_grpc.PredictionServiceStub(self._grpc_channel())
         response = self._grpc_call(stub.Predict, request)
         if self.encoding == "float32":

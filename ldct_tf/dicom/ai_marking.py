@@ -10,6 +10,10 @@ images a network produced and which network, without a side channel.  PS3.3 puts
   Software Versions, and a Contribution Description;
 - Image Comments (0020,4000): the research-use statement, appended to any existing comment, where viewers show it.
 
+The denoising strength used (0 = the input unchanged, 1 = the full network output; ``ldct_tf.saved_model``) is
+written as ``strength S`` (:func:`strength_text`) in both the Derivation Description and the Contribution Description,
+beside the model's name and version, so a reader can tell a "low" from a "high" series.
+
 The text never names the patient: it comes from the model's name and version and this package's version only.
 """
 
@@ -34,10 +38,18 @@ class AIModel:
     version: str
     software_version: str  # of ldct_tf
     where: str = "SavedModel"  # how it was run: SavedModel or TF Serving
+    strength: Optional[float] = None  # None: the model's default, value not known here (a TF Serving model)
 
     def derivation_text(self) -> str:
         return (f"Denoised by AI model {self.name} version {self.version} (ldct_tf {self.software_version}, "
-                f"denoising network, via {self.where}; its model card says how it was trained); {RESEARCH_USE}")
+                f"denoising network, via {self.where}, {strength_text(self.strength)}; its model card says how it "
+                f"was trained); {RESEARCH_USE}")
+
+
+def strength_text(strength: Optional[float]) -> str:
+    """``strength 0.5 (0 = input unchanged, 1 = full network output)``: how the derived files record the strength."""
+    value = "the model's default" if strength is None else f"{strength:g}"
+    return f"strength {value} (0 = input unchanged, 1 = full network output)"
 
 
 def append_text(existing: Optional[str], addition: str, limit: int, separator: str = "; ") -> str:

@@ -18,9 +18,14 @@ Signatures (callers speak HU; the graph does clipping, scaling, padding to the n
   row-major), ``height`` and ``width`` int32 ``[batch]`` (the raw image's size; for a PNG 0 or its own size); output
   ``denoised_bytes`` string ``[batch]``, each in the encoding of its input.  TF Serving's REST API base64-encodes
   outputs whose name ends in ``_bytes``.
+* ``denoise_strength`` and ``denoise_bytes_strength``: the same two with a ``strength`` input, float32 scalar or
+  ``[batch]`` in [0, 1]: ``output = input + strength * (network output - input)``, so 0 returns the input bit for bit
+  and 1 the network output.  The two signatures without it use ``default_strength`` from ``metadata.json``
+  (``--default-strength``, 1.0 unless given).  ``--default-strength`` replaces the former ``--input-blend B``: a
+  blend B is the default strength 1 - B (up to the blend's clipping of the input to [-1024, 3071] HU).
 
 Bad input (NaN or Inf, wrong rank or channel count, smaller than ``min_size``, a byte string of the wrong length, an
-8-bit PNG) fails inside the graph with an ``InvalidArgument`` error that says what was expected, so TF Serving and
+8-bit PNG, a strength outside [0, 1]) fails inside the graph with an ``InvalidArgument`` error that says what was expected, so TF Serving and
 Python report the same thing.  The names are the contract in :mod:`ldct_tf.saved_model`, the graph is
 :mod:`ldct_tf.export.graph`; this module writes versions and TF Serving's files;
 ``ldct_tf/export/__main__.py`` is the command line.
@@ -43,8 +48,9 @@ import tensorflow as tf  # noqa: E402
 
 from ldct_tf import ct, saved_model  # noqa: E402
 from ldct_tf.errors import LdctError  # noqa: E402
-from ldct_tf.saved_model import (BYTES_SIGNATURE, DEFAULT_SIGNATURE, METADATA_FILE,  # noqa: E402,F401 (re-exported)
-                                 SavedModelDenoiser, resolve_version_dir)
+from ldct_tf.saved_model import (BYTES_SIGNATURE, BYTES_STRENGTH_SIGNATURE, DEFAULT_SIGNATURE,  # noqa: E402,F401
+                                 DEFAULT_STRENGTH, METADATA_FILE, STRENGTH_SIGNATURE, SavedModelDenoiser,
+                                 resolve_version_dir)
 from ldct_tf.export.graph import DenoiserModule, infer_size_multiple, min_input_size  # noqa: E402
 
 if TYPE_CHECKING:  # keras is only needed to export, not to run a SavedModel
@@ -85,7 +91,7 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
                      metadata: Optional[dict] = None, float16_weights: bool = False,
                      size_multiple: Optional[int] = None, warmup_size: int = 512,
                      serving_base: Optional[str] = "/models", min_size: Optional[int] = None,
-                     input_blend: float = 0.0) -> Path:
+                     default_strength: float = DEFAULT_STRENGTH) -> Path:
     """Write saved_models-style ``OUTPUT/VERSION/`` (next free integer when ``version`` is None); returns the version
     folder.
 
@@ -95,10 +101,12 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
     and width the graph accepts) to :func:`~ldct_tf.export.graph.min_input_size` of it.  ``warmup_size`` is the
     slice size of the warm-up requests (0: none).  ``serving_base`` is the folder the server sees the models root as
     (``/models`` in the Docker image), written into ``models.config`` beside ``OUTPUT``; None skips the config files.
-    ``input_blend`` mixes that share of the input into the output inside the graph (``serving_graph.blend_input``).
+    ``default_strength`` is the strength of the signatures without a ``strength`` input (``graph.mix_strength``).
     """
-    if not 0.0 <= input_blend < 1.0:
-        raise ExportError(f"input_blend must be in [0, 1), got {input_blend!r}")
+    try:
+        default_strength = saved_model.check_strength(default_strength, "default_strength")
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     multiple = int(size_multiple or infer_size_multiple(generator))
     min_size = int(min_size or min_input_size(multiple))
     if warmup_size and warmup_size < min_size:
@@ -113,10 +121,12 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
     if final.exists():
         raise FileExistsError(f"{final}: version {version} already exists; choose another --version or omit it")
 
-    module = DenoiserModule(generator, multiple, float16_weights, min_size, input_blend)
+    module = DenoiserModule(generator, multiple, float16_weights, min_size, default_strength)
     signatures = {
         DEFAULT_SIGNATURE: module.serve_hu.get_concrete_function(),
         BYTES_SIGNATURE: module.serve_bytes.get_concrete_function(),
+        STRENGTH_SIGNATURE: module.serve_hu_strength.get_concrete_function(),
+        BYTES_STRENGTH_SIGNATURE: module.serve_bytes_strength.get_concrete_function(),
     }
     info = {
         "name": output.name,
@@ -128,7 +138,7 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
         "size_multiple": multiple,
         "min_size": min_size,
         "float16_weights": bool(float16_weights),
-        "input_blend": float(input_blend),
+        "default_strength": default_strength,
         "parameters": int(sum(np.prod(v.shape) for v in generator.weights)),
         "hu_clip": [ct.HU_MIN, ct.HU_MAX],
         "signatures": saved_model.SIGNATURES,
@@ -166,22 +176,20 @@ def write_warmup_requests(path: Path, model_name: str, size: int = 512) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     water = np.zeros((1, size, size, 1), np.float32)  # 0 HU
-    requests = []
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
-    request.model_spec.signature_name = DEFAULT_SIGNATURE
-    request.inputs[saved_model.HU_INPUT].CopyFrom(tf.make_tensor_proto(water))
-    requests.append(request)
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
-    request.model_spec.signature_name = BYTES_SIGNATURE
-    request.inputs[saved_model.BYTES_INPUT].CopyFrom(
-        tf.make_tensor_proto(np.array([saved_model.int16_bytes(water[0, ..., 0])], dtype=object)))
-    request.inputs[saved_model.HEIGHT_INPUT].CopyFrom(tf.make_tensor_proto(np.array([size], np.int32)))
-    request.inputs[saved_model.WIDTH_INPUT].CopyFrom(tf.make_tensor_proto(np.array([size], np.int32)))
-    requests.append(request)
+    inputs = {saved_model.HU_INPUT: water}
+    as_bytes = {saved_model.BYTES_INPUT: np.array([saved_model.int16_bytes(water[0, ..., 0])], dtype=object),
+                saved_model.HEIGHT_INPUT: np.array([size], np.int32),
+                saved_model.WIDTH_INPUT: np.array([size], np.int32)}
+    strength = {saved_model.STRENGTH_INPUT: np.float32(0.5)}
+    requests = {DEFAULT_SIGNATURE: inputs, BYTES_SIGNATURE: as_bytes, STRENGTH_SIGNATURE: {**inputs, **strength},
+                BYTES_STRENGTH_SIGNATURE: {**as_bytes, **strength}}
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for request in requests:
+        for signature, tensors in requests.items():
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = model_name
+            request.model_spec.signature_name = signature
+            for key, value in tensors.items():
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
     return path

@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 
 from ldct_tf import cli
 from ldct_tf import config as config_lib
-from ldct_tf.export import BATCHING_FILE, MODELS_CONFIG, export_generator, load_generator, training_metadata
+from ldct_tf.export import (BATCHING_FILE, DEFAULT_STRENGTH, MODELS_CONFIG, export_generator, load_generator,
+                            training_metadata)
 from ldct_tf.models.generator import size_multiple
 
 
@@ -28,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where TF Serving sees the models root, written into models.config (default /models, "
                              "the Docker image's; give the absolute path for a local tensorflow_model_server)")
     parser.add_argument("--warmup-size", type=int, default=512, help="slice size of the warm-up requests (0: none)")
-    parser.add_argument("--input-blend", type=float, default=0.0,
-                        help="share of the low-dose input mixed back into the output, in [0, 1) (default 0)")
+    parser.add_argument("--default-strength", type=float, default=DEFAULT_STRENGTH,
+                        help="strength of the signatures without a strength input, in [0, 1]: 0 returns the input, "
+                             "1 the network output (default 1; replaces --input-blend B, which is 1 - B)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. export.name=my_model")
     return parser
 
@@ -52,7 +54,7 @@ def _export(args: argparse.Namespace) -> None:
     version_dir = export_generator(
         load_generator(model_dir, cfg), output, version=args.version, metadata=training_metadata(model_dir, cfg),
         float16_weights=cfg.export.float16_weights, size_multiple=size_multiple(cfg.model.depth),
-        warmup_size=args.warmup_size, serving_base=args.serving_base, input_blend=args.input_blend)
+        warmup_size=args.warmup_size, serving_base=args.serving_base, default_strength=args.default_strength)
     print(f"Exported {output.name} version {version_dir.name} to {version_dir}")
     print(f"Models config: {output.parent / MODELS_CONFIG}; batching parameters: {output.parent / BATCHING_FILE}")
     print(f"Inspect: saved_model_cli show --all --dir {version_dir}")

@@ -1,5 +1,5 @@
 """The graph inside the exported SavedModel: input checks, HU <-> model scale, padding to the network's multiple and
-cropping back, and the codecs of the ``denoise_bytes`` signature.
+cropping back, the strength mix, and the codecs of the ``denoise_bytes`` signatures.
 
 Everything a caller can get wrong is checked here, in the graph, rather than in a Python wrapper: TF Serving runs the
 graph without our Python, so only an in-graph ``InvalidArgument`` reaches its clients with a message that says what
@@ -14,8 +14,8 @@ import numpy as np
 import tensorflow as tf
 
 from ldct_tf import ct, keras_compat
-from ldct_tf.saved_model import (BYTES_INPUT, BYTES_OUTPUT, HEIGHT_INPUT, HU_INPUT, HU_OUTPUT, PNG_HU_OFFSET,
-                                 PNG_MAGIC, WIDTH_INPUT)
+from ldct_tf.saved_model import (BYTES_INPUT, BYTES_OUTPUT, DEFAULT_STRENGTH, HEIGHT_INPUT, HU_INPUT, HU_OUTPUT,
+                                 PNG_HU_OFFSET, PNG_MAGIC, STRENGTH_INPUT, WIDTH_INPUT, check_strength)
 
 if TYPE_CHECKING:  # keras is only needed to export, not to run a SavedModel
     import keras
@@ -46,17 +46,18 @@ def min_input_size(size_multiple: int) -> int:
 
 
 class DenoiserModule(tf.Module):
-    """What the SavedModel holds: the generator's weights (its own copies, optionally float16) and the two signatures.
+    """What the SavedModel holds: the generator's weights (its own copies, optionally float16) and four signatures
+    (HU and bytes, each without and with a ``strength`` input; the names are in :mod:`ldct_tf.saved_model`).
 
     The generator runs through ``keras.Model.stateless_call`` on weights cast to float32, so the SavedModel carries
     one copy of the weights in whichever dtype was chosen, and no Keras objects (loading needs only TensorFlow).
+    ``default_strength`` is what the signatures without a ``strength`` input use (a constant in their graph).
     """
 
     def __init__(self, generator: "keras.Model", size_multiple: int, float16_weights: bool = False,
-                 min_size: int | None = None, input_blend: float = 0.0):
+                 min_size: int | None = None, default_strength: float = DEFAULT_STRENGTH):
         super().__init__(name="ldct_denoiser")
-        if not 0.0 <= input_blend < 1.0:
-            raise ValueError(f"input_blend must be in [0, 1), got {input_blend!r}")
+        self._default_strength = check_strength(default_strength, "default_strength")
         dtype = tf.float16 if float16_weights else tf.float32
         generator = keras_compat.with_traceable_upsampling(generator)
         # A closure, not an attribute: an attribute would make the Keras model a tracked dependency and save a
@@ -69,7 +70,6 @@ class DenoiserModule(tf.Module):
                               for v in generator.non_trainable_variables]
         self._multiple = int(size_multiple)
         self._min_size = int(min_size or min_input_size(size_multiple))
-        self._blend = float(input_blend)
         self.size_multiple = tf.constant(self._multiple, tf.int32)
         self.min_size = tf.constant(self._min_size, tf.int32)
 
@@ -78,44 +78,77 @@ class DenoiserModule(tf.Module):
         others = [tf.cast(v, tf.float32) for v in self.non_trainable]
         return tf.cast(self._run_generator(weights, others, x), tf.float32)
 
-    def denoise(self, hu: tf.Tensor, input_name: str = HU_INPUT) -> tf.Tensor:
-        """[N, H, W, 1] float HU (already validated) -> denoised float32 HU of the same shape: the network's output,
-        with ``input_blend`` of the (clipped) input mixed back in (:func:`blend_input`)."""
+    def denoise(self, hu: tf.Tensor, strength: tf.Tensor | None = None, input_name: str = HU_INPUT) -> tf.Tensor:
+        """[N, H, W, 1] float HU (already validated) -> denoised float32 HU of the same shape: the network's output
+        mixed with the input by ``strength`` (None: the default strength; :func:`mix_strength`)."""
         hu = require_min_size(tf.ensure_shape(hu, [None, None, None, 1]), self._min_size, input_name)
         shape = tf.shape(hu)
+        if strength is None:
+            strength = tf.constant(self._default_strength, tf.float32)
+        strength = validate_strength(strength, shape[0])
         x = ct.pad_to_multiple(ct.to_model(hu), self._multiple, value=_AIR_MODEL, axes=(1, 2))
         y = self._model(x)[:, :shape[1], :shape[2], :]
-        return blend_input(ct.from_model(y), hu, self._blend)
+        return mix_strength(ct.from_model(y), hu, strength)
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name=HU_INPUT)])
     def serve_hu(self, hu):
         # Unknown rank in the spec on purpose: the rank and channel checks then run in the graph (TF Serving does not
         # check shapes against the signature), and their messages say what was expected.
-        hu = validate_hu(hu)
-        return {HU_OUTPUT: self.denoise(hu)}
+        return {HU_OUTPUT: self.denoise(validate_hu(hu))}
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name=HU_INPUT),
+                                  tf.TensorSpec(None, tf.float32, name=STRENGTH_INPUT)])
+    def serve_hu_strength(self, hu, strength):
+        return {HU_OUTPUT: self.denoise(validate_hu(hu), strength)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT),
                                   tf.TensorSpec([None], tf.int32, name=HEIGHT_INPUT),
                                   tf.TensorSpec([None], tf.int32, name=WIDTH_INPUT)])
     def serve_bytes(self, image_bytes, height, width):
+        return {BYTES_OUTPUT: self._bytes(image_bytes, height, width, None)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT),
+                                  tf.TensorSpec([None], tf.int32, name=HEIGHT_INPUT),
+                                  tf.TensorSpec([None], tf.int32, name=WIDTH_INPUT),
+                                  tf.TensorSpec(None, tf.float32, name=STRENGTH_INPUT)])
+    def serve_bytes_strength(self, image_bytes, height, width, strength):
+        return {BYTES_OUTPUT: self._bytes(image_bytes, height, width, strength)}
+
+    def _bytes(self, image_bytes, height, width, strength):
         hu, is_png = decode_images(image_bytes, height, width)
-        denoised = self.denoise(hu[..., tf.newaxis], BYTES_INPUT)[..., 0]
-        return {BYTES_OUTPUT: encode_images(denoised, is_png)}
+        denoised = self.denoise(hu[..., tf.newaxis], strength, BYTES_INPUT)[..., 0]
+        return encode_images(denoised, is_png)
 
 
-def blend_input(denoised_hu, hu, weight: float):
-    """``(1 - weight) * denoised + weight * clip(hu)`` (numpy or tensors): the share of the low-dose input mixed back,
-    as vendors' iterative reconstructions blend with FBP.
+def validate_strength(strength: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
+    """A scalar or ``[batch]`` strength -> ``[batch, 1, 1, 1]`` once it is finite and in [0, 1]; otherwise an
+    InvalidArgument that says what was expected (TF Serving's clients get no Python check)."""
+    strength = tf.convert_to_tensor(strength, tf.float32)
+    shape = tf.shape(strength)
+    rank = tf.size(shape)
+    size = tf.size(strength)
+    message = f"input '{STRENGTH_INPUT}' must be a finite float32 in [0, 1], a scalar or one per slice [batch]; got"
+    checks = [
+        tf.debugging.Assert(tf.logical_or(tf.equal(rank, 0), tf.logical_and(tf.equal(rank, 1),
+                                                                              tf.equal(size, batch))),
+                            [message, "shape", shape, "for a batch of", batch], summarize=_SUMMARIZE),
+        tf.debugging.Assert(tf.reduce_all(tf.logical_and(strength >= 0.0, strength <= 1.0)),  # False for NaN
+                            [message, strength], summarize=_SUMMARIZE),
+    ]
+    flat = tf.reshape(_after(checks, strength), [-1, 1, 1, 1])
+    return tf.broadcast_to(flat, tf.stack([batch, 1, 1, 1]))
 
-    Why: a denoiser trained for the mean squared error smooths what it is unsure of, edges included; a small share of
-    the input brings back edge contrast and noise texture at a known cost in noise.  The input is clipped to the
-    scanner range first, as the network sees it.  ``experiments.ablation`` chooses the share on validation.
+
+def mix_strength(network_hu: tf.Tensor, hu: tf.Tensor, strength: tf.Tensor) -> tf.Tensor:
+    """``hu + strength * (network_hu - hu)``, with strength 0 giving ``hu`` and 1 ``network_hu`` bit for bit
+    (padding values outside the scanner range included: the arithmetic would round them).
+
+    Why a mix with the input rather than a second network: as vendors blend iterative reconstructions with FBP, a
+    reader who finds the full output too smooth gets back edge contrast and noise texture at a known cost in noise,
+    per request, without re-exporting (the same formula as :func:`ldct_tf.saved_model.apply_strength`).
     """
-    if not weight:
-        return denoised_hu
-    clipped = (tf.clip_by_value(hu, ct.HU_MIN, ct.HU_MAX) if isinstance(hu, tf.Tensor)
-               else np.clip(np.asarray(hu, np.float32), ct.HU_MIN, ct.HU_MAX))
-    return (1.0 - weight) * denoised_hu + weight * clipped
+    mixed = hu + strength * (network_hu - hu)
+    return tf.where(tf.equal(strength, 0.0), hu, tf.where(tf.equal(strength, 1.0), network_hu, mixed))
 
 
 def _var_name(variable) -> str:

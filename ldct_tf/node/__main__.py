@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-model", default=denoise.DEFAULT_SERVER_MODEL, help="model name on the server")
     p.add_argument("--server-version", type=int, help="model version on the server (default: its newest)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per TF Serving request (default 60)")
+    p.add_argument("--strength", type=float, help="denoising strength in [0, 1] (default: the model's; see "
+                                                  "python -m ldct_tf.denoise --help)")
     p.add_argument("--batch-size", type=int, default=denoise.DEFAULT_BATCH_SIZE, help="slices per model call")
     p.add_argument("--forward", metavar="AET@HOST:PORT", help="C-STORE each derived series here (e.g. your PACS)")
     p.add_argument("--store", metavar="DIR", help="also write each derived series to DIR/<batch>/")
@@ -165,8 +167,8 @@ def _settings(args: argparse.Namespace) -> _Settings:
 def _load_model(args: argparse.Namespace) -> tuple[denoise.Denoiser, denoise.ModelInfo]:
     if args.server:
         return denoise.connect_server(args.server, args.server_model, args.server_version, args.timeout,
-                                      args.batch_size)
-    return denoise.load_saved_model(args.model or denoise.DEFAULT_MODEL, args.batch_size)
+                                      args.batch_size, args.strength)
+    return denoise.load_saved_model(args.model or denoise.DEFAULT_MODEL, args.batch_size, args.strength)
 
 
 def _recovered_worker(args: argparse.Namespace, spool: Spool, settings: _Settings, denoiser: denoise.Denoiser,

@@ -343,6 +343,87 @@ def test_cli_with_tf_serving(ct_small_series, saved_model, model_denoiser, tmp_p
 
 
 @pytest.mark.slow
+@needs_dciodvfy
+def test_cli_strength_mixes_and_is_recorded_in_the_derived_files(ct_small_series, saved_model, model_denoiser,
+                                                                  tmp_path, capsys):
+    """--strength S: the files hold input + S * (network output - input), 0 the input's own stored values, and each
+    derived file says which model and which strength made it, in valid DICOM."""
+    for strength in ("0.5", "0"):
+        out = tmp_path / f"out{strength}"
+        assert denoise.main([str(ct_small_series), str(out), "--model", str(saved_model), "--strength", strength,
+                             "--no-progress", "--no-audit"]) == 0
+        assert f"strength {float(strength):g} (0 = input unchanged" in capsys.readouterr().out
+        outputs = sorted(out.rglob("*.dcm"))
+        assert len(outputs) == 3
+        for path in outputs:
+            source = ct_small_series / path.relative_to(out)
+            hu_in, _ = dicom.read_slice(source)
+            hu_out, _ = dicom.read_slice(path)
+            network = model_denoiser(hu_in, strength=1.0)
+            if strength == "0":
+                assert np.array_equal(pydicom.dcmread(path).pixel_array, pydicom.dcmread(source).pixel_array)
+            else:
+                assert np.abs(hu_out - expected_hu(source, (hu_in + network) / 2)).max() <= 1.0
+                assert np.abs(hu_out - expected_hu(source, network)).max() > 5.0
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            recorded = f"version 1 via SavedModel, strength {float(strength):g} (0 = input unchanged"
+            assert recorded in ds.DerivationDescription
+            contribution = ds.ContributingEquipmentSequence[-1].ContributionDescription
+            assert "ldct_denoiser version 1" in contribution and recorded.split(", ")[1] in contribution
+            assert dciodvfy_errors(path) == set(), path
+    # Without --strength: the model's default, named in the files too.
+    default = tmp_path / "default"
+    assert denoise.main([str(ct_small_series), str(default), "--model", str(saved_model), "--no-progress",
+                         "--no-audit"]) == 0
+    first = pydicom.dcmread(sorted(default.rglob("*.dcm"))[0], stop_before_pixels=True)
+    assert "strength 1 (0 = input unchanged" in first.DerivationDescription
+
+
+@pytest.mark.parametrize("strength", ["1.5", "-0.1", "nan", "inf"])
+def test_cli_strength_outside_0_1_is_one_line_and_writes_nothing(ct_small_series, tmp_path, capsys, strength):
+    out = tmp_path / "out"
+    assert denoise.main([str(ct_small_series), str(out), "--model", str(tmp_path / "no_model"), "--strength",
+                         strength, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"ldct_tf.denoise: error: strength must be a finite number in [0, 1], got {float(strength)!r}"
+    assert not out.exists()
+    with pytest.raises(denoise.DenoiseError, match="strength must be a finite number"):
+        denoise.connect_server("http://127.0.0.1:9", strength=float(strength))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_strength_through_tf_serving(ct_small_series, saved_model, model_denoiser, tmp_path, capsys, protocol):
+    """--server --strength: sent in the strength signatures, the same files as the local model at that strength; a
+    model exported before the control (the shipped version 2) is refused in one line."""
+    from ldct_tf.testing.model_server import serve
+
+    with serve(saved_model.parent, saved_model.name) as (rest_url, grpc_target):
+        url = rest_url if protocol == "rest" else f"grpc://{grpc_target}"
+        out = tmp_path / "out"
+        assert denoise.main([str(ct_small_series), str(out), "--server", url, "--strength", "0.25",
+                             "--no-progress", "--no-audit"]) == 0
+    for path in sorted(out.rglob("*.dcm")):
+        source = ct_small_series / path.relative_to(out)
+        hu_in, _ = dicom.read_slice(source)
+        hu_out, _ = dicom.read_slice(path)
+        assert np.abs(hu_out - expected_hu(source, model_denoiser(hu_in, strength=0.25))).max() <= 1.0
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert "version 1 via TF Serving, strength 0.25 (0 = input unchanged" in ds.DerivationDescription
+    shipped = Path(__file__).resolve().parents[2] / "saved_models"
+    if not (shipped / "ldct_denoiser" / "2" / "saved_model.pb").exists():
+        pytest.skip("shipped version 2 not in this checkout")
+    with serve(shipped, "ldct_denoiser") as (rest_url, grpc_target):
+        url = rest_url if protocol == "rest" else f"grpc://{grpc_target}"
+        assert denoise.main([str(ct_small_series), str(tmp_path / "old"), "--server", url, "--strength", "0.5",
+                             "--no-progress", "--no-audit"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("model 'ldct_denoiser' has no strength input (exported before the strength control); "
+                            "leave the strength at the model's default")
+    assert not (tmp_path / "old").exists() or not list((tmp_path / "old").rglob("*.dcm"))
+
+
+@pytest.mark.slow
 def test_358x512_slice(tmp_path, model_denoiser):
     """A height that is not a multiple of the network's 2**depth: padded and cropped back inside the SavedModel."""
     base = sample_data.ct_small_hu()

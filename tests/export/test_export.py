@@ -61,7 +61,9 @@ def test_layout_metadata_and_config_files(exported):
     assert meta["config"]["model"]["depth"] == 2 and meta["size_multiple"] == 4
     assert meta["data"]["counts"]["train"]["low"] == 3
     assert meta["tensorflow_version"] == tf.__version__ and "ldct_tf_version" in meta
-    assert set(meta["signatures"]) == {"serving_default", "denoise_bytes"}
+    assert set(meta["signatures"]) == {"serving_default", "denoise_bytes", "denoise_strength",
+                                       "denoise_bytes_strength"}
+    assert meta["default_strength"] == 1.0 and "input_blend" not in meta
     # No half-written temporary folder is left beside the version.
     assert [p.name for p in (root / "ldct_denoiser").iterdir()] == ["1"]
 
@@ -155,8 +157,8 @@ def test_warmup_requests_replay_against_the_model(exported):
     _, root, version_dir, _ = exported
     path = version_dir / "assets.extra" / "tf_serving_warmup_requests"
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
-    assert [log.predict_log.request.model_spec.signature_name for log in logs] == ["serving_default",
-                                                                                    "denoise_bytes"]
+    assert [log.predict_log.request.model_spec.signature_name for log in logs] == [
+        "serving_default", "denoise_bytes", "denoise_strength", "denoise_bytes_strength"]
     server = LoopbackModelServer(root, "ldct_denoiser")
     for log in logs:
         request = log.predict_log.request
@@ -176,7 +178,9 @@ def test_saved_model_cli_shows_both_signatures(exported):
     text = done.stdout
     for needle in ("signature_def['serving_default']", "inputs['hu']", "outputs['denoised_hu']",
                    "signature_def['denoise_bytes']", "inputs['image_bytes']", "inputs['height']",
-                   "outputs['denoised_bytes']", "DT_STRING", "DT_FLOAT", "DT_INT32"):
+                   "outputs['denoised_bytes']", "DT_STRING", "DT_FLOAT", "DT_INT32",
+                   "signature_def['denoise_strength']", "signature_def['denoise_bytes_strength']",
+                   "inputs['strength']"):
         assert needle in text, needle
     served = text.split("signature_def['serving_default']")[1].split("Method name")[0]
     assert "shape: (-1, -1, -1, 1)" in served  # denoised_hu: [batch, height, width, 1]
@@ -277,20 +281,78 @@ def test_warmup_size_below_the_minimum_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_input_blend_mixes_the_clipped_input_back_inside_the_graph(exported, tmp_path, capsys):
-    generator, _, version_dir, run = exported
-    plain = export.SavedModelDenoiser(version_dir)
-    assert plain.metadata["input_blend"] == 0.0
-    code = export_cli.main(["--model-dir", str(run), "--output", str(tmp_path / "blended"), "--warmup-size", "0",
-                            "--serving-base", str(tmp_path), "--input-blend", "0.3"])
+def _strength_input(rng) -> np.ndarray:
+    """HU slices with padding outside the scan circle (-3024, below the clip range) and a value that float32
+    arithmetic would round (strength 0 must return every value bit for bit)."""
+    hu = rng.normal(40, 60, (2, 32, 40, 1)).astype(np.float32)
+    hu[:, :3] = -3024.0
+    hu[0, 10, 10, 0] = np.float32(1234.5678)
+    return hu
+
+
+def test_strength_0_is_the_input_1_the_network_output_and_between_a_mix(exported):
+    _, _, version_dir, _ = exported
+    loaded = tf.saved_model.load(str(version_dir))
+    serve, with_strength = loaded.signatures["serving_default"], loaded.signatures["denoise_strength"]
+    hu = _strength_input(np.random.default_rng(5))
+    network = serve(hu=tf.constant(hu))["denoised_hu"].numpy()
+    assert np.abs(network - hu).mean() > 5.0  # the network changes the image, so 0 and 1 differ
+
+    def run(strength):
+        return with_strength(hu=tf.constant(hu), strength=tf.constant(strength, tf.float32))["denoised_hu"].numpy()
+
+    assert run(0.0).tobytes() == hu.tobytes()  # bit for bit, padding included
+    assert run(1.0).tobytes() == network.tobytes()
+    np.testing.assert_allclose(run(0.5), (hu + network) / 2, atol=1e-3)
+    np.testing.assert_allclose(run(0.25), hu + 0.25 * (network - hu), atol=1e-3)
+    per_slice = run([0.0, 1.0])  # one strength per slice
+    assert per_slice[0].tobytes() == hu[0].tobytes() and per_slice[1].tobytes() == network[1].tobytes()
+    # The bytes signature: strength 0 returns the int16 input unchanged.
+    raw = [image.astype("<i2").tobytes() for image in np.rint(hu[..., 0]).astype(np.int16)]
+    out = loaded.signatures["denoise_bytes_strength"](image_bytes=tf.constant(raw), height=tf.constant([32, 32]),
+                                                      width=tf.constant([40, 40]), strength=tf.constant(0.0))
+    assert list(out["denoised_bytes"].numpy()) == raw
+    # The Python denoiser: the same figures, with the strength per denoiser or per call.
+    denoiser = export.SavedModelDenoiser(version_dir, strength=0.0)
+    assert denoiser.default_strength == 1.0 and denoiser.strength == 0.0
+    assert denoiser(hu).tobytes() == hu.tobytes()
+    assert denoiser(hu, strength=1.0).tobytes() == network.tobytes()
+    np.testing.assert_allclose(denoiser(hu, strength=0.5), run(0.5), atol=1e-4)
+
+
+def test_strength_outside_0_1_is_refused(exported):
+    _, _, version_dir, _ = exported
+    loaded = tf.saved_model.load(str(version_dir))
+    with_strength = loaded.signatures["denoise_strength"]
+    hu = tf.zeros((2, 8, 8, 1))
+    for bad in (1.5, -0.1, np.nan, np.inf, [0.5, 0.5, 0.5], [[0.5]]):
+        with pytest.raises(tf.errors.InvalidArgumentError) as info:
+            with_strength(hu=hu, strength=tf.constant(bad, tf.float32))
+        assert saved_model.graph_error_message(info.value.message).startswith(
+            "input 'strength' must be a finite float32 in [0, 1], a scalar or one per slice [batch]; got"), bad
+    for bad in (1.5, -0.1, float("nan"), float("inf"), "high"):
+        with pytest.raises(ValueError, match=r"strength must be a (finite )?number in \[0, 1\], got"):
+            export.SavedModelDenoiser(version_dir, strength=bad)
+        with pytest.raises(ValueError, match=r"strength must be a (finite )?number in \[0, 1\], got"):
+            export.SavedModelDenoiser(version_dir)(np.zeros((8, 8), np.float32), strength=bad)
+
+
+def test_default_strength_replaces_the_input_blend(exported, tmp_path, capsys):
+    _, _, version_dir, run = exported
+    full = export.SavedModelDenoiser(version_dir)
+    code = export_cli.main(["--model-dir", str(run), "--output", str(tmp_path / "soft"), "--warmup-size", "0",
+                        "--serving-base", str(tmp_path), "--default-strength", "0.75"])
     assert code == 0
-    blended = export.SavedModelDenoiser(tmp_path / "blended")
-    assert blended.metadata["input_blend"] == 0.3
-    hu = np.random.default_rng(5).normal(40, 60, (2, 32, 40)).astype(np.float32)
-    hu[:, :3] = -2048.0  # padding outside the scan circle: clipped to -1024 before it is mixed back
-    expected = 0.7 * plain(hu) + 0.3 * np.clip(hu, ct.HU_MIN, ct.HU_MAX)
-    np.testing.assert_allclose(blended(hu), expected, atol=0.05)
-    assert np.abs(blended(hu) - plain(hu)).mean() > 1.0
-    # A share outside [0, 1) is one line and writes nothing.
-    assert export_cli.main(["--model-dir", str(run), "--output", str(tmp_path / "bad"), "--input-blend", "1"]) == 1
-    assert "input_blend must be in [0, 1)" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    soft = export.SavedModelDenoiser(tmp_path / "soft")
+    assert soft.metadata["default_strength"] == 0.75 == soft.strength
+    hu = _strength_input(np.random.default_rng(6))[..., 0]
+    np.testing.assert_allclose(soft(hu), full(hu, strength=0.75), atol=1e-3)
+    assert np.abs(soft(hu) - full(hu)).mean() > 1.0
+    assert soft(hu, strength=1.0).tobytes() == full(hu).tobytes()  # the other strengths stay reachable
+    # A default outside [0, 1] is one line and writes nothing; the old flag is gone (a usage error).
+    assert export_cli.main(["--model-dir", str(run), "--output", str(tmp_path / "bad"), "--default-strength", "1.2"]) == 1
+    assert "default_strength must be a finite number in [0, 1], got 1.2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as info:
+        export_cli.main(["--model-dir", str(run), "--output", str(tmp_path / "bad"), "--input-blend", "0.25"])
+    assert info.value.code == 2 and "--input-blend" in capsys.readouterr().err
