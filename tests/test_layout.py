@@ -188,8 +188,6 @@ def _benchmark_imports() -> list[str]:
     return offenders
 
 
-@pytest.mark.xfail(bool(_benchmark_imports()), strict=False,
-                   reason="benchmarks harness being written by another helper")
 def test_benchmarks_import_no_other_benchmark_than_the_harness():
     offenders = _benchmark_imports()
     assert not offenders, offenders
@@ -205,8 +203,6 @@ def _tests_importing_benchmarks() -> list[str]:
     return offenders
 
 
-@pytest.mark.xfail(_tests_importing_benchmarks() == ["tests/evaluate/test_ablation_choice.py"], strict=False,
-                   reason="the ablation's choice rule moves into the library with the benchmarks (another helper)")
 def test_tests_import_benchmarks_only_from_the_benchmark_tests():
     offenders = _tests_importing_benchmarks()
     assert not offenders, offenders
