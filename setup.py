@@ -2,8 +2,7 @@
 DICOM -> TFRecord pipeline.
 
 The pins are the set verified together on the project's machines (see ../shared/STACK.md at the time of writing).
-tensorflow-addons and tensorflow-io are deliberately absent: neither works with TF 2.21 / Keras 3 (README, "Dependency
-choices").
+tensorflow-addons and tensorflow-io are deliberately absent: neither works with TF 2.21 / Keras 3 (docs/dependencies.md).
 """
 
 from setuptools import find_packages, setup

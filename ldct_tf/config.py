@@ -65,7 +65,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights; defaults follow common LDCT CycleGAN practice (README, "Loss weights")."""
+    """Loss weights; defaults follow common LDCT CycleGAN practice (docs/training.md, the losses)."""
 
     adversarial: float = 1.0
     cycle: float = 10.0

@@ -13,7 +13,7 @@ derived files' Source Image Sequence, else by slice position).  Per series it wr
   boxed, and the removed residual.
 
 Slices are named by their index in the series and their InstanceNumber, never by patient data or file names.
-How a reader should use it: README, "Auditing what the denoiser changed".
+How a reader should use it: docs/audit.md.
 """
 
 from __future__ import annotations

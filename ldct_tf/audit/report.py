@@ -94,7 +94,7 @@ def report_lines(summary: dict) -> list[str]:
         lines += ["", "## Change audit (reference-free: each output against its own low-dose input)", "",
                   f"Patches flagged by `ldct_tf.audit` (thresholds: configs/audit.yaml, {status}): anatomy-band FRC "
                   "breakdown (frc), a lesion-sized blob in the removed residual (blob), residual following the "
-                  "anatomy's edges (anatomy). README, \"Auditing what the denoiser changed\".", "",
+                  "anatomy's edges (anatomy). How to read it: docs/audit.md.", "",
                   "| denoiser | slices flagged | patches / slice | frc | blob | anatomy | residual SD HU |",
                   "|---|---|---|---|---|---|---|"]
         for n, a in audit.items():

@@ -162,7 +162,7 @@ def patient_warnings(facts: dict, counts: dict) -> list[str]:
     used = [split for split, by_dose in counts.items() if sum(by_dose.values())]
     where = f"every slice went to split {used[0]!r}" if len(used) == 1 else f"splits used: {', '.join(used)}"
     hint = ("give the dose manifest a per-file or per-folder 'patient' column (and a 'split' column to fix "
-            "hold-out patients); see README, 'Dose manifest'")
+            "hold-out patients); see docs/pipeline.md, '--dose-manifest'")
     warnings = []
     if facts["patients"] == 1 and facts["studies"] > 1:
         warnings.append(f"all {facts['studies']} studies share ONE patient identifier, so the split by patient "
