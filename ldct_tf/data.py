@@ -9,15 +9,86 @@ paired by patient and position where the data has both doses of the same slice.
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from ldct_tf import ct, records
+from ldct_tf.errors import LdctError
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".tfrecord.gz"
+#: Slices whose size is read to check that a patch fits inside them (only height and width are parsed).
+_SIZE_SAMPLE = 64
+
+
+class DataError(LdctError, ValueError):
+    """The pipeline's output folder cannot be read as asked (a broken shard, an empty split, a patch larger than the
+    slices); the message names the folder or the shard."""
+
+
+# Shards already checked in this process, by (path, size, mtime): a retrained or tuned model reads them many times.
+_VERIFIED: set = set()
+
+
+def _check_gzip_stream(path: str) -> Optional[str]:
+    """What is wrong with the gzip file ``path`` (None when it is one or more complete gzip members)."""
+    decompressor = zlib.decompressobj(wbits=31)
+    seen = False
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        while True:
+            chunk = handle.read(1 << 20)
+            if not chunk:
+                break
+            seen = True
+            while chunk:
+                try:
+                    decompressor.decompress(chunk)
+                except zlib.error as exc:
+                    return f"not a valid gzip file ({exc})"
+                chunk = decompressor.unused_data if decompressor.eof else b""
+                if decompressor.eof and chunk:
+                    decompressor = zlib.decompressobj(wbits=31)  # a second gzip member follows
+    if not seen:
+        return "empty file (zero bytes)"
+    if not decompressor.eof:
+        return "truncated (the gzip stream ends early: an interrupted write or copy)"
+    return None
+
+
+def check_shards(files: Sequence[str]) -> None:
+    """Raise :class:`DataError` naming the first zero-byte, truncated or corrupt shard of ``files``.
+
+    Why up front: TensorFlow reports such a shard as a ``DataLossError`` traceback deep inside ``fit``, possibly hours
+    into training and without saying which file; one pass over the compressed bytes here names it at once.
+    """
+    for path in files:
+        stat = tf.io.gfile.stat(path)
+        key = (path, stat.length, stat.mtime_nsec)
+        if key in _VERIFIED:
+            continue
+        problem = _check_gzip_stream(path)
+        if problem:
+            raise DataError(f"{path}: unreadable shard: {problem}; re-run the pipeline or copy its output again")
+        _VERIFIED.add(key)
+
+
+def check_patch_fits(files: Sequence[str], patch_size: int, what: str) -> None:
+    """Raise :class:`DataError` when ``patch_size`` is larger than every sampled slice of ``files``.
+
+    Why: a larger patch is padded with air, so no crop ever reaches the tissue fraction and the patch stream's filter
+    waits forever (issue 27: ``data.patch_size=1024`` on 512x512 slices hung).  The first slices of the shards are
+    enough: a folder's slices come from the same kind of scanner.
+    """
+    spec = {"height": tf.io.FixedLenFeature([], tf.int64), "width": tf.io.FixedLenFeature([], tf.int64)}
+    sides = (tf.data.TFRecordDataset(list(files), compression_type="GZIP").take(_SIZE_SAMPLE)
+             .map(lambda x: tf.io.parse_single_example(x, spec)))
+    largest = max((min(int(s["height"]), int(s["width"])) for s in sides.as_numpy_iterator()), default=0)
+    if patch_size > largest:
+        raise DataError(f"data.patch_size {patch_size} is larger than the {what} slices (their shorter side is at "
+                        f"most {largest} pixels); choose a patch size of at most {largest}")
 
 
 def read_manifest(data_dir: str) -> dict:
@@ -29,7 +100,7 @@ def read_manifest(data_dir: str) -> dict:
         manifest = json.load(handle)
     version = manifest.get("schema_version")
     if version != records.SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {version}, this ldct_tf reads {records.SCHEMA_VERSION}; "
+        raise DataError(f"{path}: schema_version {version}, this ldct_tf reads {records.SCHEMA_VERSION}; "
                          "re-run the pipeline with this version")
     return manifest
 
@@ -68,11 +139,12 @@ def slice_dataset(
     files = shard_files(data_dir, split, dose)
     what = f"{dose}-dose " if dose else ""
     if slice_count(manifest, split, dose) == 0:
-        raise ValueError(f"{data_dir}: split {split!r} has no {what}slices (manifest counts: {manifest['counts']})")
+        raise DataError(f"{data_dir}: split {split!r} has no {what}slices (manifest counts: {manifest['counts']})")
     if not files:
-        raise ValueError(f"{data_dir}: the manifest lists {slice_count(manifest, split, dose)} {what}slices in split "
+        raise DataError(f"{data_dir}: the manifest lists {slice_count(manifest, split, dose)} {what}slices in split "
                          f"{split!r} but there are no shard files ({split}/{dose or '*'}-*{SHARD_SUFFIX}); copy the "
                          "pipeline's output folder whole")
+    check_shards(files)
     file_ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle_files:
         file_ds = file_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -115,6 +187,7 @@ def _augment(patch: tf.Tensor) -> tf.Tensor:
 def stream_kernels(data_dir: str, split: str, dose: str) -> set[str]:
     """The reconstruction kernels of one split and dose's slices (only the kernel feature is parsed, not the pixels)."""
     files = shard_files(data_dir, split, dose)
+    check_shards(files)
     spec = {"kernel": tf.io.FixedLenFeature([], tf.string)}
     found = tf.data.TFRecordDataset(files, compression_type="GZIP").map(
         lambda x: tf.io.parse_single_example(x, spec)["kernel"])
@@ -132,7 +205,7 @@ def matched_kernels(data_dir: str, split: str = "train") -> list[str]:
     low, normal = stream_kernels(data_dir, split, "low"), stream_kernels(data_dir, split, "normal")
     shared = sorted(low & normal)
     if not shared:
-        raise ValueError(f"{data_dir}: data.kernel_matched: the {split} low-dose kernels {sorted(low)} and normal-dose "
+        raise DataError(f"{data_dir}: data.kernel_matched: the {split} low-dose kernels {sorted(low)} and normal-dose "
                          f"kernels {sorted(normal)} have none in common")
     return shared
 
@@ -148,6 +221,7 @@ def patch_stream(data_dir: str, dose: str, patch_size: int, batch_size: int, min
     keeps only slices reconstructed with those kernels (None = all).
     """
     slices = slice_dataset(data_dir, split, dose, shuffle_files=True, seed=seed)
+    check_patch_fits(shard_files(data_dir, split, dose), patch_size, f"{data_dir} {split} {dose}-dose")
     if kernels is not None:
         wanted = tf.constant(list(kernels))
         slices = slices.filter(lambda hu, meta: tf.reduce_any(tf.equal(meta["kernel"], wanted)))
@@ -214,7 +288,9 @@ def simulated_pair_stream(data_dir: str, patch_size: int, batch_size: int, min_t
     the reference by :func:`noisier2noise_target` (once per record, before the cache)."""
     files = sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{split}/simulated-*{SHARD_SUFFIX}"))
     if not files:
-        raise ValueError(f"{data_dir}: split {split!r} has no simulated pairs; run python -m ldct_tf.simulate pairs")
+        raise DataError(f"{data_dir}: split {split!r} has no simulated pairs; run python -m ldct_tf.simulate pairs")
+    check_shards(files)
+    check_patch_fits(files, patch_size, f"{data_dir} {split} simulated")
 
     def parse(serialized):
         pair, meta = records.parse_simulated(serialized)

@@ -82,6 +82,9 @@ def _float_feature(*values: float) -> bytes:
 
 
 def _int64_feature(*values: int) -> bytes:
+    for value in values:  # _varint would silently wrap a larger one (issue 27: an oversized InstanceNumber)
+        if not -(2**63) <= int(value) < 2**63:
+            raise ValueError(f"{int(value)} does not fit a TFRecord int64 feature")
     return _field(3, _field(1, b"".join(_varint(int(v)) for v in values)))  # int64_list = 3, packed
 
 

@@ -69,3 +69,32 @@ def test_kernel_matching_without_a_shared_kernel_names_the_folder(tmp_path):
     _write_kernel_shards(tmp_path, [("low", "B30f", -100), ("normal", "D45f", 50)])
     with pytest.raises(ValueError, match=r"kernel_matched.*\['B30f'\].*\['D45f'\] have none in common"):
         data.matched_kernels(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["zero-byte", "truncated"])
+def test_a_zero_byte_or_truncated_shard_is_one_error_naming_it(tmp_path, damage):
+    """Such a shard (an interrupted copy) was a DataLossError traceback inside fit, naming no file (issue 27)."""
+    from ldct_tf.errors import LdctError
+
+    _write_kernel_shards(tmp_path, [("low", "B30f", 100 + i) for i in range(40)] + [("normal", "B30f", 50)])
+    shard = tmp_path / "train" / f"low-00000-of-00001{data.SHARD_SUFFIX}"
+    whole = shard.read_bytes()
+    shard.write_bytes(b"" if damage == "zero-byte" else whole[: len(whole) - 12])
+    reason = "zero bytes" if damage == "zero-byte" else "truncated"
+    for read in (lambda: data.slice_dataset(str(tmp_path), "train", "low"),
+                 lambda: data.stream_kernels(str(tmp_path), "train", "low"),
+                 lambda: data.unpaired_training_dataset(str(tmp_path), 16, 4)):
+        with pytest.raises(LdctError, match=rf"^{shard}: unreadable shard: .*{reason}"):
+            read()
+    assert len(list(data.slice_dataset(str(tmp_path), "train", "normal"))) == 1  # the intact shard still reads
+
+
+def test_a_patch_larger_than_the_slices_is_refused_instead_of_hanging(tmp_path):
+    """data.patch_size=1024 on smaller slices padded every crop with air, so the tissue filter waited forever."""
+    from ldct_tf.errors import LdctError
+
+    _write_kernel_shards(tmp_path, [("low", "B30f", 100), ("normal", "B30f", 50)])  # 32x32 slices
+    with pytest.raises(LdctError, match="data.patch_size 64 is larger than .* at most 32 pixels"):
+        data.unpaired_training_dataset(str(tmp_path), 64, 4)
+    low, normal = next(iter(data.unpaired_training_dataset(str(tmp_path), 32, 1, min_tissue_fraction=0.0)))
+    assert low.shape == (1, 32, 32, 1)

@@ -139,6 +139,12 @@ class DoseRules:
                     re.compile(pattern)
                 except re.error as exc:
                     raise ValueError(f"bad series-description pattern {pattern!r}: {exc}") from exc
+        thresholds = {"--low-dose-max-ctdivol": self.low_max_ctdivol, "--normal-dose-min-ctdivol": self.normal_min_ctdivol,
+                      "--low-dose-max-mas": self.low_max_mas, "--normal-dose-min-mas": self.normal_min_mas}
+        for option, value in thresholds.items():
+            # NaN compares false with everything, so a NaN rule silently matched nothing (issue 27); inf matched all.
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{option} must be a finite number, got {value}")
         for low, normal, what in ((self.low_max_ctdivol, self.normal_min_ctdivol, "CTDIvol"),
                                   (self.low_max_mas, self.normal_min_mas, "exposure")):
             if low is not None and normal is not None and low >= normal:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 from typing import Optional
 
 import apache_beam as beam
@@ -49,15 +50,33 @@ def scrub(text: str, path: str) -> str:
     return text
 
 
+#: Longest detail in the shareable list; the whole one stays in the site-local list.
+MAX_DETAIL = 200
+# A quoted value as Python's repr and most error messages write it ('x', "x", b'x'): a tag's value, which may be
+# anything (a name typed into the wrong field), so the shareable detail never carries it.
+_QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
+
+
+def sanitise(text: str) -> str:
+    """A detail fit to share: quoted values replaced by ``<value>``, printable ASCII only, one line, at most
+    :data:`MAX_DETAIL` characters (issue 27: malformed tag values were echoed into ``rejected/``)."""
+    text = _QUOTED.sub("<value>", text)
+    text = "".join(c if " " <= c <= "~" else " " for c in text)
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
+
+
 def shareable(rejection: dict, salt: str) -> dict:
-    """A rejection without its path (for ``rejected/``)."""
+    """A rejection without its path and without tag values (for ``rejected/``)."""
     path = rejection["path"]
-    return {"input": input_id(path, salt), "reason": rejection["reason"], "detail": scrub(rejection["detail"], path)}
+    return {"input": input_id(path, salt), "reason": rejection["reason"],
+            "detail": sanitise(scrub(rejection["detail"], path))}
 
 
 def local(rejection: dict, salt: str) -> dict:
-    """The site-local line that maps the shareable ``input`` hash back to the file."""
-    return {"input": input_id(rejection["path"], salt), "path": rejection["path"]}
+    """The site-local line that maps the shareable ``input`` hash back to the file, with the detail in full (values
+    included: this list stays at the site)."""
+    return {"input": input_id(rejection["path"], salt), "path": rejection["path"], "detail": rejection["detail"]}
 
 
 class WriteRejectedPaths(beam.PTransform):

@@ -8,12 +8,16 @@ instead of raising, so one bad file never stops a run.  Every transform is usabl
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
+import os
+import stat
 from typing import Any, Iterable, Optional
 
 import apache_beam as beam
 import numpy as np
+import pydicom
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -27,6 +31,11 @@ from ldct_tf.pipeline.sinks import (NAMESPACE, SHARD_SUFFIX, SHARD_TEMPLATE, Wri
                              shard_of, shard_path, shard_prefix)
 
 REJECTED = "rejected"
+NOT_REGULAR = "not_a_regular_file"
+BURNED_IN = "burned_in_annotation"
+BAD_INSTANCE = "instance_number_out_of_range"
+#: DICOM's IS range (PS3.5 6.2): a larger InstanceNumber is malformed, and beyond int64 it wrapped in the records.
+INSTANCE_RANGE = (-(2**31), 2**31 - 1)
 DOSE_UNKNOWN = "dose_unknown"
 NO_PATIENT = "no_patient_identifier"
 UNEXPECTED = "unexpected_error"
@@ -55,20 +64,55 @@ def rejection(path: str, reason: str, detail: str) -> dict:
     return {"path": path, "reason": reason, "detail": detail}
 
 
+def _not_regular(path: str) -> bool:
+    """A local path that is not a regular file (a FIFO, socket or device): opening a FIFO waits for a writer forever
+    (issue 27), so such a path is refused from its ``stat`` alone."""
+    if "://" in path:
+        return False
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False  # gone or unreadable: the read below says so as a rejection
+
+
+def _burned_in(data: bytes) -> bool:
+    """Whether the header says text is burned into the pixels (only that tag is read, the pixels are not)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
+                             specific_tags=["BurnedInAnnotation"])
+        return str(ds.get("BurnedInAnnotation", "NO")).strip().upper() == "YES"
+    except Exception:  # not parseable: read_slices rejects it with its own reason
+        return False
+
+
 class DecodeDicomFn(beam.DoFn):
-    """ReadableFile -> Slice (one per frame) or a rejection naming the file and the reason."""
+    """File path (or ReadableFile) -> Slice (one per frame) or a rejection naming the file and the reason."""
 
     def __init__(self) -> None:
         self.files_read = Metrics.counter(NAMESPACE, "files_read")
         self.slices_decoded = Metrics.counter(NAMESPACE, "slices_decoded")
 
+    def _read(self, readable: Any, path: str) -> bytes:
+        if hasattr(readable, "read"):
+            return readable.read()
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            return handle.read()
+
     def process(self, readable: Any) -> Iterable:
         path = readable.metadata.path if hasattr(readable, "metadata") else str(readable)
         self.files_read.inc()
+        if _not_regular(path):
+            yield beam.pvalue.TaggedOutput(REJECTED, rejection(
+                path, NOT_REGULAR, "not a regular file (a FIFO, socket or device); skipped without opening it"))
+            return
         try:
-            data = readable.read() if hasattr(readable, "read") else FileSystems.open(path).read()
+            data = self._read(readable, path)
             if not data:
                 yield beam.pvalue.TaggedOutput(REJECTED, rejection(path, dicom.NOT_DICOM, "empty file"))
+                return
+            if _burned_in(data):
+                yield beam.pvalue.TaggedOutput(REJECTED, rejection(
+                    path, BURNED_IN, "BurnedInAnnotation is YES: text in the pixels may identify the patient"))
                 return
             slices = dicom.read_slices(data, name=path)
         except dicom.NotUsableCT as exc:
@@ -78,6 +122,11 @@ class DecodeDicomFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REJECTED, rejection(path, UNEXPECTED, f"{type(exc).__name__}: {exc}"))
             return
         for hu, info in slices:
+            if not INSTANCE_RANGE[0] <= info.instance <= INSTANCE_RANGE[1]:
+                yield beam.pvalue.TaggedOutput(REJECTED, rejection(
+                    path, BAD_INSTANCE, f"InstanceNumber outside DICOM's integer range [{INSTANCE_RANGE[0]}, "
+                    f"{INSTANCE_RANGE[1]}] (frame {info.frame})"))
+                continue
             self.slices_decoded.inc()
             yield Slice(hu=ct.hu_to_int16(hu), info=info)
 
@@ -126,10 +175,12 @@ class ReadDicomSlices(beam.PTransform):
     """PCollection of file patterns (local or any Beam filesystem, ``**`` recursive) -> Slices + ``rejected``."""
 
     def expand(self, patterns):
-        opened = (patterns
-                  | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
-                  | "Open" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED))
-        return with_rejected(opened, DecodeDicomFn())
+        # Paths, not fileio.ReadMatches: it opens every match, and opening a FIFO blocks forever (DecodeDicomFn
+        # checks each path before it opens it).
+        paths = (patterns
+                 | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
+                 | "Paths" >> beam.Map(lambda metadata: metadata.path))
+        return with_rejected(paths, DecodeDicomFn())
 
 
 class ClassifyDoseFn(beam.DoFn):

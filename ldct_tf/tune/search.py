@@ -138,6 +138,15 @@ def _check_resume(directory: str, record: dict, overwrite: bool) -> None:
                               f"{record[key]!r}; use another --dir, or --overwrite to start over")
 
 
+def _check_request(out_dir: str, max_trials: Optional[int]) -> None:
+    """Refuse, before any work, a search folder that is a file (Keras Tuner's traceback came only after the data
+    was loaded) and a trial budget below one (0 used to mean the config's default, silently)."""
+    if max_trials is not None and max_trials < 1:
+        raise TuningError(f"--max-trials must be at least 1, got {max_trials}")
+    if tf.io.gfile.exists(out_dir) and not tf.io.gfile.isdir(out_dir):
+        raise TuningError(f"--dir {out_dir} is a file, not a folder; choose a folder for the search")
+
+
 def _is_tuner_worker() -> bool:
     """Keras Tuner's rule: a chief oracle is named by ``KERASTUNER_ORACLE_IP``; the process whose
     ``KERASTUNER_TUNER_ID`` contains "chief" runs it, every other one is a worker running trials."""
@@ -152,13 +161,14 @@ def run(cfg: config_lib.Config, data_dir: str, out_dir: str, *, algorithm: str =
 
     Raises :class:`TuningError` for an unusable tuning section, data or folder, and when no trial produced a score.
     """
+    _check_request(out_dir, max_trials)
     settings = tuning_settings(cfg)
     space = search_space(cfg)
     try:
         data.read_manifest(data_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise TuningError(str(exc)) from None
-    max_trials = max_trials or settings.max_trials
+    max_trials = settings.max_trials if max_trials is None else max_trials
 
     strategy = loop.make_strategy(cpu_replicas)
     config_lib.mixed_precision_policy(cfg.train.mixed_precision)

@@ -70,6 +70,19 @@ def test_rules_validate_thresholds_and_patterns():
     assert DoseRules().empty and not DoseRules(low_max_mas=1).empty
 
 
+@pytest.mark.parametrize("option, value", [("--low-dose-max-ctdivol", "nan"), ("--normal-dose-min-mas", "inf")])
+def test_non_finite_dose_rule_is_one_line(tmp_path, capsys, option, value):
+    """A NaN threshold matched nothing and was accepted silently (issue 27); now the command refuses it."""
+    from ldct_tf.pipeline.__main__ import main
+
+    with pytest.raises(ValueError, match="finite"):
+        DoseRules(low_max_ctdivol=math.nan)
+    code = main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), option, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0 and "Traceback" not in err
+    assert f"{option} must be a finite number" in err
+
+
 def test_classifier_manifest_then_rules(tree):
     m = _manifest(tree, "path,dose\na/low,low\n")
     c = DoseClassifier(m, DoseRules(normal_min_ctdivol=8))

@@ -165,3 +165,37 @@ def test_num_shards_is_capped(tmp_path):
     with pytest.raises(UsageError, match="--num-shards must be between 1 and 1024, got 100000"):
         run(["--input", str(tmp_path), "--normal-dose-description", ".*", "--output", str(tmp_path / "o"),
              "--num-shards", "100000"])
+
+
+def test_fifo_burned_in_oversized_instance_and_malformed_values_are_rejected_with_reasons(tmp_path):
+    """Issue 27 (Low): a FIFO hung the run, burned-in-annotation slices went into shards, an InstanceNumber beyond
+    int64 wrapped, and a malformed tag value (which may be a name) was echoed into the shareable ``rejected/``."""
+    import os
+
+    from ldct_tf import records
+
+    hu = np.rint(sample_data.ct_small_hu())
+    ident = sample_data.Identity("MRN0000952", "Ode^Ann")
+    good = sample_data.write_series(tmp_path / "in" / "good", [hu, hu + 3], ident)
+    odd = tmp_path / "in" / "odd"
+    _rewrite(good[0], odd / "burned.dcm", BurnedInAnnotation="YES")
+    _rewrite(good[0], odd / "instance.dcm", InstanceNumber=2**31 + 5)
+    malformed = pydicom.dcmread(good[0])
+    malformed["ImagePositionPatient"] = pydicom.DataElement(0x00200032, "LO", "SMITH^JANE\x07")
+    malformed.SOPInstanceUID = malformed.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    malformed.save_as(odd / "malformed.dcm", enforce_file_format=True)
+    os.mkfifo(odd / "pipe.dcm")
+    out = tmp_path / "out"
+    manifest = run(["--input", str(tmp_path / "in"), "--normal-dose-description", ".*", "--output", str(out),
+                    "--salt", "s", "--num-shards", "1"])
+    assert manifest["slices"] == 2
+    assert manifest["rejected_by_reason"] == {"bad_geometry": 1, "burned_in_annotation": 1,
+                                              "instance_number_out_of_range": 1, "not_a_regular_file": 1}
+    shared = (out / "rejected" / "rejected-00000-of-00001.jsonl").read_text()
+    assert "SMITH" not in shared and "'S'" not in shared and "to float: <value>" in shared and shared.isascii()
+    assert all(len(json.loads(line)["detail"]) <= site_local.MAX_DETAIL for line in shared.splitlines())
+    local = Path(site_local.folder_for(str(out)))
+    kept = "".join(f.read_text() for f in local.glob("rejected_paths-*.jsonl"))
+    assert "to float: 'S'" in kept and "pipe.dcm" in kept  # nothing lost: the full detail stays at the site
+    with pytest.raises(ValueError, match="does not fit a TFRecord int64"):
+        records._int64_feature(2**63 + 5)

@@ -276,6 +276,28 @@ def test_a_search_where_every_trial_fails_says_so(paired_shards, tmp_path, no_tr
     assert not (tmp_path / "best.yaml").exists()
 
 
+@pytest.mark.parametrize("case", ["dir_is_a_file", "zero_trials"])
+def test_a_file_as_dir_or_zero_trials_is_one_line_before_any_work(paired_shards, tmp_path, monkeypatch, capsys, case):
+    """``--dir`` naming a file was a traceback, ``--max-trials 0`` silently ran the config's 10 trials (issue 27)."""
+    from ldct_tf.tune import search
+
+    def no_tuner(*args, **kwargs):
+        raise AssertionError("the search started")
+
+    monkeypatch.setattr(search, "make_tuner", no_tuner)
+    target = tmp_path / "search"
+    if case == "dir_is_a_file":
+        target.write_text("notes\n")
+    trials = "0" if case == "zero_trials" else "1"
+    assert tune_cli.main(["--config", SMOKE, "--data", paired_shards, "--dir", str(target), "--max-trials", trials,
+                          "--verbose", "0", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m ldct_tf.tune: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    expected = f"--dir {target} is a file" if case == "dir_is_a_file" else "--max-trials must be at least 1, got 0"
+    assert expected in err
+    assert target.is_file() == (case == "dir_is_a_file") and target.exists() == (case == "dir_is_a_file")
+
+
 @pytest.mark.slow
 def test_interrupted_random_search_resumes_and_its_best_config_trains(paired_shards, tmp_path, monkeypatch):
     """Two real trials on the smoke config; the search is interrupted in the second and resumed; the best config
