@@ -20,7 +20,9 @@ Wire formats (TF Serving's documented ones):
 
 Transient failures (connection refused or reset, HTTP 502/503/504/429, gRPC UNAVAILABLE, DEADLINE_EXCEEDED,
 RESOURCE_EXHAUSTED) are retried ``retries`` times with exponential backoff; anything else raises
-:class:`ServingError` at once, carrying the server's own message.  Names, encodings and accepted shapes are the
+:class:`ServingError` at once, carrying the server's own message.  An answer whose slice has every pixel at the
+model's clip limits (HU_MIN / HU_MAX) while its input had not is refused (``BAD_RESPONSE``): that is a broken model,
+never a denoised image.  Names, encodings and accepted shapes are the
 model's contract in :mod:`ldct_tf.saved_model` (imported, not copied).
 """
 
@@ -37,6 +39,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ldct_tf.ct import HU_MAX, HU_MIN
 from ldct_tf.errors import LdctError
 from ldct_tf.saved_model import (BYTES_INPUT, BYTES_OUTPUT, BYTES_SIGNATURE, BYTES_STRENGTH_SIGNATURE,
                                  DEFAULT_SIGNATURE, HEIGHT_INPUT, HU_INPUT, HU_OUTPUT, STRENGTH_INPUT,
@@ -46,6 +49,9 @@ from ldct_tf.saved_model import (BYTES_INPUT, BYTES_OUTPUT, BYTES_SIGNATURE, BYT
 ENCODINGS = ("float32", "int16")
 _RETRY_HTTP = {429, 502, 503, 504}
 _MAX_MESSAGE = 1 << 30  # gRPC default is 4 MB: one batch of 512x512 float32 slices is 1 MB per slice
+#: How close to a clip limit (HU) an output pixel counts as saturated: int16 transport rounds to whole HU, and a
+#: saturated tanh head gives HU_MIN or HU_MAX to within a fraction of 1 HU.
+_SATURATION_HU = 1.0
 
 
 class ServingError(LdctError, RuntimeError):
@@ -135,6 +141,7 @@ class ServingClient:
             if out.shape != chunk.shape:
                 raise ServingError(f"server returned shape {out.shape} for a request of shape {chunk.shape}",
                                    "BAD_RESPONSE", self.url)
+            self._refuse_saturated(out, chunk, start)
             outputs.append(out)
         if not outputs:
             return restore(np.zeros((0,) + batch.shape[1:], np.float32))
@@ -155,6 +162,19 @@ class ServingClient:
                 raise ServingError(f"model {self.model!r} has no strength input (exported before the strength "
                                    f"control); leave the strength at the model's default", exc.code, exc.url) from None
             raise
+
+    def _refuse_saturated(self, out: np.ndarray, chunk: np.ndarray, start: int) -> None:
+        """Raise when a slice comes back with every pixel at the model's clip limits (HU_MIN / HU_MAX) although its
+        input was not: a model whose output head saturates everywhere is broken (diverged training, wrong weights),
+        and writing its answer into a derived series would replace a patient's image with a flat one."""
+        saturated = ((np.abs(out - HU_MIN) <= _SATURATION_HU) | (np.abs(out - HU_MAX) <= _SATURATION_HU)).all(
+            axis=(1, 2, 3))
+        clipped_input = ((chunk <= HU_MIN + _SATURATION_HU) | (chunk >= HU_MAX - _SATURATION_HU)).all(axis=(1, 2, 3))
+        broken = np.flatnonzero(saturated & ~clipped_input)
+        if broken.size:
+            raise ServingError(f"the served model answered slice {start + int(broken[0])} with every pixel at its "
+                               f"clip limits ({HU_MIN:g} / {HU_MAX:g} HU) although the input is not: the model looks "
+                               f"broken (diverged or wrong weights); its output was refused", "BAD_RESPONSE", self.url)
 
     def status(self) -> dict:
         """The model's version states: ``{"model": NAME, "versions": [{"version": int, "state": "AVAILABLE",

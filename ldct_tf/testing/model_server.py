@@ -4,11 +4,16 @@ The model server binary cannot be installed on the project's machines (../shared
 exported SavedModels the way TF Serving does, on 127.0.0.1 only:
 
 * REST, TF Serving's routes and JSON: ``GET /v1/models/NAME[/versions/V]`` (status),
+  ``GET /v1/models/NAME[/versions/V]/metadata`` (the signature_defs, as TF Serving's metadata answer),
   ``POST /v1/models/NAME[/versions/V]:predict`` with the row (``instances`` -> ``predictions``) and columnar
   (``inputs`` -> ``outputs``) formats, ``{"b64": ...}`` for string inputs and for outputs named ``*_bytes``, errors as
   ``{"error": message}`` with TF Serving's HTTP status for the error code.
-* gRPC, the real ``tensorflow.serving.PredictionService/Predict`` and ``ModelService/GetModelStatus`` services from
-  ``tensorflow-serving-api`` (its servicer base classes and protos).
+* gRPC, the real ``tensorflow.serving.PredictionService/Predict`` and ``GetModelMetadata`` and
+  ``ModelService/GetModelStatus`` services from ``tensorflow-serving-api`` (its servicer base classes and protos).
+
+Which versions are served follows the model's ``model_version_policy`` in ``MODELS_ROOT/models.config`` (what
+``export`` writes and TF Serving reads): ``latest { num_versions: N }``, ``specific { versions: ... }`` or ``all {}``;
+without a config, or without a policy, TF Serving's default, the latest version only.
 
 Each SavedModel version runs its signatures exactly as a server would: TensorFlow errors keep their code, and their
 message is the op's own sentence (what TF Serving answers), without the ``Graph execution error: Detected at node``
@@ -18,7 +23,9 @@ preamble that only Python's eager call adds.  Usage::
     with serve(Path("saved_models"), "ldct_denoiser") as (rest_url, grpc_target):
         ServingClient(rest_url).predict(hu)
 
-Standalone (for trying the client by hand): ``python -m ldct_tf.testing.model_server saved_models [NAME]``.
+Standalone (for trying the client by hand): ``python -m ldct_tf.testing saved_models`` listens on TF Serving's
+ports, 8500 (gRPC) and 8501 (REST); ``--help`` lists the options.  :func:`serve` picks free ports unless given some,
+so tests can run side by side.
 """
 
 from __future__ import annotations
@@ -36,8 +43,11 @@ from typing import Iterator, Optional
 
 import grpc
 import tensorflow as tf
-from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
-                                     prediction_service_pb2_grpc)
+from google.protobuf import json_format, text_format
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.config import model_server_config_pb2
 
 from ldct_tf.saved_model import DEFAULT_SIGNATURE, graph_error_message, versions
 from ldct_tf.testing.rest_json import Fault, request_inputs, response_body
@@ -47,24 +57,78 @@ HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANG
                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "RESOURCE_EXHAUSTED": 429, "UNIMPLEMENTED": 501,
                "INTERNAL": 500, "UNKNOWN": 500}
 _MAX_MESSAGE = 1 << 30
+#: TF Serving's own default ports (``--port`` for gRPC, ``--rest_api_port`` for REST).
+DEFAULT_GRPC_PORT, DEFAULT_REST_PORT = 8500, 8501
+MODELS_CONFIG = "models.config"
 _ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?P<verb>:predict|/metadata)?$")
 
 
+def version_policy(config_file: Optional[Path], name: str):
+    """The ``model_version_policy`` of model ``name`` in a ``models.config`` (TF Serving's ``ModelServerConfig``,
+    text format); None when there is no config file.  ValueError naming the file when it does not parse or does not
+    list the model (TF Serving would not serve it either)."""
+    if config_file is None or not Path(config_file).is_file():
+        return None
+    config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(Path(config_file).read_text(), config)
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_file}: not a TF Serving model config: {exc}") from None
+    entries = {entry.name: entry for entry in config.model_config_list.config}
+    if name not in entries:
+        raise ValueError(f"{config_file}: lists no model named {name!r} (it lists: {', '.join(entries) or 'none'})")
+    return entries[name].model_version_policy
+
+
+def served_versions(available: list[int], policy=None) -> list[int]:
+    """The versions TF Serving serves out of ``available`` under a ``ServableVersionPolicy``: the newest N for
+    ``latest`` (N at least 1, TF Serving's default when the policy is absent), the listed ones for ``specific``,
+    every one for ``all``."""
+    available = sorted(available)
+    choice = policy.WhichOneof("policy_choice") if policy is not None else None
+    if choice == "all":
+        return available
+    if choice == "specific":
+        wanted = set(policy.specific.versions)
+        return [v for v in available if v in wanted]
+    keep = max(policy.latest.num_versions, 1) if choice == "latest" else 1
+    return available[-keep:]
+
+
+def _signature_defs(version_dir: Path):
+    """The SignatureDefMap of a SavedModel's serving meta graph (tag ``serve``), as TF Serving's metadata answers
+    it: read from ``saved_model.pb`` itself, so it lists exactly what the real server would."""
+    saved = saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes())
+    graphs = [g for g in saved.meta_graphs if "serve" in g.meta_info_def.tags] or list(saved.meta_graphs)
+    result = get_model_metadata_pb2.SignatureDefMap()
+    for key, signature in graphs[0].signature_def.items():
+        result.signature_def[key].CopyFrom(signature)
+    return result
+
+
 class LoopbackModelServer:
-    """Loads every version of ``model_root/name`` and answers REST and gRPC requests for it on loopback ports.
+    """Loads the versions of ``model_root/name`` that the model's version policy in ``config`` (default
+    ``model_root/models.config``; see :func:`served_versions`) selects, and answers REST and gRPC requests for them
+    on loopback ports.
 
     ``rest_log`` and ``grpc_log`` keep each request as received (parsed JSON body / the request proto), so tests can
     check the client's wire format.  ``fail_next(n)`` makes the next n predict calls answer UNAVAILABLE (HTTP 503),
     to exercise client retries; ``delay_next(s)`` delays the next predict call, to exercise client timeouts.
     """
 
-    def __init__(self, model_root: Path, name: str):
+    def __init__(self, model_root: Path, name: str, config: Optional[Path] = None):
         self.name = name
         folder = Path(model_root) / name
+        config = Path(model_root) / MODELS_CONFIG if config is None else Path(config)
         found = versions(folder)
         if not found:
             raise FileNotFoundError(f"{folder}: no SavedModel versions to serve")
-        self.models = {v: tf.saved_model.load(str(folder / str(v))) for v in found}
+        chosen = served_versions(found, version_policy(config, name))
+        if not chosen:
+            raise FileNotFoundError(f"{folder}: none of its versions ({', '.join(map(str, found))}) is one that the "
+                                    f"version policy in {config} asks for")
+        self.models = {v: tf.saved_model.load(str(folder / str(v))) for v in chosen}
+        self.signature_defs = {v: _signature_defs(folder / str(v)) for v in chosen}
         self.rest_log: list[tuple[str, str, Optional[dict]]] = []
         self.grpc_log: list = []
         self._failures = 0
@@ -142,6 +206,11 @@ class LoopbackModelServer:
         result = {k: v.numpy() for k, v in outputs.items() if not output_filter or k in output_filter}
         return version, result
 
+    def metadata(self, name: str, version: Optional[int]) -> tuple[int, object]:
+        """(version, SignatureDefMap) for a metadata request; NOT_FOUND as TF Serving answers it."""
+        version = self._version(name, version)
+        return version, self.signature_defs[version]
+
     def status(self, name: str, version: Optional[int]) -> list[tuple[int, str]]:
         if name != self.name:
             raise Fault("NOT_FOUND", f"Could not find any versions of model {name}")
@@ -151,23 +220,34 @@ class LoopbackModelServer:
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
 
-    def start(self) -> "LoopbackModelServer":
+    def start(self, rest_port: int = 0, grpc_port: int = 0) -> "LoopbackModelServer":
+        """Listen on 127.0.0.1; port 0 picks a free one.  OSError naming the port when one is taken."""
         server = self
 
         class Handler(_RestHandler):
             model_server = server
 
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        try:
+            self._http = ThreadingHTTPServer(("127.0.0.1", rest_port), Handler)
+        except OSError as exc:
+            raise OSError(f"cannot listen on 127.0.0.1:{rest_port} for REST: {exc.strerror or exc}") from None
         self._http.daemon_threads = True
         threading.Thread(target=self._http.serve_forever, name="rest-fixture", daemon=True).start()
         self.rest_url = f"http://127.0.0.1:{self._http.server_address[1]}"
 
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
                                  options=[("grpc.max_send_message_length", _MAX_MESSAGE),
-                                          ("grpc.max_receive_message_length", _MAX_MESSAGE)])
+                                          ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                                          ("grpc.so_reuseport", 0)])
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(_Prediction(self), self._grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(_Models(self), self._grpc)
-        port = self._grpc.add_insecure_port("127.0.0.1:0")
+        try:
+            port = self._grpc.add_insecure_port(f"127.0.0.1:{grpc_port}")
+        except RuntimeError:  # newer grpc raises, older ones return 0
+            port = 0
+        if not port:
+            self.stop()
+            raise OSError(f"cannot listen on 127.0.0.1:{grpc_port} for gRPC: address already in use")
         self._grpc.start()
         self.grpc_target = f"127.0.0.1:{port}"
         return self
@@ -186,6 +266,30 @@ def _code_name(code: int) -> str:
 
 
 # --- REST ---------------------------------------------------------------------------------------------------------
+
+def _proto_json(message) -> dict:
+    """A proto as TF Serving's REST API prints it: proto field names, default values printed (``"unknown_rank":
+    false``, ``"name": ""``), int64 as strings."""
+    try:
+        return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+    except TypeError:  # protobuf before 5.26 names the option differently
+        return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                         including_default_value_fields=True)
+
+
+def _parse_json(payload: bytes):
+    """A request body -> JSON value; malformed or absurdly nested JSON is the client's error (400), never a crash:
+    Python's parser gives up on deep nesting with RecursionError, which would otherwise surface as a 500."""
+    try:
+        return json.loads(payload or b"null")
+    except json.JSONDecodeError as exc:
+        raise Fault("INVALID_ARGUMENT", f"JSON Parse error: {exc}") from None
+    except RecursionError:
+        raise Fault("INVALID_ARGUMENT", "JSON Parse error: nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise Fault("INVALID_ARGUMENT", f"JSON Parse error: not UTF-8 text ({exc.reason})") from None
+
 
 class _RestHandler(BaseHTTPRequestHandler):
     model_server: LoopbackModelServer
@@ -218,10 +322,7 @@ class _RestHandler(BaseHTTPRequestHandler):
             body = None
             if method == "POST":
                 length = int(self.headers.get("Content-Length", 0))
-                try:
-                    body = json.loads(self.rfile.read(length) or b"null")
-                except json.JSONDecodeError as exc:
-                    raise Fault("INVALID_ARGUMENT", f"JSON Parse error: {exc}") from None
+                body = _parse_json(self.rfile.read(length))
             server.rest_log.append((method, self.path, body))
             name, version, verb = self._route()
             if method == "GET" and verb is None:
@@ -229,23 +330,32 @@ class _RestHandler(BaseHTTPRequestHandler):
                 self._answer(200, {"model_version_status": [
                     {"version": str(v), "state": state, "status": {"error_code": "OK", "error_message": ""}}
                     for v, state in states]})
+            elif method == "GET" and verb == "/metadata":
+                served, signatures = server.metadata(name, version)
+                self._answer(200, {"model_spec": {"name": name, "signature_name": "", "version": str(served)},
+                                   "metadata": {"signature_def": _proto_json(signatures)}})
             elif method == "POST" and verb == ":predict":
-                if not isinstance(body, dict):
-                    raise Fault("INVALID_ARGUMENT", "JSON Value: request body Is not object")
-                signature = body.get("signature_name", DEFAULT_SIGNATURE)
-                specs = server.input_specs(server.signature(name, version, signature))
-                inputs, form = request_inputs(body, specs)
-                _, outputs = server.predict(name, version, signature, inputs)
-                self._answer(200, response_body(outputs, form))
+                self._predict(name, version, body)
             else:
-                raise Fault("NOT_FOUND" if verb != "/metadata" else "UNIMPLEMENTED",
-                            f"Malformed request: {method} {self.path}")
+                raise Fault("NOT_FOUND", f"Malformed request: {method} {self.path}")
+        except RecursionError:  # nesting deep enough to pass the parser but not the conversion to a tensor
+            self._answer(400, {"error": "JSON Value: nested too deeply to be a tensor"})
         except Fault as fault:
             self._answer(HTTP_STATUS.get(fault.code, 500), {"error": fault.message})
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:  # a bug here must still answer, as a server would
             self._answer(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+    def _predict(self, name: str, version: Optional[int], body) -> None:
+        server = self.model_server
+        if not isinstance(body, dict):
+            raise Fault("INVALID_ARGUMENT", "JSON Value: request body Is not object")
+        signature = body.get("signature_name", DEFAULT_SIGNATURE)
+        specs = server.input_specs(server.signature(name, version, signature))
+        inputs, form = request_inputs(body, specs)
+        _, outputs = server.predict(name, version, signature, inputs)
+        self._answer(200, response_body(outputs, form))
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._handle("GET")
@@ -279,6 +389,25 @@ class _Prediction(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
 
+    def GetModelMetadata(self, request, context):  # noqa: N802
+        self.server.grpc_log.append(request)
+        spec = request.model_spec
+        if list(request.metadata_field) != ["signature_def"]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"Metadata field {','.join(request.metadata_field) or '(none)'} is not supported; "
+                          f"ask for signature_def")
+        try:
+            version, signatures = self.server.metadata(spec.name, spec.version.value if spec.HasField("version")
+                                                       else None)
+        except Fault as fault:
+            context.abort(getattr(grpc.StatusCode, fault.code, grpc.StatusCode.UNKNOWN), fault.message)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = spec.name
+        response.model_spec.version.value = version
+        response.metadata["signature_def"].Pack(signatures)
+        return response
+
+
 class _Models(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, server: LoopbackModelServer):
         self.server = server
@@ -299,10 +428,13 @@ class _Models(model_service_pb2_grpc.ModelServiceServicer):
 
 
 @contextmanager
-def serve(model_root: Path, name: str = "ldct_denoiser") -> Iterator[tuple[str, str]]:
-    """Serve ``model_root/name/*`` on loopback; yields ``(rest_url, grpc_target)``.  The server object is reachable
-    as ``serve.last`` for tests that inspect its request logs."""
-    server = LoopbackModelServer(model_root, name).start()
+def serve(model_root: Path, name: str = "ldct_denoiser", rest_port: int = 0, grpc_port: int = 0,
+          config: Optional[Path] = None) -> Iterator[tuple[str, str]]:
+    """Serve ``model_root/name/*`` on loopback; yields ``(rest_url, grpc_target)``.  Ports 0 (the default) pick free
+    ones, so tests can run side by side; the command (``python -m ldct_tf.testing``) uses TF Serving's 8500/8501.
+    ``config``: the ``models.config`` whose version policy applies (default ``model_root/models.config``).  The
+    server object is reachable as ``serve.last`` for tests that inspect its request logs."""
+    server = LoopbackModelServer(model_root, name, config).start(rest_port, grpc_port)
     serve.last = server
     try:
         yield server.rest_url, server.grpc_target
@@ -313,20 +445,7 @@ def serve(model_root: Path, name: str = "ldct_denoiser") -> Iterator[tuple[str, 
 serve.last = None
 
 
-def main(argv=None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
-        print("usage: python -m ldct_tf.testing.model_server MODELS_ROOT [NAME]", file=sys.stderr)
-        return 2
-    with serve(Path(args[0]), args[1] if len(args) > 1 else "ldct_denoiser") as (rest, target):
-        print(f"REST {rest}  gRPC {target}  (Ctrl-C stops)", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-    return 0
+if __name__ == "__main__":  # the older spelling of ``python -m ldct_tf.testing``
+    from ldct_tf.testing.__main__ import main
 
-
-if __name__ == "__main__":
     sys.exit(main())

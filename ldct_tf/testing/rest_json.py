@@ -52,6 +52,8 @@ def _json_to_array(value, dtype: tf.DType) -> np.ndarray:
         return array
     try:
         array = np.asarray(value, dtype=dtype.as_numpy_dtype)
+    except OverflowError as exc:  # e.g. a height of 2**31 for an int32 input: the client's error, not a crash
+        raise Fault("INVALID_ARGUMENT", f"JSON value out of range for {dtype.name}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise Fault("INVALID_ARGUMENT", f"JSON value is not a dense {dtype.name} tensor: {exc}") from None
     return array

@@ -23,7 +23,7 @@ def server(tmp_path_factory):
     _, version_dir = export_test_model(root)
     with serve(root, "ldct_denoiser") as (rest_url, grpc_target):
         yield {"rest": rest_url, "grpc": grpc_target, "fixture": serve.last,
-               "local": SavedModelDenoiser(version_dir)}
+               "local": SavedModelDenoiser(version_dir), "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +212,170 @@ def test_serving_error_leads_with_the_sentence_of_a_real_servers_answer():
     assert error.message == ("input 'hu' is smaller than the model's minimum of 16x16 pixels (height and width must "
                              "be >= 16; send whole slices); got shape [1 3 3 1]")
     assert error.details == text and str(error) == f"400 (http://h:1): {error.message}"
+
+
+# --- the TF Serving stand-in itself: its command, ports, metadata route, version policy, malformed requests ---------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _request(url: str, data: bytes | None = None) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_stand_in_command_help_and_tf_serving_default_ports():
+    import subprocess
+    import sys
+
+    from ldct_tf.testing import model_server
+    from ldct_tf.testing.__main__ import build_parser
+
+    done = subprocess.run([sys.executable, "-m", "ldct_tf.testing", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.startswith("usage: python -m ldct_tf.testing")
+    assert "8500" in done.stdout and "8501" in done.stdout
+    args = build_parser().parse_args([])
+    assert (args.grpc_port, args.rest_port) == (8500, 8501)
+    assert (model_server.DEFAULT_GRPC_PORT, model_server.DEFAULT_REST_PORT) == (8500, 8501)
+    args = build_parser().parse_args(["m", "--port", "9500", "--rest_api_port", "9501", "--model_name", "x"])
+    assert (args.grpc_port, args.rest_port, args.name, str(args.models_root)) == (9500, 9501, "x", "m")
+
+
+def test_stand_in_listens_on_the_ports_asked_and_names_a_taken_one(server, capsys):
+    from ldct_tf.testing.__main__ import main
+
+    rest_port, grpc_port = _free_port(), _free_port()
+    with serve(server["root"], rest_port=rest_port, grpc_port=grpc_port) as (rest_url, grpc_target):
+        assert rest_url == f"http://127.0.0.1:{rest_port}" and grpc_target == f"127.0.0.1:{grpc_port}"
+        assert ServingClient(rest_url).status()["versions"][0]["state"] == "AVAILABLE"
+        for flags, port in ((["--rest_api_port", str(rest_port), "--port", "0"], rest_port),
+                            (["--rest_api_port", "0", "--port", str(grpc_port)], grpc_port)):
+            assert main([str(server["root"]), *flags]) == 1
+            err = capsys.readouterr().err
+            assert f"127.0.0.1:{port}" in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_metadata_route_answers_the_signature_defs(server):
+    status, body = _request(server["rest"] + "/v1/models/ldct_denoiser/metadata")
+    assert status == 200, body
+    assert body["model_spec"] == {"name": "ldct_denoiser", "signature_name": "", "version": "1"}
+    signatures = body["metadata"]["signature_def"]["signature_def"]
+    default = signatures["serving_default"]
+    assert default["method_name"] == "tensorflow/serving/predict"
+    assert default["inputs"]["hu"]["dtype"] == "DT_FLOAT"
+    assert default["inputs"]["hu"]["tensor_shape"] == {"dim": [], "unknown_rank": True}  # any rank: checked inside
+    output = default["outputs"]["denoised_hu"]
+    assert output["dtype"] == "DT_FLOAT" and output["tensor_shape"]["unknown_rank"] is False
+    assert output["tensor_shape"]["dim"] == [{"size": s, "name": ""} for s in ("-1", "-1", "-1", "1")]
+    assert set(signatures["denoise_bytes"]["inputs"]) == {"image_bytes", "height", "width"}
+    assert signatures["denoise_bytes"]["outputs"]["denoised_bytes"]["dtype"] == "DT_STRING"
+    status, body = _request(server["rest"] + "/v1/models/ldct_denoiser/versions/1/metadata")
+    assert status == 200 and body["model_spec"]["version"] == "1"
+    status, body = _request(server["rest"] + "/v1/models/ldct_denoiser/versions/7/metadata")
+    assert status == 404 and "7" in body["error"]
+
+    import grpc
+    from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
+
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    request.model_spec.name = "ldct_denoiser"
+    request.metadata_field.append("signature_def")
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        answer = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=60)
+    unpacked = get_model_metadata_pb2.SignatureDefMap()
+    assert answer.metadata["signature_def"].Unpack(unpacked) and answer.model_spec.version.value == 1
+    assert set(unpacked.signature_def["serving_default"].inputs) == {"hu"}
+
+
+def test_version_policy_follows_models_config(server, tmp_path):
+    import shutil
+
+    from tensorflow_serving.config import file_system_storage_path_source_pb2 as policies
+
+    from ldct_tf.testing.model_server import LoopbackModelServer, served_versions, version_policy
+
+    policy = policies.FileSystemStoragePathSourceConfig.ServableVersionPolicy
+    assert served_versions([1, 2, 3]) == [3]  # no config: TF Serving's default, the latest only
+    assert served_versions([1, 2, 3], policy(latest=policy.Latest(num_versions=2))) == [2, 3]
+    assert served_versions([1, 2, 3], policy(latest=policy.Latest())) == [3]
+    assert served_versions([1, 2, 3], policy(specific=policy.Specific(versions=[1, 3, 9]))) == [1, 3]
+    assert served_versions([1, 2, 3], policy(all=policy.All())) == [1, 2, 3]
+
+    model = tmp_path / "ldct_denoiser"
+    for version in (1, 2, 3):
+        shutil.copytree(server["root"] / "ldct_denoiser" / "1", model / str(version))
+    config = tmp_path / "models.config"
+    config.write_text('model_config_list { config { name: "ldct_denoiser" base_path: "/models/ldct_denoiser" '
+                      'model_platform: "tensorflow" model_version_policy { latest { num_versions: 2 } } } }')
+    stand_in = LoopbackModelServer(tmp_path, "ldct_denoiser")
+    assert sorted(stand_in.models) == [2, 3] and stand_in.status("ldct_denoiser", None) == [(2, "AVAILABLE"),
+                                                                                           (3, "AVAILABLE")]
+    with pytest.raises(ValueError, match="lists no model named 'other'"):
+        version_policy(config, "other")
+    config.write_text("model_config_list { config { name: ")
+    with pytest.raises(ValueError, match="models.config: not a TF Serving model config"):
+        LoopbackModelServer(tmp_path, "ldct_denoiser")
+
+
+@pytest.mark.parametrize("body,message", [
+    (b'{"inputs": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+    (b'{"inputs": {"hu": ' + b"[" * 900 + b"0" + b"]" * 900 + b"}}", ""),
+    (b'{"signature_name": "denoise_bytes", "instances": [{"image_bytes": ' + b"[" * 900 + b'"x"' + b"]" * 900
+     + b', "height": 1, "width": 1}]}', ""),
+    (b'{"signature_name": "denoise_bytes", "instances": [{"image_bytes": {"b64": "AAAA"}, "height": 2147483648, '
+     b'"width": 1}]}', "out of range for int32"),
+    (b'{"signature_name": "denoise_bytes", "instances": [{"image_bytes": {"b64": "AAAA"}, "height": 2147483647, '
+     b'"width": 2}]}', ""),
+])
+def test_malformed_requests_answer_400_never_500(server, body, message):
+    status, answer = _request(server["rest"] + "/v1/models/ldct_denoiser:predict", body)
+    assert status == 400, answer
+    assert message in answer["error"] and "Error:" not in answer["error"][:20], answer
+
+
+def _saturate(outputs: dict) -> dict:
+    """What a broken model answers: every pixel at a clip limit (both limits, in a checkerboard)."""
+    result = {}
+    for key, value in outputs.items():
+        if key == "denoised_hu":
+            checker = (np.indices(value.shape).sum(axis=0) % 2).astype(bool)
+            result[key] = np.where(checker, -1024.0, 3071.0).astype(np.float32)
+        else:
+            result[key] = np.array([np.where(np.arange(len(item) // 2) % 2, -1024, 3071).astype("<i2").tobytes()
+                                    for item in value], dtype=object)
+    return result
+
+
+@pytest.mark.parametrize("protocol,encoding", [("rest", "int16"), ("grpc", "float32")])
+def test_client_refuses_an_all_saturated_answer(server, slices, monkeypatch, protocol, encoding):
+    fixture = server["fixture"]
+    real_predict = fixture.predict
+
+    def broken(*args, **kwargs):
+        version, outputs = real_predict(*args, **kwargs)
+        return version, _saturate(outputs)
+
+    monkeypatch.setattr(fixture, "predict", broken)
+    client = ServingClient(server[protocol], encoding=encoding, batch_size=2)
+    with pytest.raises(ServingError) as info:
+        client.predict(slices)
+    assert info.value.code == "BAD_RESPONSE"
+    assert "every pixel at its clip limits (-1024 / 3071 HU)" in info.value.message
+    assert "looks broken" in info.value.message
+    # An input that is itself all at the limits (padding outside the scanner's field of view) comes back clipped.
+    padding = np.full((1, 16, 16), -3024.0, np.float32)
+    assert client.predict(padding).shape == padding.shape
