@@ -161,6 +161,7 @@ def keras_denoiser(path: Path):
     import keras
 
     from ldct_tf import ct
+    from ldct_tf.models import blocks  # noqa: F401  (registers NoiseLevelMap for loading)
 
     model = keras.saving.load_model(path, compile=False)
     return lambda hu: ct.from_model(np.asarray(model(ct.to_model(hu)[None, ..., None], training=False))[0, ..., 0])
@@ -278,6 +279,7 @@ def ship(work: Path, target: Path) -> None:
     import keras
 
     from ldct_tf.export import export_generator
+    from ldct_tf.models import blocks  # noqa: F401  (registers NoiseLevelMap for loading)
 
     record = json.loads((work / "validation.json").read_text())
     if target.exists():
