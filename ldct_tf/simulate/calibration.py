@@ -111,8 +111,10 @@ def calibrate_kernel(low_slices: Sequence[np.ndarray], normal_slices: Sequence[n
     spacing = tuple(float(s) for s in pixel_spacing_mm)
     rng = np.random.default_rng(seed)
     evidence: dict[str, list] = {"low": [], "normal": []}
+    from tqdm import tqdm  # a bar on a terminal only (disable=None): each slice is a projection and FBPs, seconds
+
     for side, slices, dose in (("low", low_slices, dose_fraction), ("normal", normal_slices, 1.0)):
-        for hu in slices:
+        for hu in tqdm(slices, desc=f"calibrating on {side}-dose slices", unit="slice", leave=False, disable=None):
             item = _slice_evidence(np.asarray(hu, np.float64), dose, spacing, filters, electronic_noise, tile, rng,
                                    n_angles)
             if item is not None:
