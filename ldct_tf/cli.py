@@ -29,21 +29,50 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, over
     parser.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {override_example}")
 
 
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    """``--verbose``: print the resolved config.  Why opt-in: it is 70 lines that bury what a run says; the run folder
+    keeps it anyway (``config.yaml``, ``metadata.json``)."""
+    parser.add_argument("--verbose", action="store_true", help="print the resolved config before starting")
+
+
+def print_config(config: config_lib.Config, args: argparse.Namespace) -> None:
+    """The resolved config on stdout when the command was given ``--verbose``, else nothing."""
+    if getattr(args, "verbose", False):
+        print("Resolved config:\n" + config.to_yaml(), flush=True)
+
+
 def load_config(args: argparse.Namespace) -> config_lib.Config:
-    """The config those arguments name, printed as resolved (a run is reproducible from its log).  A bad one raises
+    """The config those arguments name, printed as resolved with ``--verbose``.  A bad one raises
     :class:`ldct_tf.config.ConfigError`, which :func:`run_main` reports as one line."""
     config = config_lib.load(args.config, args.overrides)
-    print("Resolved config:\n" + config.to_yaml(), flush=True)
+    print_config(config, args)
     return config
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--data``, ``--cpu-replicas`` (:func:`ldct_tf.train.loop.make_strategy`) and ``--verbose``, as the training
-    and tuning commands take them."""
+    """``--data``, ``--cpu-replicas`` (:func:`ldct_tf.train.loop.make_strategy`), ``--progress`` and ``--verbose``,
+    as the training and tuning commands take them."""
     parser.add_argument("--data", required=True, help="output folder of python -m ldct_tf.pipeline")
     parser.add_argument("--cpu-replicas", type=int, default=0,
                         help="without GPUs: split the CPU into N logical devices under MirroredStrategy (testing)")
-    parser.add_argument("--verbose", type=int, default=1, help="Keras progress: 0 silent, 1 bar, 2 line per epoch")
+    parser.add_argument("--progress", type=int, choices=(0, 1, 2), default=None,
+                        help="0 silent, 1 a progress line, 2 a line per epoch (default: a live bar on a terminal, "
+                             "plain lines without terminal codes when the output goes to a file)")
+    add_verbose_argument(parser)
+
+
+def stdout_is_terminal() -> bool:
+    """Whether stdout is an interactive terminal: the only place where progress bars, carriage returns and colours
+    belong (in a log file they are noise and ``\\x1b[`` escapes)."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def progress_level(args: argparse.Namespace) -> int:
+    """``--progress`` as given, else 1 (the progress line; a live bar only on a terminal, see
+    :func:`ldct_tf.train.loop.progress_bar`)."""
+    progress = getattr(args, "progress", None)
+    return 1 if progress is None else int(progress)
 
 
 def error_message(exc: BaseException) -> str:

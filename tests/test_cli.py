@@ -81,3 +81,23 @@ def test_default_paths_of_the_stages_point_into_the_checkout():
     assert scores.DEFAULT_CONFIG == REPO / "configs" / "audit.yaml" and scores.DEFAULT_CONFIG.exists()
     assert denoise.DEFAULT_MODEL == REPO / "saved_models" / "ldct_denoiser" == demo.DEFAULT_MODEL
     assert denoise.DEFAULT_MODEL.is_dir()
+
+
+def test_the_resolved_config_is_printed_only_with_verbose(capsys):
+    parser = argparse.ArgumentParser()
+    cli.add_config_arguments(parser, "config", "train.steps=1")
+    cli.add_run_arguments(parser)
+    smoke = str(REPO / "configs" / "smoke.yaml")
+    cli.load_config(parser.parse_args(["--data", "d", "--config", smoke]))
+    assert capsys.readouterr().out == ""
+    cli.load_config(parser.parse_args(["--data", "d", "--config", smoke, "--verbose", "train.steps=3"]))
+    out = capsys.readouterr().out
+    assert out.startswith("Resolved config:") and "steps: 3" in out
+
+
+def test_progress_defaults_to_a_line_and_takes_its_own_option():
+    parser = argparse.ArgumentParser()
+    cli.add_run_arguments(parser)
+    assert cli.progress_level(parser.parse_args(["--data", "d"])) == 1
+    assert cli.progress_level(parser.parse_args(["--data", "d", "--progress", "0"])) == 0
+    assert cli.stdout_is_terminal() is False  # pytest captures stdout: no bar codes reach it

@@ -1,6 +1,9 @@
 """``python -m ldct_tf.export``: the trained generator as a SavedModel that TF Serving (or Python) runs on HU slices.
 
-    python -m ldct_tf.export --model-dir runs/cpu_small --output saved_models/ldct_denoiser [--version N]
+    python -m ldct_tf.export --model-dir runs/cpu_small [--output DIR | --replace-default-model] [--version N]
+
+Without ``--output`` the model goes to ``runs/cpu_small/export/<export.name>``; the shipped ``saved_models/`` only
+with ``--replace-default-model`` (see :mod:`ldct_tf.export.paths`).
 
 Layout written (TF Serving's): ``saved_models/NAME/VERSION/`` (the next free integer version unless ``--version``),
 holding ``saved_model.pb``, ``variables/``, ``metadata.json`` (what the model is: config, training step, data summary,

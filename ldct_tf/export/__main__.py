@@ -1,6 +1,11 @@
 """``python -m ldct_tf.export``: parse the command line, export a training run's generator with
 :func:`ldct_tf.export.export_generator`, report errors as one line (see :mod:`ldct_tf.export` for the layout written
-and the signatures)."""
+and the signatures).
+
+Where it writes: ``--output DIR`` when given, else ``MODEL_DIR/export/<export.name>`` (inside the run folder, which
+training made).  The shipped ``saved_models/`` folder is what ``denoise``, the demo and the node load by default, so a
+new version there silently replaces the shipped model: only ``--replace-default-model`` writes there, and an
+``--output`` inside it without that flag is refused."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Optional, Sequence
 
 from ldct_tf import cli
 from ldct_tf import config as config_lib
+from ldct_tf.export import paths as export_paths
 from ldct_tf.export import (BATCHING_FILE, DEFAULT_STRENGTH, MODELS_CONFIG, export_generator, load_generator,
                             training_metadata)
 from ldct_tf.models.generator import size_multiple
@@ -20,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldct_tf.export", description="The trained generator as a "
                                      "SavedModel that TF Serving (or Python) runs on HU slices.")
     parser.add_argument("--model-dir", required=True, help="a training run folder (python -m ldct_tf.train)")
-    parser.add_argument("--output", help="model folder, saved_models/NAME (default: saved_models/<export.name>)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--output", help="model folder to write versions into (default: MODEL_DIR/export/"
+                        "<export.name>); a folder inside the shipped saved_models/ needs --replace-default-model")
+    target.add_argument("--replace-default-model", action="store_true",
+                        help="write into this checkout's saved_models/<export.name>: the new version becomes the "
+                             "model that denoise, the demo and the node use by default")
     parser.add_argument("--version", type=int, help="version number (default: the next free integer)")
     parser.add_argument("--float16-weights", action="store_true",
                         help="store the weights as float16 (half the size; computed in float32)")
@@ -32,25 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-strength", type=float, default=DEFAULT_STRENGTH,
                         help="strength of the signatures without a strength input, in [0, 1]: 0 returns the input, "
                              "1 the network output (default 1; replaces --input-blend B, which is 1 - B)")
+    cli.add_verbose_argument(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. export.name=my_model")
     return parser
 
 
 def _config(args: argparse.Namespace) -> config_lib.Config:
-    """``--config``, else the run's own ``config.yaml``, with the overrides; printed as resolved."""
+    """``--config``, else the run's own ``config.yaml``, with the overrides; printed as resolved with ``--verbose``."""
     model_dir = Path(args.model_dir)
     config_path = args.config or (model_dir / "config.yaml" if (model_dir / "config.yaml").exists() else None)
     cfg = config_lib.load(config_path, args.overrides)
     if args.float16_weights:
         cfg.export.float16_weights = True
-    print("Resolved config:\n" + cfg.to_yaml(), flush=True)
+    cli.print_config(cfg, args)
     return cfg
 
 
 def _export(args: argparse.Namespace) -> None:
     cfg = _config(args)
     model_dir = Path(args.model_dir)
-    output = Path(args.output) if args.output else Path("saved_models") / cfg.export.name
+    output = export_paths.output_folder(model_dir, cfg.export.name, args.output, args.replace_default_model)
     version_dir = export_generator(
         load_generator(model_dir, cfg), output, version=args.version, metadata=training_metadata(model_dir, cfg),
         float16_weights=cfg.export.float16_weights, size_multiple=size_multiple(cfg.model.depth),

@@ -13,8 +13,19 @@ import keras
 import tensorflow as tf
 
 from ldct_tf import ct
+from ldct_tf.errors import LdctError
 
 VGG19_NOTOP_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+class VggWeightsError(LdctError, ValueError):
+    """The perceptual loss cannot get its VGG19: weights that do not load (offline, a bad file) or a layer it lacks.
+    One line naming the fix; a ``ValueError`` as these checks raised before."""
+
+
+def keras_models_folder() -> str:
+    """Where Keras caches downloaded weights (``$KERAS_HOME/models``, default ``~/.keras/models``)."""
+    return os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
 
 
 def _f32(x):
@@ -68,14 +79,25 @@ def vgg19_weights(weights: str, weights_path: Optional[str]) -> Optional[str]:
     if weights == "none":
         return None
     if weights != "imagenet":
-        raise ValueError(f"vgg_weights must be 'imagenet' or 'none', got {weights!r}")
+        raise VggWeightsError(f"loss.vgg_weights must be 'imagenet' or 'none', got {weights!r}")
     if weights_path:
         if not os.path.exists(weights_path):
-            raise FileNotFoundError(f"loss.vgg_weights_path {weights_path} does not exist (expected the Keras "
-                                    f"VGG19 notop file {VGG19_NOTOP_FILE})")
+            raise VggWeightsError(f"{weights_path}: loss.vgg_weights_path does not exist (expected the Keras "
+                                  f"VGG19 notop file {VGG19_NOTOP_FILE}); or set loss.perceptual=0")
         return weights_path
-    cached = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models", VGG19_NOTOP_FILE)
+    cached = os.path.join(keras_models_folder(), VGG19_NOTOP_FILE)
     return cached if os.path.exists(cached) else "imagenet"
+
+
+def _weights_failure(source: Optional[str], exc: Exception) -> str:
+    """The one line for VGG19 weights that did not load: for the ImageNet download (offline machines) the three ways
+    out, since the perceptual loss is optional."""
+    if source == "imagenet":
+        return (f"the perceptual loss (loss.perceptual > 0) needs the ImageNet VGG19 weights, which could not be "
+                f"downloaded (offline?): set loss.perceptual=0, or loss.vgg_weights_path=FILE, or copy the Keras "
+                f"file {VGG19_NOTOP_FILE} into {keras_models_folder()}/")
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"{source}: cannot load it as VGG19 weights ({first}); set loss.perceptual=0 or another loss.vgg_weights_path"
 
 
 class PerceptualLoss:
@@ -99,17 +121,15 @@ class PerceptualLoss:
         source = vgg19_weights(weights, weights_path)
         try:
             vgg = keras.applications.VGG19(include_top=False, weights=source, input_shape=(None, None, 3))
-        except Exception as exc:
-            if source == "imagenet":
-                raise RuntimeError(
-                    "cannot load ImageNet VGG19 weights (no internet?): put the Keras file "
-                    f"{VGG19_NOTOP_FILE} in ~/.keras/models/ or set loss.vgg_weights_path=FILE, "
-                    "or use loss.vgg_weights=none for an un-pretrained VGG19") from exc
-            raise
+        except Exception as exc:  # Keras' download or h5 errors: many types, all meaning "no usable weights"
+            if source is None:
+                raise  # no weights to load: a bug, keep its traceback
+            raise VggWeightsError(_weights_failure(source, exc)) from None
         known = [layer.name for layer in vgg.layers]
         for name in layers:
             if name not in known:
-                raise ValueError(f"unknown VGG19 layer {name!r}; conv layers are e.g. block1_conv2 ... block5_conv4")
+                raise VggWeightsError(f"unknown VGG19 layer {name!r} in loss.perceptual_layers; conv layers are "
+                                      "e.g. block1_conv2 ... block5_conv4")
         self.extractor = keras.Model(vgg.input, [vgg.get_layer(n).output for n in layers], name="vgg19_features")
         self.extractor.trainable = False
         self.pretrained = source is not None

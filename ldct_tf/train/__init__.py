@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -60,10 +62,24 @@ def _check_simulated_stream(cfg: config_lib.Config, manifest: dict, data_dir: st
                             f"{stream.get('textures')}")
 
 
-def _writable(model_dir: str) -> None:
-    """Fail before any work when the model folder cannot be written (the error would otherwise come after an epoch)."""
+def _first_missing(path: str) -> Optional[str]:
+    """The outermost folder of ``path`` that does not exist yet (None when ``path`` exists)."""
+    missing = None
+    current = os.path.abspath(path)
+    while not os.path.exists(current):
+        missing, parent = current, os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return missing
+
+
+def _writable(model_dir: str) -> Optional[str]:
+    """Fail before any work when the model folder cannot be written (the error would otherwise come after an epoch).
+    Returns the outermost folder this made (None when the folder existed), for :func:`_remove_unstarted`."""
     if "://" in model_dir:
-        return  # remote file systems are checked by their first write
+        return None  # remote file systems are checked by their first write
+    created = _first_missing(model_dir)
     try:
         os.makedirs(model_dir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=model_dir, prefix=".write_check_"):
@@ -71,6 +87,20 @@ def _writable(model_dir: str) -> None:
     except OSError as exc:
         raise TrainingError(f"{model_dir}: cannot write the model folder ({exc.strerror or exc}); "
                             "choose a writable --model-dir") from None
+    return created
+
+
+def _remove_unstarted(model_dir: str, created: Optional[str]) -> None:
+    """After a failed start, remove the model folder this run made, unless a checkpoint landed in it: a refused
+    config, missing VGG19 weights or unusable data must not leave an empty run folder that looks like a result."""
+    if created is None or os.path.exists(os.path.join(model_dir, "checkpoints", loop.CHECKPOINT)):
+        return
+    shutil.rmtree(model_dir, ignore_errors=True)
+    folder = os.path.dirname(os.path.abspath(model_dir))
+    stop = os.path.dirname(created)
+    while folder != stop and os.path.isdir(folder) and not os.listdir(folder):  # parents it made, if still empty
+        os.rmdir(folder)
+        folder = os.path.dirname(folder)
 
 
 def _check_same_architecture(cfg: config_lib.Config, model_dir: str) -> None:
@@ -124,7 +154,18 @@ def run(cfg: config_lib.Config, data_dir: str, model_dir: str, *, resume: bool =
     simulated = cfg.loss.simulated > 0
     if simulated:
         _check_simulated_stream(cfg, manifest, data_dir)  # before the model folder is made: bad data leaves nothing
-    _writable(model_dir)
+    created = _writable(model_dir)
+    try:
+        return _run_in(cfg, data_dir, model_dir, manifest, resume=resume, cpu_replicas=cpu_replicas, verbose=verbose)
+    except BaseException:
+        _remove_unstarted(model_dir, created)
+        raise
+
+
+def _run_in(cfg: config_lib.Config, data_dir: str, model_dir: str, manifest: dict, *, resume: bool,
+            cpu_replicas: int, verbose: int) -> dict:
+    """:func:`run` once the inputs are read and the model folder exists."""
+    simulated = cfg.loss.simulated > 0
     if resume:
         _check_same_architecture(cfg, model_dir)
 

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> dict:
     cfg = cli.load_config(args)
     return run(cfg, args.data, args.model_dir, resume=not args.no_resume, cpu_replicas=args.cpu_replicas,
-               verbose=args.verbose)
+               verbose=cli.progress_level(args))
 
 
 def train(argv: Optional[Sequence[str]] = None) -> dict:

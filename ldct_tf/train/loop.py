@@ -200,6 +200,36 @@ class StopOnSigint:
         return False
 
 
+class PlainProgress:
+    """Progress for a log file: a plain line (no carriage returns, no ``\\x1b[`` colour codes, which Keras'
+    ``Progbar`` writes whenever ``posix`` is imported, i.e. always on Linux) at most every ``interval_s`` seconds and
+    at the end of the epoch.  Same ``update(current, values)`` as ``keras.utils.Progbar``."""
+
+    def __init__(self, target: int, interval_s: float = 30.0):
+        self.target, self.interval_s = target, interval_s
+        self._start = self._last = time.perf_counter()
+
+    def update(self, current: int, values: Optional[list] = None) -> None:
+        now = time.perf_counter()
+        if current < self.target and now - self._last < self.interval_s:
+            return
+        self._last = now
+        metrics = "".join(f" - {name}: {value:.4g}" for name, value in values or [])
+        print(f"{current}/{self.target} - {now - self._start:.0f}s{metrics}", flush=True)
+
+
+def progress_bar(target: int, verbose: int, metric_names: list):
+    """Keras' live bar on a terminal at ``verbose`` 1; :class:`PlainProgress` lines when stdout is a file (or at
+    ``verbose`` 2: one line at the end of the epoch); Keras' silent bar at 0."""
+    from ldct_tf.cli import stdout_is_terminal
+
+    if verbose == 1 and stdout_is_terminal():
+        return keras.utils.Progbar(target, verbose=1, stateful_metrics=metric_names)
+    if verbose:
+        return PlainProgress(target, interval_s=30.0 if verbose == 1 else math.inf)
+    return keras.utils.Progbar(target, verbose=0, stateful_metrics=metric_names)
+
+
 def train_epoch(model, train_step, iterator, start_step: int, end_step: int, *, log_every: int, writer=None,
                 verbose: int = 1, budget: Optional[Budget] = None) -> tuple[dict, int, Optional[str]]:
     """One epoch (or what is left of it): ``train_step(iterator)`` from ``start_step`` to ``end_step`` with a
@@ -208,7 +238,7 @@ def train_epoch(model, train_step, iterator, start_step: int, end_step: int, *, 
     and why it stopped early (None when it ran to ``end_step``)."""
     model.reset_metrics()
     verbose = verbose if is_chief() else 0
-    bar = keras.utils.Progbar(end_step - start_step, verbose=verbose, stateful_metrics=list(model.trackers))
+    bar = progress_bar(end_step - start_step, verbose, list(model.trackers))
     metrics: dict = {}
     step, stopped_by = start_step, None
     while step < end_step and not stopped_by:

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _tune(args: argparse.Namespace) -> dict:
     cfg = cli.load_config(args)
     return run(cfg, args.data, args.dir, algorithm=args.tuner, max_trials=args.max_trials,
-               overwrite=args.overwrite, cpu_replicas=args.cpu_replicas, verbose=args.verbose)
+               overwrite=args.overwrite, cpu_replicas=args.cpu_replicas, verbose=cli.progress_level(args))
 
 
 def tune(argv: Optional[Sequence[str]] = None) -> dict:

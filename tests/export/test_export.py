@@ -356,3 +356,43 @@ def test_default_strength_replaces_the_input_blend(exported, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         export_cli.main(["--model-dir", str(run), "--output", str(tmp_path / "bad"), "--input-blend", "0.25"])
     assert info.value.code == 2 and "--input-blend" in capsys.readouterr().err
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def test_the_default_output_is_inside_the_run_and_never_touches_saved_models(exported, capsys):
+    from ldct_tf.export import paths
+
+    _, _, _, run = exported
+    before = _tree(paths.SHIPPED_ROOT)
+    capsys.readouterr()
+    assert export_cli.main(["--model-dir", str(run), "--warmup-size", "0"]) == 0
+    out = capsys.readouterr().out
+    assert (run / "export" / "ldct_denoiser" / "1" / "saved_model.pb").exists()
+    assert (run / "export" / "models.config").exists()
+    assert _tree(paths.SHIPPED_ROOT) == before
+    assert "Resolved config" not in out  # only with --verbose
+
+
+def test_an_output_inside_saved_models_needs_replace_default_model(exported, capsys):
+    from ldct_tf.export import paths
+
+    _, _, _, run = exported
+    target = paths.SHIPPED_ROOT / "nu_cli_test_model"
+    assert export_cli.main(["--model-dir", str(run), "--output", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--replace-default-model" in err and str(target) in err
+    assert not target.exists()
+
+
+def test_output_folder_rule(tmp_path):
+    from ldct_tf.export.paths import ExportTargetError, output_folder
+
+    shipped = tmp_path / "saved_models"
+    assert output_folder("runs/a", "m", shipped_root=shipped) == Path("runs/a/export/m")
+    assert output_folder("runs/a", "m", tmp_path / "elsewhere", shipped_root=shipped) == tmp_path / "elsewhere"
+    assert output_folder("runs/a", "m", replace_default_model=True, shipped_root=shipped) == shipped / "m"
+    with pytest.raises(ExportTargetError, match="replace-default-model"):
+        output_folder("runs/a", "m", shipped / "m", shipped_root=shipped)

@@ -40,7 +40,7 @@ def test_perceptual_argument_errors(tmp_path):
         losses.PerceptualLoss(["block9_conv1"], weights="none")
     with pytest.raises(ValueError, match="weights"):
         losses.PerceptualLoss(["block1_conv1"], [1.0, 2.0], weights="none")
-    with pytest.raises(FileNotFoundError, match="vgg_weights_path"):
+    with pytest.raises(losses.VggWeightsError, match="vgg_weights_path"):
         losses.PerceptualLoss(["block1_conv1"], weights="imagenet", weights_path=str(tmp_path / "missing.h5"))
 
 

@@ -59,7 +59,7 @@ def test_two_worker_multiworker_training_completes(sample_run, tmp_path):
     for index in range(2):
         env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         cmd = [sys.executable, "-m", "ldct_tf.train", "--config", "configs/smoke.yaml", "--data", str(shards),
-               "--model-dir", str(tmp_path / "run"), "--verbose", "0", "train.steps=2", "train.steps_per_epoch=2",
+               "--model-dir", str(tmp_path / "run"), "--progress", "0", "train.steps=2", "train.steps_per_epoch=2",
                "train.batch_size=2"]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))

@@ -26,7 +26,7 @@ def test_cli_trains_checkpoints_logs_and_saves(sample_run, tmp_path):
     shards, _ = sample_run
     run = tmp_path / "run"
     summary = train(["--config", str(REPO / "configs" / "smoke.yaml"), "--data", str(shards), "--model-dir", str(run),
-                     "--verbose", "0", "train.steps=3", "train.steps_per_epoch=2", "train.log_every=1"])
+                     "--progress", "0", "train.steps=3", "train.steps_per_epoch=2", "train.log_every=1"])
     assert summary["steps"] == 3 and summary["resumed_from_step"] == 0
     for name in ("generator_loss", "cycle_loss", "identity_loss", "perceptual_loss", "normal_critic_loss"):
         assert np.isfinite(summary["final_metrics"]["train"][name])
@@ -39,7 +39,7 @@ def test_cli_trains_checkpoints_logs_and_saves(sample_run, tmp_path):
     assert generator(x).shape == (1, 64, 64, 1)
     # Started again with more steps, it resumes where it stopped.
     more = train(["--config", str(REPO / "configs" / "smoke.yaml"), "--data", str(shards), "--model-dir", str(run),
-                  "--verbose", "0", "train.steps=4", "train.steps_per_epoch=2"])
+                  "--progress", "0", "train.steps=4", "train.steps_per_epoch=2"])
     assert more["resumed_from_step"] == 3 and more["steps"] == 4
 
 
@@ -50,7 +50,7 @@ def test_time_limit_stops_early_and_still_saves(sample_run, tmp_path):
     run = tmp_path / "run"
     # A budget of 6 ms: the first step already exceeds it, so training stops after one step of 100.
     summary = train(["--config", str(REPO / "configs" / "smoke.yaml"), "--data", str(shards), "--model-dir", str(run),
-                     "--verbose", "0", "train.steps=100", "train.steps_per_epoch=50", "train.time_limit_minutes=0.0001"])
+                     "--progress", "0", "train.steps=100", "train.steps_per_epoch=50", "train.time_limit_minutes=0.0001"])
     assert summary["steps"] == 1 and summary["stopped_by_time_limit"]
     assert json.loads((run / "checkpoints" / "checkpoint.json").read_text())["step"] == 1
     assert (run / "generator.keras").exists() and (run / "training_summary.json").exists()
@@ -67,7 +67,7 @@ def test_killed_run_resumes_at_its_last_checkpoint(sample_run, tmp_path):
     shards, _ = sample_run
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ldct_tf.train", "--config", "configs/smoke.yaml", "--data", str(shards),
-           "--model-dir", str(run), "--verbose", "0", "train.steps_per_epoch=1", "data.val_max_slices=1"]
+           "--model-dir", str(run), "--progress", "0", "train.steps_per_epoch=1", "data.val_max_slices=1"]
     proc = subprocess.Popen(cmd + ["train.steps=1000"], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     marker = run / "checkpoints" / "checkpoint.json"

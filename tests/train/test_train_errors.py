@@ -38,7 +38,7 @@ def _train(args, capsys):
     from ldct_tf.train.__main__ import main
 
     capsys.readouterr()
-    assert main(["--config", SMOKE, "--verbose", "0", *args]) == 1
+    assert main(["--config", SMOKE, "--progress", "0", *args]) == 1
     message = capsys.readouterr().err
     assert message.startswith("python -m ldct_tf.train: error: ") and message.count("\n") == 1
     return message
@@ -71,7 +71,7 @@ def test_resuming_with_another_architecture_is_refused(sample_run, tmp_path, cap
 
     shards, _ = sample_run
     run = tmp_path / "run"
-    train(["--config", SMOKE, "--data", str(shards), "--model-dir", str(run), "--verbose", "0", "train.steps=1"])
+    train(["--config", SMOKE, "--data", str(shards), "--model-dir", str(run), "--progress", "0", "train.steps=1"])
     message = _train(["--data", str(shards), "--model-dir", str(run), "train.steps=2", "model.base_filters=4"],
                      capsys)
     assert "another architecture" in message and "model.base_filters: 8 -> 4" in message and "--no-resume" in message
@@ -99,7 +99,7 @@ def test_sigint_stops_cleanly_keeps_the_checkpoint_and_says_how_to_resume(sample
     shards, _ = sample_run
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ldct_tf.train", "--config", SMOKE, "--data", str(shards), "--model-dir", str(run),
-           "--verbose", "0", "train.steps=100000", "train.steps_per_epoch=1", "data.val_max_slices=1"]
+           "--progress", "0", "train.steps=100000", "train.steps_per_epoch=1", "data.val_max_slices=1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     marker = run / "checkpoints" / "checkpoint.json"
     deadline = time.time() + 600
@@ -114,3 +114,56 @@ def test_sigint_stops_cleanly_keeps_the_checkpoint_and_says_how_to_resume(sample
     assert f"checkpoint at step {step} is kept" in out and "run the same command again to resume" in out
     assert json.loads((run / "training_summary.json").read_text())["stopped_by"] == "interrupted (SIGINT)"
     assert (run / "generator.keras").exists()
+
+
+def test_offline_imagenet_vgg19_is_one_line_naming_the_fix_and_leaves_no_folder(sample_run, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """No cached weights and a download that fails (as offline): one line with the three ways out, and the model
+    folder (and the parent) this start made are gone."""
+    import keras
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3] "
+                        "Temporary failure in name resolution")
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setattr(keras.applications, "VGG19", offline)
+    shards, _ = sample_run
+    run = tmp_path / "runs" / "offline"
+    message = _train(["--data", str(shards), "--model-dir", str(run), "loss.perceptual=0.1",
+                      "loss.vgg_weights=imagenet"], capsys)
+    assert "loss.perceptual=0" in message and "loss.vgg_weights_path=FILE" in message
+    assert str(tmp_path / "keras_home" / "models") in message and "URL fetch" not in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_start_keeps_a_folder_it_did_not_make(sample_run, tmp_path, capsys, monkeypatch):
+    import keras
+
+    monkeypatch.setattr(keras.applications, "VGG19", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    shards, _ = sample_run
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "notes.txt").write_text("the user's\n")
+    _train(["--data", str(shards), "--model-dir", str(run), "loss.perceptual=0.1", "loss.vgg_weights=imagenet"],
+           capsys)
+    assert (run / "notes.txt").exists()
+
+
+def test_a_log_file_gets_plain_progress_and_no_config_dump(sample_run, tmp_path):
+    """stdout to a file (not a terminal): no Keras bar codes (``\\x1b[``, ``\\r``, ``\\b``), no config unless
+    --verbose."""
+    import contextlib
+
+    from ldct_tf.train.__main__ import main
+
+    shards, _ = sample_run
+    log = tmp_path / "train.log"
+    with open(log, "w") as handle, contextlib.redirect_stdout(handle):
+        code = main(["--config", SMOKE, "--data", str(shards), "--model-dir", str(tmp_path / "run"), "--progress", "1",
+                     "train.steps=2", "train.steps_per_epoch=2"])
+    text = log.read_text()
+    assert code == 0 and "2/2 - " in text and "Trained to step 2" in text
+    assert "\x1b[" not in text and "\r" not in text and "\b" not in text
+    assert "Resolved config" not in text

@@ -200,7 +200,7 @@ def test_hyperband_search_continues_trials_from_their_checkpoints(paired_shards,
 
     monkeypatch.setattr(tune.CycleGANHyperModel, "fit", recording_fit)
     summary = tune_cli.tune(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--tuner", "hyperband",
-                             "--verbose", "1", *TINY, "tuning.hyperband.max_epochs=2", "tuning.hyperband.factor=2"])
+                             "--progress", "1", *TINY, "tuning.hyperband.max_epochs=2", "tuning.hyperband.factor=2"])
     output = capsys.readouterr().out
     assert summary["objective"] == "val_psnr" and summary["paired"]
     rows = summary["trials"]
@@ -244,7 +244,7 @@ def _free_port() -> int:
 def test_chief_and_worker_run_one_search(paired_shards, tmp_path, no_training_steps, monkeypatch):
     """Keras Tuner's distributed mode: a chief process runs the oracle, a worker (this process) runs the trials."""
     argv = ["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path / "search"), "--max-trials", "2",
-            "--verbose", "0", *TINY]
+            "--progress", "0", *TINY]
     cluster = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(_free_port())}
     chief = subprocess.Popen([sys.executable, "-m", "ldct_tf.tune", *argv], cwd=REPO, text=True,
                              env={**ENV, **cluster, "KERASTUNER_TUNER_ID": "chief"},
@@ -270,7 +270,7 @@ def test_a_search_where_every_trial_fails_says_so(paired_shards, tmp_path, no_tr
     monkeypatch.setattr(tune.Validation, "score", lambda self, generator, multiple: {"val_psnr": float("nan"),
                                                                                       "val_ssim": float("nan")})
     assert tune_cli.main(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--max-trials", "1",
-                          "--verbose", "0", *TINY]) == 1
+                          "--progress", "0", *TINY]) == 1
     err = capsys.readouterr().err
     assert err.startswith("python -m ldct_tf.tune: error: ") and "none of the 1 trial" in err and err.count("\n") == 1
     assert not (tmp_path / "best.yaml").exists()
@@ -303,7 +303,7 @@ def test_interrupted_random_search_resumes_and_its_best_config_trains(paired_sha
     """Two real trials on the smoke config; the search is interrupted in the second and resumed; the best config
     is accepted by the training CLI."""
     search = tmp_path / "search"
-    argv = ["--config", SMOKE, "--data", paired_shards, "--dir", str(search), "--max-trials", "2", "--verbose", "0",
+    argv = ["--config", SMOKE, "--data", paired_shards, "--dir", str(search), "--max-trials", "2", "--progress", "0",
             *TINY]
     fit = tune.CycleGANHyperModel.fit
     calls = []
@@ -337,6 +337,6 @@ def test_interrupted_random_search_resumes_and_its_best_config_trains(paired_sha
     from ldct_tf.train.__main__ import train
 
     trained = train(["--config", str(search / "best.yaml"), "--data", paired_shards, "--model-dir",
-                     str(tmp_path / "run"), "--verbose", "0", "train.steps=1"])
+                     str(tmp_path / "run"), "--progress", "0", "train.steps=1"])
     assert trained["steps"] == 1 and (tmp_path / "run" / "generator.keras").exists()
     assert config.load(tmp_path / "run" / "config.yaml").loss.cycle == best["loss.cycle"]
