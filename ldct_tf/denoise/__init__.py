@@ -260,7 +260,7 @@ def load_saved_model(path: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SI
     path = Path(path)
     if not path.exists() or not (path.is_dir() and (any(p.name.isdigit() for p in path.iterdir())
                                                     or (path / "saved_model.pb").exists())):
-        hint = ("export one with `python -m ldct_tf.export --model-dir MODEL_DIR --output saved_models/ldct_denoiser` "
+        hint = ("export one with `python -m ldct_tf.export --model-dir MODEL_DIR --replace-default-model` "
                 "(MODEL_DIR from `python -m ldct_tf.train`), or pass --model PATH or --server URL")
         raise DenoiseError(f"{path}: no exported model here; {hint}")
     from ldct_tf.export import SavedModelDenoiser  # TensorFlow is imported only when a local model is used
