@@ -250,7 +250,10 @@ def evaluate_all(conds: dict, denoisers: dict) -> dict:
 
 
 def validate(work: Path) -> None:
-    """Scores every seed and BM3D (factor tuned per dose here) on the held-out development patient; picks the seed."""
+    """Scores every seed and BM3D (factor tuned per dose here) on the held-out development patient; picks the seed
+    (``ldct_tf.evaluate.selection.choose_seed``)."""
+    from ldct_tf.evaluate import selection
+
     pairs = v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT)
     conds = conditions(pairs, seed_base=1000)
     bm3d = bm3d_tuning(work, conds)
@@ -265,7 +268,7 @@ def validate(work: Path) -> None:
             done[factor] = done.get(factor) or bm3d_scores(cases, factor)
             results[name][f"bm3d_{point}"] = done[factor]
     mean_psnr = {p.parent.name: float(np.mean([results[c][p.parent.name]["psnr_mean"] for c in conds])) for p in seeds}
-    picked = max(mean_psnr, key=mean_psnr.get)
+    picked = selection.choose_seed(mean_psnr)
     record = {"patient": v3_data.VALIDATION_PATIENT, "slices": len(pairs), "bm3d": bm3d, "results": results,
               "seed_mean_psnr_over_conditions": mean_psnr, "picked_seed": picked,
               "rule": "the seed with the highest abdomen PSNR averaged over the four validation conditions"}

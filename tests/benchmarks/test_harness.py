@@ -15,7 +15,8 @@ from benchmarks import harness
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem not in ("__init__", "harness"))
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.py") if p.stem not in ("__init__", "arms",
-                                                                                             "blend_choice"))
+                                                                                             "blend_choice", "v3_data",
+                                                                                             "v3_steps"))
 
 
 def _imported_modules(path: Path) -> set[str]:

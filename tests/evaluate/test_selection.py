@@ -81,3 +81,11 @@ def test_targets_on_test_say_which_target_the_chosen_arm_meets():
     assert targets["beats_bm3d_psnr_ssim_both_windows"]["per_metric"]["psnr_abdomen"] is True
     assert targets["edge_sharpness_at_least_0.95"]["met"] is False
     assert targets["nps_mean_frequency_closer_to_normal_dose_than_bm3d"]["met"] is True
+
+
+def test_the_shipped_seed_is_the_best_mean_validation_psnr_and_nan_never_wins():
+    assert selection.choose_seed({"seed0": 25.1, "seed1": 25.4, "seed2": 25.3}) == "seed1"
+    assert selection.choose_seed({"seed0": float("nan"), "seed1": 20.0}) == "seed1"
+    assert selection.choose_seed({"seed0": 25.0, "seed1": 25.0}) == "seed0"  # ties: the first name, every run
+    with pytest.raises(ValueError, match="no seed"):
+        selection.choose_seed({"seed0": float("nan")})
