@@ -33,7 +33,8 @@ def _simulate(args) -> None:
 
 
 def _train(args) -> None:
-    v3_steps.train(Path(args.work), args.seed, args.steps, args.threads)
+    v3_steps.train(Path(args.work), args.seed, args.steps, args.threads, args.train_target, args.init,
+                   args.learning_rate)
 
 
 def _bm3d(args) -> None:
@@ -62,6 +63,9 @@ def _all(args) -> None:
     v3_steps.simulate(work, args.realisations, args.processes)
     for seed in range(args.seeds):
         v3_steps.train(work, seed, args.steps)
+    for seed in range(args.seeds):  # the second recipe: continued on the normal-dose target (v3_data.TARGETS)
+        v3_steps.train(work, seed, v3_steps.FINETUNE_STEPS, target="original", init=f"seed{seed}",
+                       learning_rate=v3_steps.FINETUNE_LEARNING_RATE)
     v3_steps.bm3d_tuning(work)
     v3_steps.validate(work)
     v3_steps.ship(work, Path(args.target))
@@ -82,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--seeds", type=int, default=3)
         p.add_argument("--threads", type=int, default=0, help="TF threads per training process (0: TF's default)")
+        p.add_argument("--train-target", dest="train_target", default="projected", choices=v3_data.TARGETS,
+                       help="what the denoiser is trained to output (v3_data.TARGETS)")
+        p.add_argument("--init", help="continue from this run folder's weights (e.g. seed0)")
+        p.add_argument("--learning-rate", type=float, default=v3_steps.LEARNING_RATE)
         p.add_argument("--steps", type=int, default=v3_steps.STEPS)
         p.add_argument("--target", default=str(v3_data.REPO / "saved_models" / "ldct_denoiser" / "3"))
         p.set_defaults(fn=fn)

@@ -163,12 +163,29 @@ def mayo_pairs(root: Path, patient: str) -> list[dict]:
     return out
 
 
-def load_training_pairs(work: Path, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-    """All simulated pairs written by ``simulate`` (float32 HU, [n, size, size]) grouped by size."""
+#: What the denoiser is trained to output.  ``projected``: the slice through the projector without noise (v2's
+#: target: removes all noise it can, the normal dose's own included).  ``original``: the normal-dose slice itself,
+#: with the same inserted noise added to it (Mayo's own construction of its low-dose images): the network learns to
+#: remove the noise a lower dose ADDS and to keep the normal-dose appearance.
+TARGETS = ("projected", "original")
+
+
+def load_training_pairs(work: Path, target: str = "projected") -> tuple[list, list]:
+    """All simulated pairs written by ``simulate`` (lists of float32 HU slices), for the given target."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    root = data_root()
+    keys = training_keys(root)
+    sources = {key: hu for key, hu, _ in source_slices(root)} if target == "original" else {}
     lows, refs = [], []
-    keys = training_keys(data_root())
-    for f in sorted(f for f in (work / "pairs").glob("*.npz") if f.stem in keys)[:limit]:
+    for f in sorted(f for f in (work / "pairs").glob("*.npz") if f.stem in keys):
         with np.load(f) as z:
-            lows += list(z["low"])
-            refs += list(z["reference"])
+            if target == "projected":
+                lows += list(z["low"])
+                refs += list(z["reference"])
+                continue
+            source = sources[f.stem]
+            for low, ref in zip(z["low"], z["reference"]):  # the same noise realisation, added to the slice itself
+                lows.append((source + (low - ref)).astype(np.float32))
+                refs.append(source)
     return lows, refs

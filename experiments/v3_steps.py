@@ -17,6 +17,9 @@ STEPS = 2500
 BATCH = 16
 PATCH = 96
 LEARNING_RATE = 1e-3
+#: The second recipe continues each seed on the normal-dose target for this many steps at this learning rate.
+FINETUNE_STEPS = 1000
+FINETUNE_LEARNING_RATE = 3e-4
 MODEL = dict(depth=3, base_filters=16, residual_blocks=2, attention=True, norm="none", noise_conditional=True)
 
 
@@ -71,10 +74,10 @@ def _patch_stream(lows: list, refs: list, seed: int):
         yield tuple(ct.to_model(np.ascontiguousarray(p)[..., None]) for p in pair)
 
 
-def _dataset(work: Path, seed: int):
+def _dataset(work: Path, seed: int, target: str = "projected"):
     import tensorflow as tf
 
-    lows, refs = v3_data.load_training_pairs(work)
+    lows, refs = v3_data.load_training_pairs(work, target)
     spec = tf.TensorSpec((PATCH, PATCH, 1), tf.float32)
     ds = tf.data.Dataset.from_generator(lambda: _patch_stream(lows, refs, seed), output_signature=(spec, spec))
     return ds.batch(BATCH).prefetch(2), len(lows)
@@ -86,10 +89,12 @@ def build_model():
     return build_generator(name="low_to_normal", **MODEL)
 
 
-def train(work: Path, seed: int, steps: int, threads: int = 0) -> None:
+def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "projected",
+          init: Optional[str] = None, learning_rate: float = LEARNING_RATE) -> None:
     """One seed of the v3 recipe: supervised on the simulated pairs, MSE + gradient MSE, Adam with cosine decay.
 
-    ``threads`` > 0 pins TF to that many threads (seeds trained side by side on a small machine)."""
+    ``threads`` > 0 pins TF to that many threads (seeds trained side by side on a small machine).  ``init``: a run
+    folder name (``seed0``) whose weights this run continues from, written to ``{target}_from_{init}``."""
     import keras
     import tensorflow as tf
 
@@ -100,11 +105,15 @@ def train(work: Path, seed: int, steps: int, threads: int = 0) -> None:
     from ldct_tf.models import losses
 
     keras.utils.set_random_seed(seed)
-    out = work / f"seed{seed}"
+    out = work / (f"{target}_from_{init}" if init else f"seed{seed}")
     out.mkdir(parents=True, exist_ok=True)
-    ds, n_pairs = _dataset(work, seed)
+    ds, n_pairs = _dataset(work, seed, target)
     model = build_model()
-    schedule = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)
+    if init:
+        from ldct_tf.models import blocks  # noqa: F401  (registers NoiseLevelMap for loading)
+
+        model.set_weights(keras.saving.load_model(work / init / "generator.keras", compile=False).get_weights())
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
     optimizer = keras.optimizers.Adam(schedule)
 
     @tf.function
@@ -123,7 +132,8 @@ def train(work: Path, seed: int, steps: int, threads: int = 0) -> None:
             print(f"train seed {seed}: step {n}/{steps} loss {loss:.5f} ({time.time() - start_wall:.0f} s)", flush=True)
     model.save(out / "generator.keras")
     (out / "train.json").write_text(json.dumps({
-        "seed": seed, "steps": steps, "batch": BATCH, "patch": PATCH, "learning_rate": LEARNING_RATE,
+        "seed": seed, "steps": steps, "batch": BATCH, "patch": PATCH, "learning_rate": learning_rate,
+        "target": target, "init": init,
         "model": MODEL, "parameters": int(model.count_params()), "training_pairs": n_pairs,
         "wall_seconds": time.time() - start_wall, "cpu_seconds": time.process_time() - start_cpu, "log": log},
         indent=1))
@@ -249,6 +259,34 @@ def evaluate_all(conds: dict, denoisers: dict) -> dict:
     return out
 
 
+def _arm_glob(run: str) -> str:
+    """The runs of the same recipe as ``run`` (its seeds): ``seed1`` -> ``seed*``, ``original_from_seed1`` ->
+    ``original_from_seed*``."""
+    return run.rstrip("0123456789") + "*"
+
+
+def arms(runs) -> dict[str, list[str]]:
+    """Run names grouped by recipe: ``{"seed*": [...], "original_from_seed*": [...]}``."""
+    out: dict[str, list[str]] = {}
+    for run in sorted(runs):
+        if run != "input" and not run.startswith("bm3d"):
+            out.setdefault(_arm_glob(run), []).append(run)
+    return out
+
+
+def _cached_bm3d(work: Path) -> dict:
+    """BM3D's full-set validation scores from an earlier ``validate`` (they do not depend on any model)."""
+    old = work / "validation.json"
+    if not old.exists():
+        return {}
+    out = {}
+    for name, r in json.loads(old.read_text())["results"].items():
+        for key, v in r.items():
+            if key.startswith("bm3d_"):
+                out[(name, float(v["factor"]))] = v
+    return out
+
+
 def validate(work: Path) -> None:
     """Scores every seed and BM3D (factor tuned per dose here) on the held-out development patient; picks the seed
     (``ldct_tf.evaluate.selection.choose_seed``)."""
@@ -257,21 +295,22 @@ def validate(work: Path) -> None:
     pairs = v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT)
     conds = conditions(pairs, seed_base=1000)
     bm3d = bm3d_tuning(work, conds)
-    seeds = sorted(work.glob("seed*/generator.keras"))
+    seeds = sorted(work.glob("*/generator.keras"))
     denoisers = {"input": lambda hu: hu}
     denoisers.update({p.parent.name: keras_denoiser(p) for p in seeds})
     results = evaluate_all(conds, denoisers)
+    cached = _cached_bm3d(work)
     for name, cases in conds.items():
-        done = {}
         for point in ("psnr_optimal", "ssim_optimal"):
-            factor = bm3d[name][point]
-            done[factor] = done.get(factor) or bm3d_scores(cases, factor)
-            results[name][f"bm3d_{point}"] = done[factor]
+            factor = float(bm3d[name][point])
+            cached[(name, factor)] = cached.get((name, factor)) or bm3d_scores(cases, factor)
+            results[name][f"bm3d_{point}"] = cached[(name, factor)]
     mean_psnr = {p.parent.name: float(np.mean([results[c][p.parent.name]["psnr_mean"] for c in conds])) for p in seeds}
     picked = selection.choose_seed(mean_psnr)
     record = {"patient": v3_data.VALIDATION_PATIENT, "slices": len(pairs), "bm3d": bm3d, "results": results,
               "seed_mean_psnr_over_conditions": mean_psnr, "picked_seed": picked,
-              "rule": "the seed with the highest abdomen PSNR averaged over the four validation conditions"}
+              "rule": "the run (recipe and seed) with the highest abdomen PSNR averaged over the four validation "
+                      "conditions (ldct_tf.evaluate.selection.choose_seed)"}
     (work / "validation.json").write_text(json.dumps(record, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "v3_validation.json").write_text(json.dumps(record, indent=1))
@@ -318,7 +357,7 @@ def test(work: Path) -> None:
     out_file = RESULTS / "v3_test.json"
     pairs = v3_data.mayo_pairs(v3_data.data_root(), v3_data.TEST_PATIENT)
     conds = conditions(pairs, seed_base=2000)
-    seeds = sorted(p.parent.name for p in work.glob("seed*/generator.keras"))
+    seeds = sorted(p.parent.name for p in work.glob(f"{_arm_glob(validation['picked_seed'])}/generator.keras"))
     denoisers = {"input": lambda hu: hu}
     denoisers.update({s: keras_denoiser(work / s / "generator.keras") for s in seeds})
     v2 = SavedModelDenoiser(str(v3_data.REPO / "saved_models" / "ldct_denoiser" / "2"))
@@ -429,7 +468,7 @@ def report() -> None:
 def cost(work: Path) -> None:
     """Training and simulation cost per seed (benchmarks-style JSON: experiments/results/v3_cost.json)."""
     out = {"simulate": json.loads((work / "simulate.json").read_text())}
-    for f in sorted(work.glob("seed*/train.json")):
+    for f in sorted(work.glob("*/train.json")):
         out[f.parent.name] = {k: v for k, v in json.loads(f.read_text()).items() if k != "log"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "v3_cost.json").write_text(json.dumps(out, indent=1))
