@@ -18,7 +18,7 @@ BATCH = 16
 PATCH = 96
 LEARNING_RATE = 1e-3
 #: The second recipe continues each seed on the normal-dose target for this many steps at this learning rate.
-FINETUNE_STEPS = 1000
+FINETUNE_STEPS = 500
 FINETUNE_LEARNING_RATE = 3e-4
 MODEL = dict(depth=3, base_filters=16, residual_blocks=2, attention=True, norm="none", noise_conditional=True)
 
