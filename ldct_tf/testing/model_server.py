@@ -444,8 +444,3 @@ def serve(model_root: Path, name: str = "ldct_denoiser", rest_port: int = 0, grp
 
 serve.last = None
 
-
-if __name__ == "__main__":  # the older spelling of ``python -m ldct_tf.testing``
-    from ldct_tf.testing.__main__ import main
-
-    sys.exit(main())

@@ -350,7 +350,7 @@ def test_cli_strength_mixes_and_is_recorded_in_the_derived_files(ct_small_series
     derived file says which model and which strength made it, in valid DICOM."""
     for strength in ("0.5", "0"):
         out = tmp_path / f"out{strength}"
-        assert denoise.main([str(ct_small_series), str(out), "--model", str(saved_model), "--strength", strength,
+        assert denoise_cli.main([str(ct_small_series), str(out), "--model", str(saved_model), "--strength", strength,
                              "--no-progress", "--no-audit"]) == 0
         assert f"strength {float(strength):g} (0 = input unchanged" in capsys.readouterr().out
         outputs = sorted(out.rglob("*.dcm"))
@@ -373,7 +373,7 @@ def test_cli_strength_mixes_and_is_recorded_in_the_derived_files(ct_small_series
             assert dciodvfy_errors(path) == set(), path
     # Without --strength: the model's default, named in the files too.
     default = tmp_path / "default"
-    assert denoise.main([str(ct_small_series), str(default), "--model", str(saved_model), "--no-progress",
+    assert denoise_cli.main([str(ct_small_series), str(default), "--model", str(saved_model), "--no-progress",
                          "--no-audit"]) == 0
     first = pydicom.dcmread(sorted(default.rglob("*.dcm"))[0], stop_before_pixels=True)
     assert "strength 1 (0 = input unchanged" in first.DerivationDescription
@@ -382,7 +382,7 @@ def test_cli_strength_mixes_and_is_recorded_in_the_derived_files(ct_small_series
 @pytest.mark.parametrize("strength", ["1.5", "-0.1", "nan", "inf"])
 def test_cli_strength_outside_0_1_is_one_line_and_writes_nothing(ct_small_series, tmp_path, capsys, strength):
     out = tmp_path / "out"
-    assert denoise.main([str(ct_small_series), str(out), "--model", str(tmp_path / "no_model"), "--strength",
+    assert denoise_cli.main([str(ct_small_series), str(out), "--model", str(tmp_path / "no_model"), "--strength",
                          strength, "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"ldct_tf.denoise: error: strength must be a finite number in [0, 1], got {float(strength)!r}"
@@ -401,7 +401,7 @@ def test_strength_through_tf_serving(ct_small_series, saved_model, model_denoise
     with serve(saved_model.parent, saved_model.name) as (rest_url, grpc_target):
         url = rest_url if protocol == "rest" else f"grpc://{grpc_target}"
         out = tmp_path / "out"
-        assert denoise.main([str(ct_small_series), str(out), "--server", url, "--strength", "0.25",
+        assert denoise_cli.main([str(ct_small_series), str(out), "--server", url, "--strength", "0.25",
                              "--no-progress", "--no-audit"]) == 0
     for path in sorted(out.rglob("*.dcm")):
         source = ct_small_series / path.relative_to(out)
@@ -415,7 +415,7 @@ def test_strength_through_tf_serving(ct_small_series, saved_model, model_denoise
         pytest.skip("shipped version 2 not in this checkout")
     with serve(shipped, "ldct_denoiser") as (rest_url, grpc_target):
         url = rest_url if protocol == "rest" else f"grpc://{grpc_target}"
-        assert denoise.main([str(ct_small_series), str(tmp_path / "old"), "--server", url, "--strength", "0.5",
+        assert denoise_cli.main([str(ct_small_series), str(tmp_path / "old"), "--server", url, "--strength", "0.5",
                              "--no-progress", "--no-audit"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("model 'ldct_denoiser' has no strength input (exported before the strength control); "
@@ -598,7 +598,7 @@ def test_two_series_planned_to_one_folder_is_an_error_not_an_overwrite(tmp_path,
         denoise.denoise(root, out, smooth_and_shift, MODEL, progress=False)
     assert not out.exists() or [p for p in out.rglob("*.dcm")] == []
     monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size: (smooth_and_shift, MODEL))
-    assert denoise.main([str(root), str(out), "--no-progress"]) == 1
+    assert denoise_cli.main([str(root), str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "two input series would be written here" in err[0]
 
@@ -626,7 +626,7 @@ def test_a_series_with_an_unusable_slice_is_refused_whole_with_a_nonzero_exit(tm
     deidentify = ["--deidentify"] if damage == "burned_in" else []
     monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size: (smooth_and_shift, MODEL))
     out = tmp_path / "out"
-    assert denoise.main([str(root), str(out), "--no-progress", "--no-audit", *deidentify]) == 1
+    assert denoise_cli.main([str(root), str(out), "--no-progress", "--no-audit", *deidentify]) == 1
     captured = capsys.readouterr()
     assert "not written: 1 of its 3 slices are unusable: IM0002.dcm" in captured.err
     assert "Doe" not in captured.err and "MRN0000902" not in captured.err
