@@ -45,7 +45,8 @@ optimizers = [opt for opt, _ in model._optimizer_networks()]
 def weights():
     """Every network weight and every optimizer slot (Adam's moments and iteration count)."""
     slots = [v for opt in optimizers for v in opt.inner_optimizer.variables]
-    return [np.asarray(w) for w in list(model.weights) + slots]
+    networks = [w for w in model.weights if w.path != model.train_steps.path]  # the step counter counts every step
+    return [np.asarray(w) for w in networks + slots]
 
 
 def scales():
