@@ -28,6 +28,9 @@ class DataConfig:
     augment: bool = True  # flips and 90-degree rotations
     shuffle_buffer: int = 256
     cache: bool = True  # keep decoded training slices in memory (about 1 MB per 512x512 slice)
+    # Keep the simulated pairs in memory too (2 MB per 512x512 pair, float32: tens of GB at archive scale).  Off:
+    # they stream from the shards each pass, memory bounded by data.shuffle_buffer.
+    cache_simulated: bool = False
     val_max_slices: int = 16  # whole validation slices scored per validation run
     # The real unpaired streams keep only the kernels both doses hold (ldct_tf.data.matched_kernels): a critic that
     # sees low-dose B30f against normal-dose D45f teaches kernel translation, not denoising.
@@ -97,7 +100,15 @@ class TrainConfig:
     discriminator_lr: float = 2e-4
     beta_1: float = 0.5
     mixed_precision: bool = False
-    jit_compile: bool = False  # XLA: 4x slower steps and 2.5x longer tracing on the 2-core CPU (measured), try on GPU
+    # XLA for each replica's step in the loop (ldct_tf.train.loop.make_step_functions).  Off: on the 2-core CPU the
+    # smoke CycleGAN's XLA compilation alone took minutes; try it on GPUs.
+    jit_compile: bool = False
+    steps_per_execution: int = 1  # training steps per tf.function call (one Python dispatch for N steps)
+    # Learning rates for the global batch: none (as written) | linear (x batch / lr_reference_batch) | sqrt.  Default
+    # none: Adam GAN training has no established scaling rule (the linear rule is SGD's, Goyal et al. 2017), and
+    # train.batch_size is already the global batch, so adding replicas alone changes nothing.
+    lr_scaling: str = "none"
+    lr_reference_batch: int = 4  # the global batch generator_lr and discriminator_lr were chosen for
     seed: int = 0
     time_limit_minutes: float = 0.0  # > 0: stop (validate, checkpoint, save) at the first step past this budget
     cpu_limit_minutes: float = 0.0  # > 0: the same for this process's CPU time (equal budgets on a busy machine)
@@ -322,6 +333,13 @@ def mixed_precision_policy(requested: bool) -> bool:
     return on
 
 
+def scaled_learning_rate(lr: float, train: TrainConfig) -> float:
+    """``lr`` for the global batch ``train.batch_size`` under ``train.lr_scaling`` (see its comment): linear
+    multiplies by ``batch_size / lr_reference_batch``, sqrt by its square root, none keeps it."""
+    ratio = train.batch_size / train.lr_reference_batch
+    return lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[train.lr_scaling]
+
+
 def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file (if any), then the overrides."""
     values: dict = {}
@@ -351,6 +369,7 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
 
 # Range checks of a loaded Config: a bad value is one clear line before any work.
 NORMS = ("instance", "batch", "none")
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 def _check(ok: bool, message: str, error: type = ConfigError) -> None:
@@ -370,6 +389,9 @@ def validate(config: Config) -> Config:
     for key in ("time_limit_minutes", "cpu_limit_minutes"):
         _check(getattr(t, key) >= 0, f"train.{key} must be >= 0 (0 = no limit), got {getattr(t, key)!r}")
     _check(t.simulated_batch_size >= 0, f"train.simulated_batch_size must be >= 0, got {t.simulated_batch_size!r}")
+    _check(t.steps_per_execution >= 1, f"train.steps_per_execution must be >= 1, got {t.steps_per_execution!r}")
+    _check(t.lr_scaling in LR_SCALINGS, f"train.lr_scaling must be one of {LR_SCALINGS}, got {t.lr_scaling!r}")
+    _check(t.lr_reference_batch >= 1, f"train.lr_reference_batch must be >= 1, got {t.lr_reference_batch!r}")
     for key in ("adversarial", "cycle", "identity", "perceptual", "simulated", "gradient_weight",
                 "noisier2noise_i0"):
         _check(getattr(loss, key) >= 0, f"loss.{key} must be >= 0, got {getattr(loss, key)!r}")

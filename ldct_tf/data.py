@@ -129,11 +129,13 @@ def slice_dataset(
     dose: Optional[str] = None,
     shuffle_files: bool = False,
     seed: Optional[int] = None,
+    input_context: Optional[tf.distribute.InputContext] = None,
 ) -> tf.data.Dataset:
     """Dataset of ``(hu float32 [H, W, 1], metadata dict)`` for one split and dose (or both doses).
 
     Raises ``ValueError`` naming the folder when the manifest says the split/dose holds no slices, so that training
-    on an empty stream fails at once instead of hanging on ``repeat()``.
+    on an empty stream fails at once instead of hanging on ``repeat()``.  ``input_context``: this worker's share only
+    (:func:`worker_records`).
     """
     manifest = read_manifest(data_dir)
     files = shard_files(data_dir, split, dose)
@@ -145,7 +147,24 @@ def slice_dataset(
                          f"{split!r} but there are no shard files ({split}/{dose or '*'}-*{SHARD_SUFFIX}); copy the "
                          "pipeline's output folder whole")
     check_shards(files)
-    file_ds = tf.data.Dataset.from_tensor_slices(files)
+    dataset = worker_records(files, input_context, shuffle_files, seed)
+    return dataset.map(records.parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def worker_records(files: Sequence[str], input_context: Optional[tf.distribute.InputContext] = None,
+                   shuffle_files: bool = False, seed: Optional[int] = None) -> tf.data.Dataset:
+    """The serialized records of ``files`` that this worker reads (all of them without ``input_context``).
+
+    FILE sharding when every input pipeline (worker) gets at least one whole file: each reads only its files.  With
+    fewer files than workers, DATA sharding: every worker reads every file and keeps every n-th record (correct but
+    n times the reading).  Write at least as many shards per stream as workers (the pipeline's --num-shards).
+    """
+    workers = input_context.num_input_pipelines if input_context else 1
+    index = input_context.input_pipeline_id if input_context else 0
+    by_file = workers > 1 and len(files) >= workers
+    file_ds = tf.data.Dataset.from_tensor_slices(list(files))
+    if by_file:
+        file_ds = file_ds.shard(workers, index)
     if shuffle_files:
         file_ds = file_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     dataset = file_ds.interleave(
@@ -154,7 +173,16 @@ def slice_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=not shuffle_files,
     )
-    return dataset.map(records.parse, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.shard(workers, index) if workers > 1 and not by_file else dataset
+
+
+def _distribute_options(input_context: Optional[tf.distribute.InputContext]) -> tf.data.Options:
+    """Sharded by :func:`worker_records` when built per worker (auto-sharding off); else tf.distribute's DATA
+    auto-sharding of a global dataset (``experimental_distribute_dataset``)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (tf.data.experimental.AutoShardPolicy.OFF if input_context
+                                                         else tf.data.experimental.AutoShardPolicy.DATA)
+    return options
 
 
 # --- training input -----------------------------------------------------------------------------------------------
@@ -213,14 +241,16 @@ def matched_kernels(data_dir: str, split: str = "train") -> list[str]:
 def patch_stream(data_dir: str, dose: str, patch_size: int, batch_size: int, min_tissue_fraction: float = 0.5,
                  augment: bool = True, shuffle_buffer: int = 256, cache: bool = True,
                  seed: Optional[int] = None, split: str = "train",
-                 kernels: Optional[Sequence[str]] = None) -> tf.data.Dataset:
+                 kernels: Optional[Sequence[str]] = None,
+                 input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
     """Endless batches ``[batch, patch, patch, 1]`` (model scale) of random patches of one dose.
 
     Each slice offers a few random crops; crops with less than ``min_tissue_fraction`` of tissue pixels are dropped.
     ``cache`` keeps the decoded slices in memory after the first pass (about 1 MB per 512x512 slice).  ``kernels``
-    keeps only slices reconstructed with those kernels (None = all).
+    keeps only slices reconstructed with those kernels (None = all).  ``input_context``: this worker's shards, and
+    ``batch_size`` is then one replica's batch.
     """
-    slices = slice_dataset(data_dir, split, dose, shuffle_files=True, seed=seed)
+    slices = slice_dataset(data_dir, split, dose, shuffle_files=True, seed=seed, input_context=input_context)
     check_patch_fits(shard_files(data_dir, split, dose), patch_size, f"{data_dir} {split} {dose}-dose")
     if kernels is not None:
         wanted = tf.constant(list(kernels))
@@ -228,8 +258,7 @@ def patch_stream(data_dir: str, dose: str, patch_size: int, batch_size: int, min
     slices = slices.map(lambda hu, meta: hu)
     if cache:
         slices = slices.cache()
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    options = _distribute_options(input_context)
     patches = (
         slices.shuffle(shuffle_buffer, seed=seed).repeat()
         .map(lambda hu: _candidate_patches(hu, patch_size), num_parallel_calls=tf.data.AUTOTUNE)
@@ -281,11 +310,14 @@ def noisier2noise_target(pair: tf.Tensor, i0: tf.Tensor, dose_fraction: tf.Tenso
 def simulated_pair_stream(data_dir: str, patch_size: int, batch_size: int, min_tissue_fraction: float = 0.5,
                           augment: bool = True, shuffle_buffer: int = 256, cache: bool = True,
                           seed: Optional[int] = None, split: str = "train",
-                          noisier2noise_i0: float = 0.0) -> tf.data.Dataset:
+                          noisier2noise_i0: float = 0.0,
+                          input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
     """Endless batches ``(simulated_low, reference)`` ``[batch, patch, patch, 1]`` (model scale): the same random
     crop, flip and rotation of a simulated low-dose realisation and its noiseless reference (they are cropped as
     one two-channel image, so they stay aligned); tissue is judged on the target.  ``noisier2noise_i0`` > 0 replaces
-    the reference by :func:`noisier2noise_target` (once per record, before the cache)."""
+    the reference by :func:`noisier2noise_target` (once per record, before the cache).  Without ``cache`` the pairs
+    stream from the shards on every pass (memory bounded by the shuffle buffers); ``input_context`` as in
+    :func:`patch_stream`."""
     files = sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{split}/simulated-*{SHARD_SUFFIX}"))
     if not files:
         raise DataError(f"{data_dir}: split {split!r} has no simulated pairs; run python -m ldct_tf.simulate pairs")
@@ -298,10 +330,8 @@ def simulated_pair_stream(data_dir: str, patch_size: int, batch_size: int, min_t
             return noisier2noise_target(pair, meta["i0"], meta["dose_fraction"], noisier2noise_i0)
         return pair
 
-    pairs = (tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
-             .interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
-                         cycle_length=min(len(files), 8), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-             .map(parse, num_parallel_calls=tf.data.AUTOTUNE))
+    pairs = worker_records(files, input_context, shuffle_files=True, seed=seed).map(
+        parse, num_parallel_calls=tf.data.AUTOTUNE)
     if cache:
         pairs = pairs.cache()
 
@@ -315,8 +345,7 @@ def simulated_pair_stream(data_dir: str, patch_size: int, batch_size: int, min_t
                .filter(lambda p: tf.reduce_mean(tf.cast(p[..., 1] > TISSUE_HU, tf.float32)) >= min_tissue_fraction))
     if augment:
         patches = patches.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    options = _distribute_options(input_context)
     return (patches.map(lambda p: (ct.to_model(p[..., :1]), ct.to_model(p[..., 1:])),
                         num_parallel_calls=tf.data.AUTOTUNE)
             .shuffle(shuffle_buffer, seed=seed)
@@ -324,18 +353,25 @@ def simulated_pair_stream(data_dir: str, patch_size: int, batch_size: int, min_t
             .with_options(options))
 
 
-def training_dataset(data_dir: str, cfg, seed: Optional[int] = None) -> tf.data.Dataset:
+def training_dataset(data_dir: str, cfg, seed: Optional[int] = None,
+                     input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
     """The training input of a config: ``(low, normal)`` unpaired batches, plus ``(simulated_low, reference)`` when
-    ``loss.simulated`` > 0 (batch ``train.simulated_batch_size``, default the same)."""
+    ``loss.simulated`` > 0 (batch ``train.simulated_batch_size``, default the same; cached only with
+    ``data.cache_simulated``).  With ``input_context`` (``strategy.distribute_datasets_from_function``) this worker's
+    share in one replica's batches; the batches must divide by the replicas (``ldct_tf.train.check_batches``)."""
     d, t = cfg.data, cfg.train
+
+    def batch(global_batch: int) -> int:
+        return input_context.get_per_replica_batch_size(global_batch) if input_context else global_batch
+
     common = dict(min_tissue_fraction=d.min_tissue_fraction, augment=d.augment, shuffle_buffer=d.shuffle_buffer,
-                  cache=d.cache)
-    unpaired = unpaired_training_dataset(data_dir, d.patch_size, t.batch_size, seed=seed,
-                                         kernel_matched=d.kernel_matched, **common)
+                  input_context=input_context)
+    unpaired = unpaired_training_dataset(data_dir, d.patch_size, batch(t.batch_size), seed=seed,
+                                         kernel_matched=d.kernel_matched, cache=d.cache, **common)
     if cfg.loss.simulated <= 0:
         return unpaired
-    simulated = simulated_pair_stream(data_dir, d.patch_size, t.simulated_batch_size or t.batch_size,
-                                      seed=None if seed is None else seed + 2,
+    simulated = simulated_pair_stream(data_dir, d.patch_size, batch(t.simulated_batch_size or t.batch_size),
+                                      seed=None if seed is None else seed + 2, cache=d.cache_simulated,
                                       noisier2noise_i0=cfg.loss.noisier2noise_i0, **common)
     return (tf.data.Dataset.zip((unpaired, simulated))
             .map(lambda real, sim: (real[0], real[1], sim[0], sim[1]))

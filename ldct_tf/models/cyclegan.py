@@ -184,14 +184,21 @@ class CycleGAN(keras_compat.SkipSymbolicBuild, keras.Model):
                        ("low_critic", self.low_critic_optimizer))}
             scaled["inverse"] = self.inverse_generator_optimizer.scale_loss(losses["generator"] / replicas)
         keys = ("generator", "inverse", "normal_critic", "low_critic")
-        for key, (optimizer, network) in zip(keys, self._optimizer_networks()):
-            variables = network.trainable_variables
-            grads = tape.gradient(scaled[key], variables)
-            optimizer.apply_gradients(zip(grads, variables))
+        updates = [(optimizer, tape.gradient(scaled[key], network.trainable_variables), network.trainable_variables)
+                   for key, (optimizer, network) in zip(keys, self._optimizer_networks())]
         del tape
+        self._apply(updates)
         self.train_steps.assign_add(1)
         self._update_trackers(losses)
         return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    @staticmethod
+    def _apply(updates: list) -> None:
+        """Apply every optimizer, or (an overflow on any replica, under mixed precision) none: the finite check is
+        combined over all replicas first, because Keras' LossScaleOptimizer checks only the first replica
+        (``keras_compat.WORKAROUNDS["loss_scale_all_replicas"]``)."""
+        finite = keras_compat.all_replicas_finite([g for _, grads, _ in updates for g in grads])
+        keras_compat.apply_if_all_finite(updates, finite)
 
     def _supervised_step(self, simulated, replicas):
         """Only the denoiser, only the simulated-pair loss: the other networks and optimizers stay untouched."""
@@ -202,7 +209,7 @@ class CycleGAN(keras_compat.SkipSymbolicBuild, keras.Model):
             losses = self._loss_terms(None, None, training=True, simulated=simulated)
             scaled = self.generator_optimizer.scale_loss(losses["generator"] / replicas)
         variables = self.low_to_normal.trainable_variables
-        self.generator_optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        self._apply([(self.generator_optimizer, tape.gradient(scaled, variables), variables)])
         self.train_steps.assign_add(1)
         self._update_trackers(losses)
         return {name: tracker.result() for name, tracker in self.trackers.items()}

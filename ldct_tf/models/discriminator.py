@@ -83,4 +83,7 @@ def build_discriminator(filters: int = 64, n_layers: int = 3, norm: str = "insta
         x = norm_layer(norm, name=f"norm{n}")(x)
         x = MaxLeakyReLU(0.2)(x)
     outputs = conv(1, 1, "logits", dtype="float32")(x)
+    # The head is float32 under mixed precision (LSGAN's squared scores overflow float16 first).  An explicit cast:
+    # SpectralNormalization returns its compute dtype, float16, even around a float32 layer (shared/STACK.md).
+    outputs = layers.Activation("linear", dtype="float32", name="scores_float32")(outputs)
     return keras.Model(inputs, outputs, name=name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from ldct_tf.config import Config
+from ldct_tf.config import Config, scaled_learning_rate
 from ldct_tf.models.losses import PerceptualLoss
 from ldct_tf.models.cyclegan import LOSS_TERMS, CycleGAN
 from ldct_tf.models.discriminator import build_discriminator
@@ -38,14 +38,16 @@ def build_cyclegan(config: Config) -> CycleGAN:
 
 def compile_cyclegan(model: CycleGAN, config: Config, loss_scaling: bool = False) -> CycleGAN:
     """Adam optimizers (beta_1 0.5, the GAN default) for each network, loss weights from the config; optimizers are
-    built at once (required under multi-replica strategies).  ``loss_scaling`` wraps them for mixed precision."""
+    built at once (required under multi-replica strategies).  Learning rates follow ``train.lr_scaling``;
+    ``loss_scaling`` wraps the optimizers for mixed precision."""
     t = config.train
 
     def adam(lr: float) -> keras.optimizers.Optimizer:
         optimizer = keras.optimizers.Adam(lr, beta_1=t.beta_1)
         return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scaling else optimizer
 
-    model.compile(adam(t.generator_lr), adam(t.generator_lr), adam(t.discriminator_lr), adam(t.discriminator_lr),
+    generator_lr, critic_lr = scaled_learning_rate(t.generator_lr, t), scaled_learning_rate(t.discriminator_lr, t)
+    model.compile(adam(generator_lr), adam(generator_lr), adam(critic_lr), adam(critic_lr),
                   loss_weights={term: getattr(config.loss, term) for term in LOSS_TERMS},
                   simulated_loss=config.loss.simulated_loss, gradient_weight=config.loss.gradient_weight,
                   jit_compile=t.jit_compile)

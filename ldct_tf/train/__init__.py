@@ -133,6 +133,43 @@ def _warm_start(model, init_from: str) -> None:
     print(f"Warm start: the denoiser starts from {path}", flush=True)
 
 
+def check_batches(cfg: config_lib.Config, replicas: int) -> None:
+    """Every training stream's global batch splits evenly over the replicas, at least one sample each.
+
+    Why: ``experimental_distribute_dataset`` does not refuse an uneven batch: 3 samples on 2 replicas split [2, 1],
+    so the per-replica means weigh samples unequally, and a replica with no sample contributes a NaN mean
+    (shared/STACK.md).  One line naming the key, before any work.
+    """
+    streams = {"train.batch_size": cfg.train.batch_size}
+    if cfg.loss.simulated > 0:
+        streams["train.simulated_batch_size"] = cfg.train.simulated_batch_size or cfg.train.batch_size
+    for key, batch in streams.items():
+        if batch < replicas or batch % replicas:
+            raise TrainingError(f"{key} {batch} must be a multiple of the {replicas} replicas (at least one sample "
+                                f"per replica, the same number on each); use {max(1, batch // replicas) * replicas} "
+                                f"or {(batch // replicas + 1) * replicas}")
+
+
+def check_workers_agree(strategy, model, model_dir: str) -> None:
+    """Under MultiWorkerMirroredStrategy every worker must start from the same step and weights.
+
+    Each worker restores its own ``--model-dir``; with separate folders the chief resumes while the others start
+    over, and they would train together with different weights.  Each worker's step and a fingerprint of its weights
+    and optimizer state are gathered (one collective); any disagreement refuses to start, in one line.
+    """
+    if strategy.num_replicas_in_sync < 2:
+        return
+    variables = list(model.weights) + [v for opt, _ in model._optimizer_networks() for v in opt.variables]
+    fingerprint = sum(float(np.abs(np.asarray(keras.ops.convert_to_numpy(v), np.float64)).sum()) for v in variables)
+    local = tf.constant([[float(model.steps_done()), fingerprint]], tf.float64)
+    gathered = strategy.gather(strategy.run(lambda: tf.identity(local)), axis=0).numpy()
+    steps, prints = gathered[:, 0], gathered[:, 1]
+    if steps.min() != steps.max() or not np.allclose(prints, prints[0], rtol=1e-9, atol=0):
+        raise TrainingError(f"{model_dir}: the workers' checkpoints disagree (steps {sorted(set(steps.astype(int)))}"
+                            "): give every worker the same --model-dir on a shared file system, or copy the chief's "
+                            "checkpoints folder to each worker's, or use --no-resume")
+
+
 def _sample_images(val_pairs: list, multiple: int, train_ds) -> np.ndarray:
     if not val_pairs:
         return next(iter(train_ds))[0].numpy()[:4]
@@ -172,8 +209,7 @@ def _run_in(cfg: config_lib.Config, data_dir: str, model_dir: str, manifest: dic
     strategy = make_strategy(cpu_replicas)
     replicas = strategy.num_replicas_in_sync
     t = cfg.train
-    if t.batch_size % replicas:
-        raise TrainingError(f"train.batch_size {t.batch_size} is not divisible by the {replicas} replicas")
+    check_batches(cfg, replicas)
     mixed = config_lib.mixed_precision_policy(t.mixed_precision)
     keras.utils.set_random_seed(t.seed)
     strategy_name = "MultiWorkerMirroredStrategy" if is_multi_worker() else type(strategy).__name__
@@ -189,6 +225,8 @@ def _run_in(cfg: config_lib.Config, data_dir: str, model_dir: str, manifest: dic
     except (ValueError, KeyError, OSError) as exc:
         raise TrainingError(f"{model_dir}: cannot load its checkpoint ({str(exc).splitlines()[0]}); use --no-resume "
                             "or another --model-dir") from None
+    if is_multi_worker():
+        check_workers_agree(strategy, model, model_dir)
     if start_step:
         print(f"Resuming from the checkpoint at step {start_step}", flush=True)
     elif t.init_from:
@@ -198,7 +236,7 @@ def _run_in(cfg: config_lib.Config, data_dir: str, model_dir: str, manifest: dic
 
     steps_per_epoch = max(1, min(t.steps_per_epoch, t.steps))
     try:
-        train_ds = data.training_dataset(data_dir, cfg, seed=t.seed)
+        train_ds = data.training_dataset(data_dir, cfg, seed=t.seed)  # checks the streams; its first batch: a sample
         val_pairs, paired = data.validation_examples(data_dir, cfg.data.val_max_slices)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
@@ -215,9 +253,13 @@ def _run_in(cfg: config_lib.Config, data_dir: str, model_dir: str, manifest: dic
         budget = loop.Budget()
     started, cpu_started = time.perf_counter(), time.process_time()
     with loop.StopOnSigint(budget):
-        metrics = run_loop(model, strategy, train_ds, val_ds, total_steps=t.steps, steps_per_epoch=steps_per_epoch,
+        # Each worker builds its own input: its shards (FILE) or every n-th record (DATA), one replica's batches.
+        metrics = run_loop(model, strategy, lambda context: data.training_dataset(data_dir, cfg, seed=t.seed,
+                                                                                 input_context=context),
+                           val_ds, total_steps=t.steps, steps_per_epoch=steps_per_epoch,
                            log_every=max(1, t.log_every), model_dir=model_dir, sample_low=sample,
-                           verbose=verbose, budget=budget)
+                           verbose=verbose, budget=budget, steps_per_execution=t.steps_per_execution,
+                           jit_compile=t.jit_compile)
     seconds = time.perf_counter() - started
     final_step = model.steps_done()
 
@@ -228,6 +270,7 @@ def _run_in(cfg: config_lib.Config, data_dir: str, model_dir: str, manifest: dic
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "steps_per_second": round((final_step - start_step) / seconds, 3) if seconds > 0 else None,
         "strategy": strategy_name, "replicas": replicas, "mixed_precision": mixed,
+        "steps_per_execution": t.steps_per_execution, "jit_compile": t.jit_compile,
         "validation": {"slices": len(val_pairs), "paired": paired},
         "data": {"counts": manifest["counts"], "patients": manifest.get("patients"),
                  "simulated": manifest.get("simulated") if simulated else None},

@@ -138,17 +138,32 @@ def read_metrics(trackers: dict) -> dict:
     return {name: float(keras.ops.convert_to_numpy(tracker.result())) for name, tracker in trackers.items()}
 
 
-def make_step_functions(model, strategy):
-    """Compiled ``(train_step(iterator), val_step(batch))`` running the model's steps on every replica."""
+def make_step_functions(model, strategy, steps_per_execution: int = 1, jit_compile: bool = False):
+    """Compiled ``(train_step(iterator[, steps]), val_step(batch))`` running the model's steps on every replica.
+
+    ``train_step`` runs ``steps`` training steps (default ``steps_per_execution``) in one call: one Python dispatch
+    for several steps, which matters when a step is short (a GPU).  ``jit_compile`` compiles each replica's step with
+    XLA (``tf.function(jit_compile=True)`` around ``model.train_step`` inside ``strategy.run``, as Keras' own trainer
+    does: the iterator and the loop over steps stay outside XLA, which cannot compile them).  ``model.compile``'s
+    ``jit_compile`` does not reach a custom loop (shared/STACK.md).
+    """
+    if steps_per_execution < 1:
+        raise ValueError(f"steps_per_execution must be >= 1, got {steps_per_execution!r}")
+    replica_step = tf.function(model.train_step, jit_compile=True) if jit_compile else model.train_step
 
     @tf.function
-    def train_step(iterator):
-        strategy.run(model.train_step, args=(next(iterator),))
+    def train_step(iterator, steps=None):
+        if steps is None and steps_per_execution == 1:  # no loop in the graph: the step as it always was
+            strategy.run(replica_step, args=(next(iterator),))
+            return
+        for _ in tf.range(steps_per_execution if steps is None else steps):
+            strategy.run(replica_step, args=(next(iterator),))
 
     @tf.function
     def val_step(batch):
         strategy.run(model.test_step, args=(batch,))
 
+    train_step.replica_step = replica_step  # what strategy.run calls: tests read its XLA setting and compiler IR
     return train_step, val_step
 
 
@@ -231,19 +246,29 @@ def progress_bar(target: int, verbose: int, metric_names: list):
 
 
 def train_epoch(model, train_step, iterator, start_step: int, end_step: int, *, log_every: int, writer=None,
-                verbose: int = 1, budget: Optional[Budget] = None) -> tuple[dict, int, Optional[str]]:
+                verbose: int = 1, budget: Optional[Budget] = None,
+                steps_per_execution: int = 1) -> tuple[dict, int, Optional[str]]:
     """One epoch (or what is left of it): ``train_step(iterator)`` from ``start_step`` to ``end_step`` with a
     progress bar; every ``log_every`` steps, at the end and at an early stop the trackers are read (and written to
     ``writer``).  Stops after the first step past ``budget``.  Returns the last training metrics, the step reached
-    and why it stopped early (None when it ran to ``end_step``)."""
+    and why it stopped early (None when it ran to ``end_step``).
+
+    With ``steps_per_execution`` N > 1 each call runs up to N steps, never past ``end_step`` or the next multiple of
+    ``log_every``: the epoch, its checkpoint and the logged steps are the same as with N = 1; only the budget is
+    checked per call (so a run may pass its budget by up to N - 1 steps)."""
     model.reset_metrics()
     verbose = verbose if is_chief() else 0
     bar = progress_bar(end_step - start_step, verbose, list(model.trackers))
     metrics: dict = {}
     step, stopped_by = start_step, None
     while step < end_step and not stopped_by:
-        train_step(iterator)
-        step += 1
+        if steps_per_execution == 1:
+            train_step(iterator)
+            step += 1
+        else:
+            steps = min(steps_per_execution, end_step - step, log_every - step % log_every)
+            train_step(iterator, tf.constant(steps))
+            step += steps
         stopped_by = budget.exhausted() if budget is not None else None
         if step == end_step or stopped_by or (step % log_every == 0 and (writer is not None or verbose)):
             metrics = read_metrics(model.trackers)
@@ -255,8 +280,13 @@ def train_epoch(model, train_step, iterator, start_step: int, end_step: int, *, 
 
 def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_epoch: int, log_every: int,
              model_dir: str, sample_low: np.ndarray, verbose: int = 1,
-             time_limit_s: Optional[float] = None, budget: Optional[Budget] = None) -> dict:
-    """``strategy.run(model.train_step)`` per step; validation, checkpoint and images per epoch.
+             time_limit_s: Optional[float] = None, budget: Optional[Budget] = None, steps_per_execution: int = 1,
+             jit_compile: bool = False) -> dict:
+    """``strategy.run(model.train_step)`` per step (``steps_per_execution`` per call, each replica's step XLA-compiled
+    with ``jit_compile``: :func:`make_step_functions`); validation, checkpoint and images per epoch.
+
+    ``train_ds`` is a dataset of global batches, or a function of a ``tf.distribute.InputContext`` returning one
+    replica's batches (``strategy.distribute_datasets_from_function``: each worker builds its own input).
 
     Training ends early (validation, checkpoint and images still happen) after the first step past ``time_limit_s``
     or past ``budget`` (which may also be a SIGINT).  Returns the last training and validation metrics and, under
@@ -269,8 +299,9 @@ def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_e
     image_writer = tf.summary.create_file_writer(os.path.join(log_dir, "images"))
     folder = checkpoint_folder(model_dir)
 
-    train_step, val_step = make_step_functions(model, strategy)
-    iterator = iter(strategy.experimental_distribute_dataset(train_ds))
+    train_step, val_step = make_step_functions(model, strategy, steps_per_execution, jit_compile)
+    iterator = iter(strategy.distribute_datasets_from_function(train_ds) if callable(train_ds)
+                    else strategy.experimental_distribute_dataset(train_ds))
     train_metrics: dict = {}
     val_metrics: dict = {}
     step = model.steps_done()
@@ -283,7 +314,7 @@ def run_loop(model, strategy, train_ds, val_ds, *, total_steps: int, steps_per_e
                   flush=True)
         train_metrics, step, stopped_by = train_epoch(model, train_step, iterator, step, epoch_end,
                                                       log_every=log_every, writer=train_writer, verbose=verbose,
-                                                      budget=budget)
+                                                      budget=budget, steps_per_execution=steps_per_execution)
         out_of_time = bool(stopped_by)
         if stopped_by and verbose and is_chief():
             print(f"\n{stopped_by[0].upper() + stopped_by[1:]} reached at step {step}: validating, saving and "

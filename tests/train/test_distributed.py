@@ -78,3 +78,42 @@ def test_two_worker_multiworker_training_completes(sample_run, tmp_path):
     assert summary["steps"] == 2 and summary["replicas"] == 2
     assert (tmp_path / "run" / "generator.keras").exists()
     assert (tmp_path / "run" / "checkpoints" / "latest.weights.h5").exists()
+
+
+def _two_workers(shards, model_dirs: list, steps: int) -> list[tuple[int, str]]:
+    """Two MultiWorkerMirroredStrategy workers on 127.0.0.1, each with its own --model-dir; (exit code, output)."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    procs = []
+    for index, model_dir in enumerate(model_dirs):
+        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        cmd = [sys.executable, "-m", "ldct_tf.train", "--config", "configs/smoke.yaml", "--data", str(shards),
+               "--model-dir", str(model_dir), "--verbose", "0", f"train.steps={steps}", "train.steps_per_epoch=2",
+               "train.batch_size=2", "data.val_max_slices=1"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    results = []
+    for proc in procs:
+        try:
+            results.append((None, proc.communicate(timeout=900)[0]))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    return [(proc.returncode, output) for proc, (_, output) in zip(procs, results)]
+
+
+@pytest.mark.slow
+def test_workers_with_separate_folders_refuse_to_resume_from_different_steps(sample_run, tmp_path):
+    """Separate --model-dir folders: the first run trains (both start at 0); resuming, the chief's folder holds step
+    2 and the other worker's none, so both refuse in one line instead of training with different weights."""
+    shards, _ = sample_run
+    dirs = [tmp_path / "chief", tmp_path / "worker"]
+    for code, output in _two_workers(shards, dirs, steps=2):
+        assert code == 0, output[-3000:]
+    assert json.loads((dirs[0] / "checkpoints" / "checkpoint.json").read_text())["step"] == 2
+    for code, output in _two_workers(shards, dirs, steps=4):
+        assert code != 0
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "the workers' checkpoints disagree (steps [0, 2])" in errors[0], output[-3000:]
+        assert "Traceback" not in output
+    assert json.loads((dirs[0] / "checkpoints" / "checkpoint.json").read_text())["step"] == 2  # nothing trained
