@@ -52,7 +52,8 @@ def check_compute_dtype(compute_dtype: str) -> str:
 
 
 def float16_compute(generator: "keras.Model") -> "keras.Model":
-    """A copy of ``generator`` (same float32 weights) whose layers compute in float16 (Keras ``mixed_float16``),
+    """A copy of ``generator`` (same float32 weights, upsampling made traceable as in
+    :func:`ldct_tf.keras_compat.with_traceable_upsampling`) whose layers compute in float16 (Keras ``mixed_float16``),
     except the head named in ``_FLOAT32_HEAD`` and layers already pinned to another dtype.  Why a copy under a dtype
     policy rather than float16 weights: each layer then casts its inputs and weights itself, as in mixed-precision
     training, and normalisation statistics keep Keras' own handling."""
@@ -65,9 +66,16 @@ def float16_compute(generator: "keras.Model") -> "keras.Model":
             config["dtype"] = "mixed_float16"
         return layer.__class__.from_config(config)
 
-    copy = keras.models.clone_model(generator, clone_function=clone)
-    copy.set_weights(generator.get_weights())
-    return copy
+    # Blocks build their inner layers from the global policy, not their own: set it while cloning, including the
+    # traceable-upsampling copy (which clones again).
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        copy = keras.models.clone_model(generator, clone_function=clone)
+        copy.set_weights(generator.get_weights())
+        return keras_compat.with_traceable_upsampling(copy)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def min_input_size(size_multiple: int) -> int:
@@ -97,8 +105,9 @@ class DenoiserModule(tf.Module):
         self._default_strength = check_strength(default_strength, "default_strength")
         dtype = tf.float16 if float16_weights else tf.float32
         if check_compute_dtype(compute_dtype) == "float16":
-            generator = float16_compute(generator)
-        generator = keras_compat.with_traceable_upsampling(generator)
+            generator = float16_compute(generator)  # also makes the upsampling traceable
+        else:
+            generator = keras_compat.with_traceable_upsampling(generator)
         # A closure, not an attribute: an attribute would make the Keras model a tracked dependency and save a
         # second copy of its weights.
         self._run_generator = lambda weights, others, x: generator.stateless_call(weights, others, x,
