@@ -54,7 +54,8 @@ from ldct_tf.errors import LdctError  # noqa: E402
 from ldct_tf.saved_model import (BYTES_SIGNATURE, BYTES_STRENGTH_SIGNATURE, DEFAULT_SIGNATURE,  # noqa: E402,F401
                                  DEFAULT_STRENGTH, METADATA_FILE, STRENGTH_SIGNATURE, SavedModelDenoiser,
                                  resolve_version_dir)
-from ldct_tf.export.graph import DenoiserModule, infer_size_multiple, min_input_size  # noqa: E402
+from ldct_tf.export.graph import (COMPUTE_DTYPES, DenoiserModule, check_compute_dtype,  # noqa: E402,F401
+                                  infer_size_multiple, min_input_size)
 
 if TYPE_CHECKING:  # keras is only needed to export, not to run a SavedModel
     import keras
@@ -94,7 +95,8 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
                      metadata: Optional[dict] = None, float16_weights: bool = False,
                      size_multiple: Optional[int] = None, warmup_size: int = 512,
                      serving_base: Optional[str] = "/models", min_size: Optional[int] = None,
-                     default_strength: float = DEFAULT_STRENGTH) -> Path:
+                     default_strength: float = DEFAULT_STRENGTH, compute_dtype: str = "float32",
+                     max_batch_size: int = 8) -> Path:
     """Write saved_models-style ``OUTPUT/VERSION/`` (next free integer when ``version`` is None); returns the version
     folder.
 
@@ -105,11 +107,16 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
     slice size of the warm-up requests (0: none).  ``serving_base`` is the folder the server sees the models root as
     (``/models`` in the Docker image), written into ``models.config`` beside ``OUTPUT``; None skips the config files.
     ``default_strength`` is the strength of the signatures without a ``strength`` input (``graph.mix_strength``).
+    ``compute_dtype`` float16 runs the network in float16 (GPUs; :func:`~ldct_tf.export.graph.float16_compute`),
+    bfloat16 is refused.  ``max_batch_size`` sets the batching file's sizes, and the warm-up covers each of them.
     """
     try:
         default_strength = saved_model.check_strength(default_strength, "default_strength")
+        check_compute_dtype(compute_dtype)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
+    if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ExportError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
     multiple = int(size_multiple or infer_size_multiple(generator))
     min_size = int(min_size or min_input_size(multiple))
     if warmup_size and warmup_size < min_size:
@@ -124,7 +131,7 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
     if final.exists():
         raise FileExistsError(f"{final}: version {version} already exists; choose another --version or omit it")
 
-    module = DenoiserModule(generator, multiple, float16_weights, min_size, default_strength)
+    module = DenoiserModule(generator, multiple, float16_weights, min_size, default_strength, compute_dtype)
     signatures = {
         DEFAULT_SIGNATURE: module.serve_hu.get_concrete_function(),
         BYTES_SIGNATURE: module.serve_bytes.get_concrete_function(),
@@ -141,6 +148,8 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
         "size_multiple": multiple,
         "min_size": min_size,
         "float16_weights": bool(float16_weights),
+        "compute_dtype": compute_dtype,
+        "warmup_batch_sizes": allowed_batch_sizes(max_batch_size) if warmup_size else [],
         "default_strength": default_strength,
         "parameters": int(sum(np.prod(v.shape) for v in generator.weights)),
         "hu_clip": [ct.HU_MIN, ct.HU_MAX],
@@ -152,14 +161,14 @@ def export_generator(generator: "keras.Model", output: str | Path, *, version: O
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2, default=str))
         if warmup_size:
-            write_warmup_requests(tmp / WARMUP_FILE, output.name, warmup_size)
+            write_warmup_requests(tmp / WARMUP_FILE, output.name, warmup_size, allowed_batch_sizes(max_batch_size))
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if serving_base is not None:
         write_models_config(output.parent, serving_base)
-        write_batching_parameters(output.parent / BATCHING_FILE)
+        write_batching_parameters(output.parent / BATCHING_FILE, max_batch_size)
     return final
 
 
@@ -172,29 +181,49 @@ def _keras_version() -> str:
         return "unknown"
 
 
-def write_warmup_requests(path: Path, model_name: str, size: int = 512) -> Path:
-    """TF Serving's warm-up file: a TFRecord of ``PredictionLog`` protos, one per signature, replayed at load time so
-    the first real request does not pay for graph optimisation and kernel selection at the usual slice size."""
+def allowed_batch_sizes(max_batch_size: int = 8) -> list[int]:
+    """The batch sizes TF Serving pads a batch up to (``allowed_batch_sizes`` in the batching file): 1, half the
+    maximum and the maximum.  One list for the batching file and the warm-up, so every size the server can run is
+    warmed up before the first real request."""
+    return sorted({1, max(1, max_batch_size // 2), max_batch_size})
+
+
+def _water_png(size: int) -> bytes:
+    """A 16-bit greyscale PNG of water (0 HU, stored as HU + offset); a few hundred bytes at any size."""
+    stored = tf.fill([size, size, 1], tf.constant(saved_model.PNG_HU_OFFSET, tf.uint16))
+    return tf.io.encode_png(stored).numpy()
+
+
+def _warmup_inputs(batch: int, size: int) -> dict:
+    """Per signature, a batch of ``batch`` water slices of ``size`` x ``size``.  The HU tensor is one repeated value
+    (a TensorProto with fewer values than elements repeats the last), so the file stays small at any batch."""
+    water = tf.make_tensor_proto(0.0, tf.float32, shape=[batch, size, size, 1])
+    inputs = {saved_model.HU_INPUT: water}
+    as_bytes = {saved_model.BYTES_INPUT: tf.make_tensor_proto(np.array([_water_png(size)] * batch, dtype=object)),
+                saved_model.HEIGHT_INPUT: tf.make_tensor_proto(np.full([batch], size, np.int32)),
+                saved_model.WIDTH_INPUT: tf.make_tensor_proto(np.full([batch], size, np.int32))}
+    strength = {saved_model.STRENGTH_INPUT: tf.make_tensor_proto(np.full([batch], 0.5, np.float32))}
+    return {DEFAULT_SIGNATURE: inputs, BYTES_SIGNATURE: as_bytes, STRENGTH_SIGNATURE: {**inputs, **strength},
+            BYTES_STRENGTH_SIGNATURE: {**as_bytes, **strength}}
+
+
+def write_warmup_requests(path: Path, model_name: str, size: int = 512, batch_sizes: tuple[int, ...] = (1,)) -> Path:
+    """TF Serving's warm-up file: a TFRecord of ``PredictionLog`` protos, one per signature and batch size, replayed
+    at load time so that no real request pays for graph optimisation and kernel selection at the usual slice size,
+    whatever batch size the server's batching pads it to."""
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    water = np.zeros((1, size, size, 1), np.float32)  # 0 HU
-    inputs = {saved_model.HU_INPUT: water}
-    as_bytes = {saved_model.BYTES_INPUT: np.array([saved_model.int16_bytes(water[0, ..., 0])], dtype=object),
-                saved_model.HEIGHT_INPUT: np.array([size], np.int32),
-                saved_model.WIDTH_INPUT: np.array([size], np.int32)}
-    strength = {saved_model.STRENGTH_INPUT: np.float32(0.5)}
-    requests = {DEFAULT_SIGNATURE: inputs, BYTES_SIGNATURE: as_bytes, STRENGTH_SIGNATURE: {**inputs, **strength},
-                BYTES_STRENGTH_SIGNATURE: {**as_bytes, **strength}}
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for signature, tensors in requests.items():
-            request = predict_pb2.PredictRequest()
-            request.model_spec.name = model_name
-            request.model_spec.signature_name = signature
-            for key, value in tensors.items():
-                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-            writer.write(log.SerializeToString())
+        for batch in batch_sizes:
+            for signature, tensors in _warmup_inputs(int(batch), size).items():
+                request = predict_pb2.PredictRequest()
+                request.model_spec.name = model_name
+                request.model_spec.signature_name = signature
+                for key, proto in tensors.items():
+                    request.inputs[key].CopyFrom(proto)
+                log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+                writer.write(log.SerializeToString())
     return path
 
 
@@ -235,22 +264,26 @@ def write_batching_parameters(path: str | Path, max_batch_size: int = 8, batch_t
                               num_batch_threads: int = 4) -> Path:
     """A ``--batching_parameters_file`` for ``--enable_batching`` (TF Serving's ``BatchingParameters``, text format).
 
-    Server-side batching merges requests along the batch axis, so it only helps when clients send slices of one size
-    (512x512 for most CT); requests of other sizes should not be mixed into the same batches.  ``num_batch_threads``
+    Server-side batching concatenates requests along the batch axis.  The ``denoise_bytes`` signatures (what
+    ``ldct_tf.denoise`` sends) take one string per slice, so requests of any slice size share a batch: the graph pads
+    each slice to the batch's largest and crops it back.  The ``hu`` tensor signatures can only be concatenated when
+    their slices share a size: with ``pad_variable_length_inputs: false`` the server fails a batch that mixes sizes,
+    and turning it on would return every response at the batch's largest size (padded with each tensor's first
+    value), so send ``hu`` requests of one size per server or use the bytes signatures.  ``num_batch_threads``
     should match the serving machine's cores (not the exporting machine's, hence a fixed default).
     """
     threads = num_batch_threads
     path = Path(path)
     path.write_text(
         "# TF Serving batching parameters written by ldct_tf.export (use with --enable_batching).\n"
-        "# Batches merge requests along the batch axis: send slices of one size (e.g. 512x512).\n"
+        "# Batches merge requests along the batch axis. denoise_bytes requests of any slice size share a batch\n"
+        "# (padded and cropped back in the graph); hu tensor requests must share one slice size (see export docs).\n"
         "# Set num_batch_threads to the serving machine's number of cores.\n"
         f"max_batch_size {{ value: {max_batch_size} }}\n"
         f"batch_timeout_micros {{ value: {batch_timeout_micros} }}\n"
         f"num_batch_threads {{ value: {threads} }}\n"
         "max_enqueued_batches { value: 100 }\n"
-        f"allowed_batch_sizes: 1\nallowed_batch_sizes: {max(2, max_batch_size // 2)}\n"
-        f"allowed_batch_sizes: {max_batch_size}\n"
+        + "".join(f"allowed_batch_sizes: {n}\n" for n in allowed_batch_sizes(max_batch_size)) +
         "pad_variable_length_inputs: false\n")
     return path
 

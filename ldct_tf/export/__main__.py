@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", type=int, help="version number (default: the next free integer)")
     parser.add_argument("--float16-weights", action="store_true",
                         help="store the weights as float16 (half the size; computed in float32)")
+    parser.add_argument("--compute-dtype", default="float32",
+                        help="dtype the network computes in: float32 (default) or float16 (GPUs; the output head "
+                             "stays float32); bfloat16 is refused (too coarse at this model's scale)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="TF Serving's max_batch_size in the batching file; the warm-up covers every allowed "
+                             "batch size (1, half, max)")
     parser.add_argument("--config", help="config YAML (default: MODEL_DIR/config.yaml)")
     parser.add_argument("--serving-base", default="/models",
                         help="where TF Serving sees the models root, written into models.config (default /models, "
@@ -66,7 +72,8 @@ def _export(args: argparse.Namespace) -> None:
     version_dir = export_generator(
         load_generator(model_dir, cfg), output, version=args.version, metadata=training_metadata(model_dir, cfg),
         float16_weights=cfg.export.float16_weights, size_multiple=size_multiple(cfg.model.depth),
-        warmup_size=args.warmup_size, serving_base=args.serving_base, default_strength=args.default_strength)
+        warmup_size=args.warmup_size, serving_base=args.serving_base, default_strength=args.default_strength,
+        compute_dtype=args.compute_dtype, max_batch_size=args.max_batch_size)
     print(f"Exported {output.name} version {version_dir.name} to {version_dir}")
     print(f"Models config: {output.parent / MODELS_CONFIG}; batching parameters: {output.parent / BATCHING_FILE}")
     print(f"Inspect: saved_model_cli show --all --dir {version_dir}")

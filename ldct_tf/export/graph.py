@@ -34,6 +34,50 @@ def infer_size_multiple(generator: "keras.Model") -> int:
     return 2**strided
 
 
+COMPUTE_DTYPES = ("float32", "float16")
+# Layers that stay float32 under float16 compute: the generator's head (models/generator.py), so the output image is
+# never quantised to float16 (at 0.5 on the model scale float16's step is 2**-11, about 1 HU).
+_FLOAT32_HEAD = ("noise", "denoised")
+
+
+def check_compute_dtype(compute_dtype: str) -> str:
+    """``compute_dtype`` once it is one the graph can run; bfloat16 is refused with the reason (a ValueError)."""
+    if compute_dtype == "bfloat16":
+        raise ValueError("compute dtype bfloat16 is refused: its 8-bit mantissa cannot hold this model's scale "
+                         "(water sits at -0.5 on [-1, 1], where a bfloat16 step is about 4 HU; 5.8 HU max error "
+                         "measured on v2); use float16 on GPUs")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    return compute_dtype
+
+
+def float16_compute(generator: "keras.Model") -> "keras.Model":
+    """A copy of ``generator`` (same float32 weights, upsampling made traceable as in
+    :func:`ldct_tf.keras_compat.with_traceable_upsampling`) whose layers compute in float16 (Keras ``mixed_float16``),
+    except the head named in ``_FLOAT32_HEAD`` and layers already pinned to another dtype.  Why a copy under a dtype
+    policy rather than float16 weights: each layer then casts its inputs and weights itself, as in mixed-precision
+    training, and normalisation statistics keep Keras' own handling."""
+    import keras
+
+    def clone(layer):
+        config = layer.get_config()
+        pinned = layer.name in _FLOAT32_HEAD or isinstance(layer, keras.layers.Activation)
+        if not pinned and getattr(layer, "dtype_policy", None) is not None and layer.dtype_policy.name == "float32":
+            config["dtype"] = "mixed_float16"
+        return layer.__class__.from_config(config)
+
+    # Blocks build their inner layers from the global policy, not their own: set it while cloning, including the
+    # traceable-upsampling copy (which clones again).
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        copy = keras.models.clone_model(generator, clone_function=clone)
+        copy.set_weights(generator.get_weights())
+        return keras_compat.with_traceable_upsampling(copy)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def min_input_size(size_multiple: int) -> int:
     """The smallest height and width the model answers: twice its size multiple.
 
@@ -55,11 +99,15 @@ class DenoiserModule(tf.Module):
     """
 
     def __init__(self, generator: "keras.Model", size_multiple: int, float16_weights: bool = False,
-                 min_size: int | None = None, default_strength: float = DEFAULT_STRENGTH):
+                 min_size: int | None = None, default_strength: float = DEFAULT_STRENGTH,
+                 compute_dtype: str = "float32"):
         super().__init__(name="ldct_denoiser")
         self._default_strength = check_strength(default_strength, "default_strength")
         dtype = tf.float16 if float16_weights else tf.float32
-        generator = keras_compat.with_traceable_upsampling(generator)
+        if check_compute_dtype(compute_dtype) == "float16":
+            generator = float16_compute(generator)  # also makes the upsampling traceable
+        else:
+            generator = keras_compat.with_traceable_upsampling(generator)
         # A closure, not an attribute: an attribute would make the Keras model a tracked dependency and save a
         # second copy of its weights.
         self._run_generator = lambda weights, others, x: generator.stateless_call(weights, others, x,
@@ -115,9 +163,16 @@ class DenoiserModule(tf.Module):
         return {BYTES_OUTPUT: self._bytes(image_bytes, height, width, strength)}
 
     def _bytes(self, image_bytes, height, width, strength):
-        hu, is_png = decode_images(image_bytes, height, width)
+        # Slices of different sizes may share a batch (TF Serving's batching merges requests of any size here):
+        # each is padded with air to the batch's largest size and cropped back to its own size after the network.
+        hu, is_png, sizes = decode_images(image_bytes, height, width)
+        message = (f"input '{BYTES_INPUT}' is smaller than the model's minimum of {self._min_size}x{self._min_size} "
+                   f"pixels (height and width must be >= {self._min_size}; send whole slices); got [height, width] "
+                   "per image")
+        hu = _after([tf.debugging.Assert(tf.reduce_all(sizes >= self._min_size), [message, sizes],
+                                         summarize=_SUMMARIZE)], hu)
         denoised = self.denoise(hu[..., tf.newaxis], strength, BYTES_INPUT)[..., 0]
-        return encode_images(denoised, is_png)
+        return encode_images(denoised, is_png, sizes)
 
 
 def validate_strength(strength: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
@@ -202,8 +257,17 @@ def _png_header_int(data: tf.Tensor, offset: int) -> tf.Tensor:
     return tf.io.decode_raw(tf.strings.substr(data, offset, 4), tf.int32, little_endian=False)[0]
 
 
-def _decode_one(args):
+def _size_one(args):
+    """The [height, width] an encoded image will decode to: a PNG's header (when it is long enough to hold one; the
+    decoder reports a short one), else the ``height`` and ``width`` inputs."""
     data, height, width = args
+    is_png = tf.logical_and(tf.equal(tf.strings.substr(data, 0, 8), PNG_MAGIC), tf.strings.length(data) >= 33)
+    return tf.cond(is_png, lambda: tf.stack([_png_header_int(data, 20), _png_header_int(data, 16)]),
+                   lambda: tf.stack([height, width]))
+
+
+def _decode_one(args):
+    data, height, width, target = args
     is_png = tf.equal(tf.strings.substr(data, 0, 8), PNG_MAGIC)
 
     def png():
@@ -242,29 +306,36 @@ def _decode_one(args):
         values = tf.io.decode_raw(_after(checks, data), tf.int16, little_endian=True)
         return tf.reshape(tf.cast(values, tf.float32), tf.stack([height, width]))
 
-    return tf.cond(is_png, png, raw), is_png
+    image = tf.cond(is_png, png, raw)
+    pad = target - tf.shape(image)
+    return tf.pad(image, [[0, pad[0]], [0, pad[1]]], constant_values=ct.AIR_HU), is_png
 
 
 def decode_images(image_bytes: tf.Tensor, height: tf.Tensor, width: tf.Tensor):
-    """[N] PNG / raw int16 strings -> ([N, H, W] float HU, [N] bool is_png).  All images must share one size."""
+    """[N] PNG / raw int16 strings -> ([N, H, W] float HU, [N] bool is_png, [N, 2] int32 sizes).  Images may differ
+    in size: each is padded at the bottom and right with air to the largest height and width (H, W) in the batch,
+    and ``sizes`` holds each one's own [height, width] for :func:`encode_images` to crop back."""
     count_ok = tf.debugging.assert_equal(
         tf.stack([tf.size(height), tf.size(width)]), tf.stack([tf.size(image_bytes)] * 2),
         message=f"'{BYTES_INPUT}', '{HEIGHT_INPUT}' and '{WIDTH_INPUT}' must have the same batch size")
     nonempty = tf.debugging.assert_positive(tf.size(image_bytes), message=f"'{BYTES_INPUT}' is empty")
     with tf.control_dependencies([count_ok, nonempty]):
+        sizes = tf.map_fn(_size_one, (image_bytes, height, width), fn_output_signature=tf.TensorSpec([2], tf.int32))
+        target = tf.reduce_max(sizes, axis=0)
+        targets = tf.broadcast_to(target, tf.shape(sizes))
         images, is_png = tf.map_fn(
-            _decode_one, (image_bytes, height, width),
+            _decode_one, (image_bytes, height, width, targets),
             fn_output_signature=(tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([], tf.bool)),
             infer_shape=False)
-    # map_fn stacks into one tensor; different sizes would fail there with a message about TensorArrays.
-    return images, is_png
+    return images, is_png, sizes
 
 
 _BYTE_TABLE = [bytes([i]) for i in range(256)]
 
 
 def _encode_one(args):
-    hu, is_png = args
+    hu, is_png, size = args
+    hu = hu[:size[0], :size[1]]
 
     def png():
         stored = tf.clip_by_value(tf.round(hu) + float(PNG_HU_OFFSET), 0.0, 65535.0)
@@ -280,6 +351,9 @@ def _encode_one(args):
     return tf.cond(is_png, png, raw)
 
 
-def encode_images(hu: tf.Tensor, is_png: tf.Tensor) -> tf.Tensor:
-    """[N, H, W] float HU -> [N] strings, each a 16-bit PNG (HU + 1024) or raw little-endian int16 like its input."""
-    return tf.map_fn(_encode_one, (hu, is_png), fn_output_signature=tf.TensorSpec([], tf.string))
+def encode_images(hu: tf.Tensor, is_png: tf.Tensor, sizes: tf.Tensor | None = None) -> tf.Tensor:
+    """[N, H, W] float HU -> [N] strings, each a 16-bit PNG (HU + 1024) or raw little-endian int16 like its input,
+    each cropped to its own ``sizes`` row ([height, width]; None: the whole H x W)."""
+    if sizes is None:
+        sizes = tf.broadcast_to(tf.shape(hu)[1:3], tf.stack([tf.shape(hu)[0], 2]))
+    return tf.map_fn(_encode_one, (hu, is_png, sizes), fn_output_signature=tf.TensorSpec([], tf.string))

@@ -157,14 +157,15 @@ def test_warmup_requests_replay_against_the_model(exported):
     _, root, version_dir, _ = exported
     path = version_dir / "assets.extra" / "tf_serving_warmup_requests"
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
-    assert [log.predict_log.request.model_spec.signature_name for log in logs] == [
-        "serving_default", "denoise_bytes", "denoise_strength", "denoise_bytes_strength"]
+    signatures = ["serving_default", "denoise_bytes", "denoise_strength", "denoise_bytes_strength"]
+    batches = export.allowed_batch_sizes(8)  # the CLI's default --max-batch-size
+    assert [log.predict_log.request.model_spec.signature_name for log in logs] == signatures * len(batches)
     server = LoopbackModelServer(root, "ldct_denoiser")
-    for log in logs:
+    for i, log in enumerate(logs):
         request = log.predict_log.request
         inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
         _, outputs = server.predict(request.model_spec.name, None, request.model_spec.signature_name, inputs)
-        assert all(value.shape[0] == 1 for value in outputs.values())
+        assert all(value.shape[0] == batches[i // len(signatures)] for value in outputs.values())
 
 
 def test_saved_model_cli_shows_both_signatures(exported):
