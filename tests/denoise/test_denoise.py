@@ -255,7 +255,7 @@ def test_cli_without_a_model_says_how_to_get_one(ct_small_series, tmp_path, monk
 def test_cli_with_nothing_to_denoise_fails(tmp_path, capsys, monkeypatch):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "readme.txt").write_text("no images here")
-    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size: (smooth_and_shift, MODEL))
+    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size, strength=None: (smooth_and_shift, MODEL))
     assert denoise_cli.main([str(tmp_path / "in"), str(tmp_path / "out"), "--no-progress"]) == 1
     assert "no usable CT slices" in capsys.readouterr().err
 
@@ -385,7 +385,7 @@ def test_cli_strength_outside_0_1_is_one_line_and_writes_nothing(ct_small_series
     assert denoise_cli.main([str(ct_small_series), str(out), "--model", str(tmp_path / "no_model"), "--strength",
                          strength, "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"ldct_tf.denoise: error: strength must be a finite number in [0, 1], got {float(strength)!r}"
+    assert err == f"python -m ldct_tf.denoise: error: strength must be a finite number in [0, 1], got {float(strength)!r}"
     assert not out.exists()
     with pytest.raises(denoise.DenoiseError, match="strength must be a finite number"):
         denoise.connect_server("http://127.0.0.1:9", strength=float(strength))
@@ -413,7 +413,9 @@ def test_strength_through_tf_serving(ct_small_series, saved_model, model_denoise
     shipped = Path(__file__).resolve().parents[2] / "saved_models"
     if not (shipped / "ldct_denoiser" / "2" / "saved_model.pb").exists():
         pytest.skip("shipped version 2 not in this checkout")
-    with serve(shipped, "ldct_denoiser") as (rest_url, grpc_target):
+    old_root = tmp_path / "served_v2"  # version 2 alone: the stand-in serves the newest version only
+    shutil.copytree(shipped / "ldct_denoiser" / "2", old_root / "ldct_denoiser" / "2")
+    with serve(old_root, "ldct_denoiser") as (rest_url, grpc_target):
         url = rest_url if protocol == "rest" else f"grpc://{grpc_target}"
         assert denoise_cli.main([str(ct_small_series), str(tmp_path / "old"), "--server", url, "--strength", "0.5",
                              "--no-progress", "--no-audit"]) == 1
@@ -597,7 +599,7 @@ def test_two_series_planned_to_one_folder_is_an_error_not_an_overwrite(tmp_path,
     with pytest.raises(denoise.DenoiseError, match="two input series would be written here"):
         denoise.denoise(root, out, smooth_and_shift, MODEL, progress=False)
     assert not out.exists() or [p for p in out.rglob("*.dcm")] == []
-    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size: (smooth_and_shift, MODEL))
+    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size, strength=None: (smooth_and_shift, MODEL))
     assert denoise_cli.main([str(root), str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "two input series would be written here" in err[0]
@@ -624,7 +626,7 @@ def test_a_series_with_an_unusable_slice_is_refused_whole_with_a_nonzero_exit(tm
         ds.BurnedInAnnotation = "YES"
         ds.save_as(bad[1], enforce_file_format=True)
     deidentify = ["--deidentify"] if damage == "burned_in" else []
-    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size: (smooth_and_shift, MODEL))
+    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size, strength=None: (smooth_and_shift, MODEL))
     out = tmp_path / "out"
     assert denoise_cli.main([str(root), str(out), "--no-progress", "--no-audit", *deidentify]) == 1
     captured = capsys.readouterr()

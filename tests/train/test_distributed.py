@@ -87,7 +87,7 @@ def _two_workers(shards, model_dirs: list, steps: int) -> list[tuple[int, str]]:
     for index, model_dir in enumerate(model_dirs):
         env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         cmd = [sys.executable, "-m", "ldct_tf.train", "--config", "configs/smoke.yaml", "--data", str(shards),
-               "--model-dir", str(model_dir), "--verbose", "0", f"train.steps={steps}", "train.steps_per_epoch=2",
+               "--model-dir", str(model_dir), "--progress", "0", f"train.steps={steps}", "train.steps_per_epoch=2",
                "train.batch_size=2", "data.val_max_slices=1"]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))

@@ -290,7 +290,7 @@ def test_a_file_as_dir_or_zero_trials_is_one_line_before_any_work(paired_shards,
         target.write_text("notes\n")
     trials = "0" if case == "zero_trials" else "1"
     assert tune_cli.main(["--config", SMOKE, "--data", paired_shards, "--dir", str(target), "--max-trials", trials,
-                          "--verbose", "0", *TINY]) == 1
+                          "--progress", "0", *TINY]) == 1
     err = capsys.readouterr().err
     assert err.startswith("python -m ldct_tf.tune: error: ") and err.count("\n") == 1 and "Traceback" not in err
     expected = f"--dir {target} is a file" if case == "dir_is_a_file" else "--max-trials must be at least 1, got 0"
