@@ -86,7 +86,7 @@ def check_patch_fits(files: Sequence[str], patch_size: int, what: str) -> None:
     sides = (tf.data.TFRecordDataset(list(files), compression_type="GZIP").take(_SIZE_SAMPLE)
              .map(lambda x: tf.io.parse_single_example(x, spec)))
     largest = max((min(int(s["height"]), int(s["width"])) for s in sides.as_numpy_iterator()), default=0)
-    if patch_size > largest:
+    if largest and patch_size > largest:  # no slice sampled: nothing to judge (an empty stream fails on its own)
         raise DataError(f"data.patch_size {patch_size} is larger than the {what} slices (their shorter side is at "
                         f"most {largest} pixels); choose a patch size of at most {largest}")
 

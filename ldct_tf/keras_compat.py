@@ -43,8 +43,9 @@ WORKAROUNDS: dict[str, Workaround] = {
                 "loop, far beyond a few seconds), so the test checks the Keras code path the bug lives in instead"),
     "loss_scale_all_replicas": Workaround(
         package="keras", checked_on="3.15.1",
-        upstream="keras/src/optimizers/loss_scale_optimizer.py, LossScaleOptimizer._tf_apply: its comment assumes "
-                 "the gradients are already all-reduced, but they are the replica's own (the all-reduce happens later, "
+        upstream="https://github.com/keras-team/keras/pull/18691 (added LossScaleOptimizer._tf_apply, "
+                 "keras/src/optimizers/loss_scale_optimizer.py): its comment assumes the gradients are already "
+                 "all-reduced, but they are the replica's own (the all-reduce happens later, "
                  "inside the inner optimizer); reproduced in tests/train/test_mixed_precision.py",
         summary="under MirroredStrategy LossScaleOptimizer decides skip-or-apply from the FIRST replica's gradients "
                 "only (experimental_local_results(finite)[0]): an overflow on another replica is applied, the "
