@@ -89,8 +89,9 @@ def test_destination_down_then_up(tmp_path):
     try:
         done = storescu(node.port, sent)
         assert done.returncode == 0, done.stdout + done.stderr
-        wait_for(lambda: any(s["attempts"] >= 1 for s in states(node.spool / "work")), 120,
-                 "a failed forward attempt", node.proc, node.log)
+        # An attempt is counted when it STARTS (a crash mid-denoise must count), so wait for its recorded failure.
+        wait_for(lambda: any(s["attempts"] >= 1 and s["denoised"] and s["errors"] for s in states(node.spool / "work")),
+                 120, "a failed forward attempt", node.proc, node.log)
         [state] = states(node.spool / "work")
         assert state["denoised"] and not state["forwarded"]
         assert f"DEST@127.0.0.1:{dest_port} could not be reached" in state["errors"][0]
