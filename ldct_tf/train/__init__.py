@@ -162,7 +162,7 @@ def check_workers_agree(strategy, model, model_dir: str) -> None:
     variables = list(model.weights) + [v for opt, _ in model._optimizer_networks() for v in opt.variables]
     fingerprint = sum(float(np.abs(np.asarray(keras.ops.convert_to_numpy(v), np.float64)).sum()) for v in variables)
     local = tf.constant([[float(model.steps_done()), fingerprint]], tf.float64)
-    gathered = strategy.gather(strategy.run(lambda: tf.identity(local)), axis=0).numpy()
+    gathered = strategy.gather(strategy.run(tf.function(lambda: tf.identity(local))), axis=0).numpy()
     steps, prints = gathered[:, 0], gathered[:, 1]
     if steps.min() != steps.max() or not np.allclose(prints, prints[0], rtol=1e-9, atol=0):
         raise TrainingError(f"{model_dir}: the workers' checkpoints disagree (steps {sorted({int(s) for s in steps})}"

@@ -40,7 +40,7 @@ class Tiny(keras.Model):
 
 with strategy.scope():
     model = Tiny()
-    model.build((None, 8, 8, 1))
+    model(np.zeros((1, 8, 8, 1), "float32"))  # creates the kernel now, not inside the traced step
     model.compile(keras.optimizers.SGD(0.1))
     model.optimizer.build(model.trainable_variables)
 train_step, _ = loop.make_step_functions(model, strategy, steps_per_execution, jit_compile=jit)
