@@ -56,18 +56,20 @@ def dciodvfy_errors(path: Path) -> set[str]:
 
 
 def source_of(derived: Path, out: Path, inp: Path) -> Path:
-    """The input file a derived file was made from: same folder (relative to the roots), same InstanceNumber and
-    position (output files are named by the instance number, not after their inputs)."""
-    def key(path: Path):
+    """The input file a derived file was made from (output files are named by the instance number, not after their
+    inputs): the file in the same folder (relative to the roots) whose SOP Instance UID the derived file's Source
+    Image Sequence references."""
+    wanted = pydicom.dcmread(derived, stop_before_pixels=True).SourceImageSequence[0].ReferencedSOPInstanceUID
+
+    def uid(path: Path):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-            return ds.get("InstanceNumber"), [float(v) for v in ds.get("ImagePositionPatient", [])]
+            return ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
         except Exception:  # noqa: BLE001 - a file that is not DICOM is no source
             return None
 
-    wanted = key(derived)
     folder = inp / derived.parent.relative_to(out) if inp.is_dir() else inp.parent
-    matches = [p for p in folder.iterdir() if p.is_file() and key(p) == wanted]
+    matches = [p for p in folder.iterdir() if p.is_file() and uid(p) == wanted]
     assert len(matches) == 1, (derived, matches)
     return matches[0]
 
