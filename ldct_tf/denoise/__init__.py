@@ -34,10 +34,12 @@ from tqdm.auto import tqdm
 
 from ldct_tf import audit, dicom
 from ldct_tf.dicom import ai_marking
+from ldct_tf.denoise import checks as input_checks_mod
 from ldct_tf.denoise import output as denoise_output
+from ldct_tf.denoise import overview as overview_mod
 # The planning half of a run (what is read, what is written where); re-exported as part of this API.
 from ldct_tf.denoise.plan import (MAX_PIXELS, RefusedSeries, SeriesPlan, Skipped, _warn_skipped,  # noqa: F401
-                                  check_outputs, check_paths, list_files, plan, scan)
+                                  check_outputs, check_paths, drop_duplicates, list_files, plan, scan)
 
 log = logging.getLogger("ldct_tf.denoise")
 
@@ -48,6 +50,9 @@ REPO = Path(__file__).resolve().parents[2]  # ldct_tf/STAGE/this file -> the che
 DEFAULT_MODEL = REPO / "saved_models" / "ldct_denoiser"
 DEFAULT_SERVER_MODEL = "ldct_denoiser"
 DEFAULT_BATCH_SIZE = 8
+#: A model's smallest input side when it does not say (twice the size multiple 8 of the shipped model; see
+#: ``ldct_tf.export.graph.min_input_size``).
+DEFAULT_MIN_SIZE = 16
 
 
 def package_version() -> str:
@@ -68,6 +73,7 @@ class ModelInfo:
     version: str
     where: str  # "SavedModel" or "TF Serving": how it was run
     strength: Optional[float] = None  # None: the model's default, not known to this side (a server's model)
+    min_size: int = DEFAULT_MIN_SIZE  # the smallest height and width the model answers (its metadata's min_size)
 
     def derivation_description(self) -> str:
         return (f"Low-dose CT denoised by ldct_tf {package_version()} (denoising network): model {self.name} "
@@ -92,6 +98,10 @@ class DenoiseSummary:
     folders: list[Path] = field(default_factory=list)  # one output folder per derived series
     audits: list[Path] = field(default_factory=list)  # one audit sidecar per derived series (unless --no-audit)
     flagged_slices: int = 0  # slices the audit flagged, over all series
+    overwrite: bool = False  # whether this run may replace earlier outputs
+    started: float = field(default_factory=time.perf_counter)
+    input_checks: list[input_checks_mod.SeriesCheck] = field(default_factory=list)  # failed checks, one per problem
+    overview: str = ""  # the one-screen summary (Markdown), also in OUTPUT/summary.md
 
     @property
     def slices_per_second(self) -> float:
@@ -104,6 +114,8 @@ class DenoiseSummary:
             text += f"; skipped {len(self.skipped)} file(s)"
         if self.refused:
             text += f"; refused {len(self.refused)} series with unusable slices"
+        if self.input_checks:
+            text += f"; {len(self.input_checks)} input check(s) failed"
         if self.audits:
             text += f"; audit flagged {self.flagged_slices} slice(s) (see audit/ in each series folder)"
         return text
@@ -130,13 +142,15 @@ def _run_denoiser(denoiser: Denoiser, hu: np.ndarray, model: ModelInfo) -> np.nd
 
 def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch_size: int,
                    bar: Optional[tqdm] = None, output: Optional[Path] = None,
-                   auditor: Optional[audit.SeriesAudit] = None, deidentifier=None) -> tuple[int, list[Skipped]]:
+                   auditor: Optional[audit.SeriesAudit] = None, deidentifier=None,
+                   overview: Optional[overview_mod.SeriesOverview] = None) -> tuple[int, list[Skipped]]:
     """Denoise and write one series, ``batch_size`` slices per denoiser call; returns (slices written, skipped).
 
     The files are staged under ``output`` (default: the series folder) and moved into place when the whole series
     is written; on any error (a file that changed since the scan included) nothing of the series is left.
     ``auditor`` audits every written slice against its input (``ldct_tf.audit``); ``deidentifier`` (a
-    ``ldct_tf.dicom.deidentify.Deidentifier`` shared by the run) de-identifies the derived files.
+    ``ldct_tf.dicom.deidentify.Deidentifier`` shared by the run) de-identifies the derived files; ``overview``
+    keeps the run overview's sample slices.
     """
     derived = dicom.DerivedSeries.new(model.derivation_description(), model.series_suffix(), model=model.ai_model(),
                                       deidentifier=deidentifier)
@@ -146,7 +160,7 @@ def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch
         if final_audit is not None:  # the audit's PNGs and sidecar are staged with the series they describe
             auditor.folder = staged.path_for(final_audit / audit.SIDECAR).parent
         for chunk in _batches(list(zip(item.files, item.outputs)), batch_size):
-            written += _write_chunk(chunk, denoiser, model, derived, staged, bar, auditor, skipped)
+            written += _write_chunk(chunk, denoiser, model, derived, staged, bar, auditor, skipped, overview)
         if final_audit is not None:
             if written:
                 auditor.write()
@@ -160,7 +174,7 @@ def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch
 
 def _write_chunk(chunk, denoiser: Denoiser, model: ModelInfo, derived: dicom.DerivedSeries,
                  staged: denoise_output.StagedSeries, bar: Optional[tqdm], auditor: Optional[audit.SeriesAudit],
-                 skipped: list) -> int:
+                 skipped: list, overview: Optional[overview_mod.SeriesOverview] = None) -> int:
     written, loaded = 0, []
     for path, out in chunk:
         try:
@@ -187,28 +201,66 @@ def _write_chunk(chunk, denoiser: Denoiser, model: ModelInfo, derived: dicom.Der
             if auditor is not None:
                 auditor.add(hu, slice_hu, info.pixel_spacing_mm, int(written_ds.get("InstanceNumber", 0) or 0),
                             str(written_ds.SOPInstanceUID))
+            if overview is not None:
+                overview.add(out, ds, hu, slice_hu, written_ds, info.pixel_spacing_mm)
         if bar is not None:
             bar.update(len(group))
         start = end
     return written
 
 
+def _prepare(input_path: Path, output: Path, model: ModelInfo, summary: "DenoiseSummary", progress: Optional[bool],
+             deidentify: bool, max_pixels: Optional[int], check_inputs: bool, force: bool) -> list[SeriesPlan]:
+    """Scan, drop duplicate instances, check the inputs (``check_inputs``) and plan the outputs; fills ``summary``."""
+    files = list_files(input_path)
+    series, skipped, refused = scan(files, progress, deidentify=deidentify, max_pixels=max_pixels)
+    dup_skipped, dup_refused = drop_duplicates(series)
+    summary.skipped.extend(skipped + dup_skipped)
+    summary.refused.extend(refused + dup_refused)
+    if check_inputs:
+        summary.input_checks = input_checks_mod.check_all(series, model.min_size, force, log.warning)
+    plans = plan(input_path, output, series, anonymous_names=deidentify)
+    check_outputs(plans, files, overwrite=summary.overwrite)
+    return plans
+
+
+def _write_overview(output: Path, model: ModelInfo, summary: "DenoiseSummary",
+                    overviews: Sequence[overview_mod.SeriesOverview], force: bool) -> None:
+    """Panels for each written series under OUTPUT/audit/overview/ and the summary in OUTPUT/summary.md."""
+    for item in overviews:
+        item.finish(output / overview_mod.OVERVIEW_FOLDER)
+    summary.overview = overview_mod.summary_markdown(
+        f"{model.name} version {model.version} ({model.where})", overviews, summary.input_checks, force,
+        len(summary.skipped), len(summary.refused), time.perf_counter() - summary.started)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / overview_mod.SUMMARY_FILE).write_text(summary.overview)
+    except OSError as exc:
+        raise DenoiseError(f"{output / overview_mod.SUMMARY_FILE}: cannot write "
+                           f"({exc.strerror or type(exc).__name__})") from None
+
+
 def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: Denoiser, model: ModelInfo, *,
             batch_size: int = DEFAULT_BATCH_SIZE, overwrite: bool = False,
             progress: Optional[bool] = None, audit_series: bool = True, audit_config: Optional[str] = None,
             deidentify: bool = False, pseudonym_salt: Optional[str] = None,
-            max_pixels: Optional[int] = MAX_PIXELS) -> DenoiseSummary:
+            max_pixels: Optional[int] = MAX_PIXELS, check_inputs: bool = False, force: bool = False,
+            overview: Optional[bool] = None) -> DenoiseSummary:
     """Denoise every CT series under ``input_path`` into derived series under ``output``.
 
     ``audit_series`` writes each series' change audit (``ldct_tf.audit``) to ``SERIES_FOLDER/audit/``;
     ``deidentify`` writes the derived series under the PS3.15 basic profile (``ldct_tf.dicom.deidentify``; pseudonyms
     keyed by ``pseudonym_salt``, random when None) with anonymous folder and file names.  ``max_pixels`` refuses
-    larger slices before decoding them.
+    larger slices before decoding them.  ``check_inputs`` (the command's default) skips, with one line each, series
+    that look normal-dose, show another body region or kernel, or are smaller than ``model.min_size``
+    (``ldct_tf.denoise.checks``), unless ``force``.  ``overview`` (default: with the audit) writes the run overview
+    (``ldct_tf.denoise.overview``): panels under ``OUTPUT/audit/overview/`` and ``OUTPUT/summary.md``.
 
-    Files that are not usable CT are skipped with a warning naming them (``summary.skipped``); a series with an
-    unusable slice is not written at all (``summary.refused``, never a partial series); problems with the
-    command as a whole (paths, a model that returns the wrong shape) raise :class:`DenoiseError`.  ``progress``
-    None shows the bar only on a terminal.
+    Files that are not usable CT are skipped with a warning naming them (``summary.skipped``), and so are repeated
+    copies of one SOP instance; a series with an unusable slice, or two different images under one SOP Instance UID,
+    is not written at all (``summary.refused``, never a partial series); problems with the command as a whole
+    (paths, a model that returns the wrong shape) raise :class:`DenoiseError`.  ``progress`` None shows the bar
+    only on a terminal.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -216,37 +268,40 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
     if not input_path.exists():
         raise DenoiseError(f"{input_path}: input not found")
     check_paths(input_path, output)
-    started = time.perf_counter()
-    files = list_files(input_path)
-    series, skipped, refused = scan(files, progress, deidentify=deidentify, max_pixels=max_pixels)
-    plans = plan(input_path, output, series, anonymous_names=deidentify)
-    check_outputs(plans, files, overwrite)
+    summary = DenoiseSummary(overwrite=overwrite)
+    plans = _prepare(input_path, output, model, summary, progress, deidentify, max_pixels, check_inputs, force)
     # before the model runs: a path the file system cannot hold fails now, not after the first series
     denoise_output.check_path_lengths(output, [out for item in plans for out in item.outputs])
     if denoise_output.remove_stale_staging(output):
         log.warning("removed the partial series that an interrupted earlier run left in %s", output)
-    summary = DenoiseSummary(skipped=skipped, refused=refused)
     deidentifier = None
     if deidentify:
         from ldct_tf.dicom.deidentify import Deidentifier
 
         deidentifier = Deidentifier(pseudonym_salt)
-    total = sum(len(p.files) for p in plans)
+    overviews = []
     disable = None if progress is None else not progress
-    with tqdm(total=total, desc="denoising", unit="slice", disable=disable) as bar:
+    with tqdm(total=sum(len(p.files) for p in plans), desc="denoising", unit="slice", disable=disable) as bar:
         for item in plans:
             auditor = audit.new_series_audit(item.folder / audit.AUDIT_FOLDER, audit_config) if audit_series \
                 else None
-            written, late = denoise_series(item, denoiser, model, batch_size, bar, output, auditor, deidentifier)
+            sample = overview_mod.SeriesOverview.for_series(len(overviews) + 1, item.outputs)
+            written, late = denoise_series(item, denoiser, model, batch_size, bar, output, auditor, deidentifier,
+                                           sample)
             summary.skipped.extend(late)
             if written:
                 summary.series += 1
                 summary.slices += written
                 summary.folders.append(item.folder)
+                sample.slices = written
+                overviews.append(sample)
                 if auditor is not None:
                     summary.audits.append(auditor.folder / audit.SIDECAR)
-                    summary.flagged_slices += auditor.report()["flagged_slices"]
-    summary.seconds = time.perf_counter() - started
+                    sample.flagged = auditor.report()["flagged_slices"]
+                    summary.flagged_slices += sample.flagged
+    if audit_series if overview is None else overview:
+        _write_overview(output, model, summary, overviews, force)
+    summary.seconds = time.perf_counter() - summary.started
     return summary
 
 
@@ -269,7 +324,9 @@ def load_saved_model(path: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SI
         loaded = SavedModelDenoiser(path, batch_size=batch_size, strength=strength)
     except (FileNotFoundError, ValueError) as exc:
         raise DenoiseError(str(exc)) from None
-    return loaded, ModelInfo(str(loaded.name), str(loaded.version), "SavedModel", loaded.strength)
+    meta = loaded.metadata
+    min_size = int(meta.get("min_size") or 2 * int(meta.get("size_multiple") or DEFAULT_MIN_SIZE // 2))
+    return loaded, ModelInfo(str(loaded.name), str(loaded.version), "SavedModel", loaded.strength, min_size)
 
 
 def _check_strength(strength: Optional[float]) -> None:

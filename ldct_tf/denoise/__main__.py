@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="denoising strength in [0, 1]: 0 returns the input, 1 the full network output "
                              "(default: the model's default_strength, recorded in each derived file)")
     parser.add_argument("--overwrite", action="store_true", help="replace files left in OUTPUT by an earlier run")
+    parser.add_argument("--force", action="store_true",
+                        help="denoise series that fail an input check (look normal-dose, show a head or another "
+                             "kernel, or are smaller than the model's minimum); default: skip them with one line each")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-audit", action="store_true",
                         help="skip the per-slice change audit (default: SERIES/audit/audit.json and a PNG per "
@@ -73,12 +76,17 @@ def _denoise(args: argparse.Namespace) -> None:
                                   overwrite=args.overwrite, progress=False if args.no_progress else None,
                                   audit_series=not args.no_audit, audit_config=args.audit_config,
                                   deidentify=args.deidentify, pseudonym_salt=args.pseudonym_salt,
-                                  max_pixels=args.max_pixels)
+                                  max_pixels=args.max_pixels, check_inputs=True, force=args.force)
     print(summary.line())
-    for folder in summary.folders:
-        print(f"  wrote {folder}")
+    for number, folder in enumerate(summary.folders, start=1):
+        print(f"  wrote series {number}: {folder}")
+    if summary.overview:
+        print(summary.overview, end="")
     for refused in summary.refused:  # a refused series is written nowhere; the others are complete
         print(f"{build_parser().prog}: error: {refused.line()}", file=sys.stderr)
+    if summary.slices == 0 and summary.input_checks and not args.force:
+        raise DenoiseError("nothing denoised: every series failed an input check (above); pass --force to denoise "
+                           "them anyway")
     if summary.slices == 0 and not summary.refused:
         raise DenoiseError(f"no usable CT slices found in {args.input}")
     return 1 if summary.refused else None

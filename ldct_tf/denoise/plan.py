@@ -5,6 +5,7 @@ about what gets written where live in one short file."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import defaultdict
@@ -56,6 +57,9 @@ def check_paths(input_path: Path, output: Path) -> None:
     if input_path.is_dir() and (out == inp or inp in out.parents):
         raise DenoiseError(f"{output}: the output folder is inside the input folder {input_path}; choose a folder "
                            f"outside it (the input is never written to)")
+    if input_path.is_file() and out == inp.parent:
+        raise DenoiseError(f"{output}: is the input file's folder; choose a folder outside it (the input is never "
+                           f"written to)")
     if out.exists() and not out.is_dir():
         raise DenoiseError(f"{output}: exists and is not a folder")
     denoise_output.check_writable(output)
@@ -70,6 +74,8 @@ def _warn_skipped(skipped: Skipped) -> None:
 NOT_A_SLICE = (dicom.NOT_DICOM, dicom.NOT_CT_IMAGE, dicom.LOCALIZER)
 #: --deidentify cannot remove text burned into the pixels: such a slice refuses its series.
 BURNED_IN = "burned_in_annotation"
+#: Two files of one series with the same SOP Instance UID.
+DUPLICATE_INSTANCE = "duplicate_instance"
 MAX_PIXELS = 4096 * 4096  # default --max-pixels: the largest CT matrices are 2048x2048; 4096x4096 leaves room
 
 
@@ -140,35 +146,83 @@ def scan(files: Sequence[Path], progress: Optional[bool] = None, deidentify: boo
     return series, skipped, refused
 
 
+def _content_digest(path: Path) -> str:
+    """What a duplicate must share with the slice it duplicates: the image (HU) and where it lies."""
+    _, hu, info = dicom.read_ct_dataset(path)
+    return hashlib.sha256(hu.tobytes() + repr((hu.shape, info.position_mm)).encode()).hexdigest()
+
+
+def drop_duplicates(series: dict[tuple, list[tuple[dicom.SliceInfo, Path]]]
+                    ) -> tuple[list[Skipped], list[RefusedSeries]]:
+    """Files that repeat a SOP Instance UID of their series (a re-sent or copied instance; issue 26: 4 files at one
+    position became one "series").  Identical copies are skipped with a note and the first (by path) is kept; copies
+    whose image or position differ make the series ambiguous, so it is refused whole.  Changes ``series`` in place."""
+    skipped, refused = [], []
+    for key in list(series):
+        by_uid: dict[tuple, list[tuple[dicom.SliceInfo, Path]]] = defaultdict(list)
+        for item in series[key]:
+            if item[0].sop_uid:  # a blank UID (some anonymisers) says nothing about which files are copies
+                by_uid[(item[0].sop_uid, item[0].frame)].append(item)
+        copies = [sorted(group, key=lambda item: str(item[1])) for group in by_uid.values() if len(group) > 1]
+        if not copies:
+            continue
+        conflicting = [group for group in copies if len({_content_digest(p) for _, p in group}) > 1]
+        if conflicting:
+            names = ", ".join(p.name for _, p in conflicting[0])
+            members = series.pop(key)
+            refused.append(RefusedSeries(str(members[0][1].parent), len(members),
+                                         (f"{names}: {DUPLICATE_INSTANCE} with different content",)))
+            log.warning(refused[-1].line())
+            continue
+        extra = {id(item) for group in copies for item in group[1:]}
+        for group in copies:
+            for _, path in group[1:]:
+                skipped.append(Skipped(str(path), f"{DUPLICATE_INSTANCE}: the same SOP Instance UID and content as "
+                                                  f"{group[0][1].name}, which is kept"))
+                _warn_skipped(skipped[-1])
+        series[key] = [item for item in series[key] if id(item) not in extra]
+    return skipped, refused
+
+
+def output_names(infos: Sequence[dicom.SliceInfo]) -> list[str]:
+    """Derived file names for a series' slices in slice order: ``IM_<InstanceNumber>.dcm`` when the instance numbers
+    are positive and unique, else ``slice_<position in the series>.dcm``.  Never the input's file name, which can
+    embed the source's SOP Instance UID (the derived file holds a new one) or a patient's name."""
+    numbers = [int(info.instance) for info in infos]
+    if all(n > 0 for n in numbers) and len(set(numbers)) == len(numbers):
+        return [f"IM_{n:05d}.dcm" for n in numbers]
+    return [f"slice_{k:05d}.dcm" for k in range(1, len(infos) + 1)]
+
+
 def plan(input_path: Path, output: Path, series: dict[tuple, list[tuple[dicom.SliceInfo, Path]]],
          anonymous_names: bool = False) -> list[SeriesPlan]:
-    """Where each derived series goes: OUTPUT mirrors INPUT's folders; the series' files keep their names (relative
-    to the series' common folder); a folder holding several series gets ``series_1``, ``series_2``... subfolders.
+    """Where each derived series goes: OUTPUT mirrors INPUT's folders (the series' common folder); a folder holding
+    several series gets ``series_1``, ``series_2``... subfolders; files are named by :func:`output_names`.
 
-    ``anonymous_names`` (``--deidentify``): folder and file names may hold identifiers, so none is kept: series
-    ``k`` goes to ``OUTPUT/series_k/slice_NNNNN.dcm`` in slice order."""
+    ``anonymous_names`` (``--deidentify``): folder names may hold identifiers too, so none is kept: series ``k``
+    goes to ``OUTPUT/series_k/slice_NNNNN.dcm`` in slice order."""
     root = input_path if input_path.is_dir() else input_path.parent
     ordered = []
     for items in series.values():
         items = sorted(items, key=lambda item: (item[0].z_mm, item[0].instance, str(item[1])))
         files = [path for _, path in items]
         common = Path(os.path.commonpath([str(p.parent) for p in files]))
-        ordered.append((common, files))
+        ordered.append((common, files, output_names([info for info, _ in items])))
     ordered.sort(key=lambda entry: (str(entry[0]), str(min(entry[1]))))
     if anonymous_names:
         return [SeriesPlan(files, [output / f"series_{k}" / f"slice_{i + 1:05d}.dcm" for i in range(len(files))],
-                           output / f"series_{k}") for k, (_, files) in enumerate(ordered, start=1)]
+                           output / f"series_{k}") for k, (_, files, _) in enumerate(ordered, start=1)]
     per_folder: dict[Path, int] = defaultdict(int)
-    for common, _ in ordered:
+    for common, _, _ in ordered:
         per_folder[common] += 1
     counters: dict[Path, int] = defaultdict(int)
     plans = []
-    for common, files in ordered:
+    for common, files, names in ordered:
         folder = output / common.relative_to(root)
         if per_folder[common] > 1:
             counters[common] += 1
             folder = folder / f"series_{counters[common]}"
-        plans.append(SeriesPlan(files, [folder / p.relative_to(common) for p in files], folder))
+        plans.append(SeriesPlan(files, [folder / name for name in names], folder))
     return plans
 
 

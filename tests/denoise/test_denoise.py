@@ -56,6 +56,25 @@ def dciodvfy_errors(path: Path) -> set[str]:
     return {line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")}
 
 
+def source_of(derived: Path, out: Path, inp: Path) -> Path:
+    """The input file a derived file was made from (output files are named by the instance number, not after their
+    inputs): the file in the same folder (relative to the roots) whose SOP Instance UID the derived file's Source
+    Image Sequence references."""
+    wanted = pydicom.dcmread(derived, stop_before_pixels=True).SourceImageSequence[0].ReferencedSOPInstanceUID
+
+    def uid(path: Path):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            return ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
+        except Exception:  # noqa: BLE001 - a file that is not DICOM is no source
+            return None
+
+    folder = inp / derived.parent.relative_to(out) if inp.is_dir() else inp.parent
+    matches = [p for p in folder.iterdir() if p.is_file() and uid(p) == wanted]
+    assert len(matches) == 1, (derived, matches)
+    return matches[0]
+
+
 def expected_hu(source: Path, denoised: np.ndarray) -> np.ndarray:
     """What the file should hold: the model output stored in the source's integer type and rescale, read back as HU."""
     ds, _, _ = dicom.read_ct_dataset(source)
@@ -103,9 +122,10 @@ def test_derived_series_holds_model_output_and_keeps_tags(ct_small_series, tmp_p
     for name in ("broken.dcm", "notes.txt"):
         assert any(name in record.getMessage() for record in caplog.records), f"no warning names {name}"
 
-    inputs = sorted((ct_small_series / "study1" / "series1").glob("slice*.dcm"))
+    inputs = sorted((ct_small_series / "study1" / "series1").glob("slice*.dcm"), reverse=True)  # slice3: instance 1
     outputs = sorted((out / "study1" / "series1").glob("*.dcm"))
-    assert [p.name for p in outputs] == [p.name for p in inputs]
+    # named by the instance number, never by the input's file name (issue 26: it can embed the source's UID)
+    assert [p.name for p in outputs] == ["IM_00001.dcm", "IM_00002.dcm", "IM_00003.dcm"]
     series_uids, sop_uids = set(), set()
     for src_path, out_path in zip(inputs, outputs):
         src, hu_in, _ = dicom.read_ct_dataset(src_path)
@@ -147,7 +167,7 @@ def test_values_beyond_the_stored_range_are_clipped(ct_small_series, tmp_path):
     out = tmp_path / "out"
     denoise.denoise(ct_small_series, out, lambda hu: np.where(hu > 0, 40000.0, -40000.0).astype(np.float32), MODEL,
                     progress=False)
-    got = pydicom.dcmread(next(out.rglob("slice1.dcm")))
+    got = pydicom.dcmread(next(out.rglob("IM_00003.dcm")))  # slice1.dcm holds instance 3
     stored = got.pixel_array
     assert stored.dtype == np.int16 and int(got.BitsStored) == 16
     assert set(np.unique(stored)) <= {-32768, 32767}  # saturated, never wrapped around
@@ -191,7 +211,7 @@ def test_compressed_input_is_written_uncompressed(tmp_path):
     summary = denoise.denoise(folder, out, smooth_and_shift, MODEL, progress=False)
     assert (summary.series, summary.slices) == (2, 3)
     for path in sorted(out.rglob("*.dcm")):
-        source = folder / path.relative_to(out)
+        source = source_of(path, out, folder)
         got = pydicom.dcmread(path)
         assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert got.pixel_array.dtype == pydicom.dcmread(source).pixel_array.dtype
@@ -209,7 +229,7 @@ def test_folder_of_studies_keeps_series_apart(sample, tmp_path):
     series = {}
     for path in out.rglob("*.dcm"):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        source = pydicom.dcmread(sample.root / path.relative_to(out), stop_before_pixels=True)
+        source = pydicom.dcmread(source_of(path, out, sample.root), stop_before_pixels=True)
         assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
         series.setdefault(ds.SeriesInstanceUID, set()).add((path.parent, source.SeriesInstanceUID))
     assert len(series) == n_series
@@ -228,12 +248,13 @@ def test_refuses_output_inside_input(ct_small_series):
 def test_single_file_never_overwrites_itself_or_earlier_output(ct_small_series, tmp_path):
     one = ct_small_series / "study1" / "series1" / "slice2.dcm"
     before = one.read_bytes()
-    with pytest.raises(denoise.DenoiseError, match="would overwrite an input file"):
+    with pytest.raises(denoise.DenoiseError, match="the input file's folder"):
         denoise.denoise(one, one.parent, smooth_and_shift, MODEL, progress=False, overwrite=True)
     assert one.read_bytes() == before
     out = tmp_path / "out"
     assert denoise.denoise(one, out, smooth_and_shift, MODEL, progress=False).slices == 1
-    assert sorted(p.name for p in out.iterdir()) == ["audit", "slice2.dcm"]  # + the change audit (issue 16)
+    # + the change audit (issue 16) and the run's summary (issue 26)
+    assert sorted(p.name for p in out.iterdir()) == ["IM_00002.dcm", "audit", "summary.md"]
     with pytest.raises(denoise.DenoiseError, match="already exists"):
         denoise.denoise(one, out, smooth_and_shift, MODEL, progress=False)
     assert denoise.denoise(one, out, smooth_and_shift, MODEL, progress=False, overwrite=True).slices == 1
@@ -303,7 +324,7 @@ def test_cli_with_saved_model(ct_small_series, saved_model, model_denoiser, tmp_
     assert "denoised 1 series, 3 slices" in printed.out and "slices/s" in printed.out
     assert "broken.dcm" in printed.err and "notes.txt" in printed.err
     for path in sorted(out.rglob("*.dcm")):
-        source = ct_small_series / path.relative_to(out)
+        source = source_of(path, out, ct_small_series)
         hu_in, _ = dicom.read_slice(source)
         hu_out, _ = dicom.read_slice(path)
         model_out = model_denoiser(hu_in)
@@ -334,7 +355,7 @@ def test_cli_with_tf_serving(ct_small_series, saved_model, model_denoiser, tmp_p
     outputs = sorted(out.rglob("*.dcm"))
     assert len(outputs) == 3
     for path in outputs:
-        source = ct_small_series / path.relative_to(out)
+        source = source_of(path, out, ct_small_series)
         hu_in, _ = dicom.read_slice(source)
         hu_out, _ = dicom.read_slice(path)
         assert np.abs(hu_out - expected_hu(source, model_denoiser(hu_in))).max() <= 1.0
@@ -436,7 +457,7 @@ def test_358x512_slice(tmp_path, model_denoiser):
     summary = denoise.denoise(path, out, model_denoiser, MODEL, progress=False)
     assert summary.slices == 1
     hu_in, _ = dicom.read_slice(path)
-    hu_out, info = dicom.read_slice(out / "wide.dcm")
+    hu_out, info = dicom.read_slice(next(out.glob("*.dcm")))
     assert hu_out.shape == (358, 512) == (info.rows, info.columns)
     assert np.abs(hu_out - expected_hu(path, model_denoiser(hu_in))).max() <= 1.0
 
@@ -452,8 +473,9 @@ def test_abdomen_series_without_uids(shared_data, tmp_path):
     inputs = sorted(p for p in folder.iterdir() if p.is_file())
     assert (summary.series, summary.slices, summary.skipped) == (1, len(inputs), [])
     studies, series, sops = set(), set(), set()
+    derived = {source_of(path, out, folder): path for path in out.glob("*.dcm")}
     for source in inputs:
-        got = pydicom.dcmread(out / source.name)
+        got = pydicom.dcmread(derived[source])
         src = pydicom.dcmread(source)
         assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert got.SOPClassUID == src.file_meta.MediaStorageSOPClassUID
@@ -468,7 +490,7 @@ def test_abdomen_series_without_uids(shared_data, tmp_path):
     assert all(UID(u).is_valid for u in studies | series | sops)
     source = inputs[0]
     hu_in, _ = dicom.read_slice(source)
-    hu_out, _ = dicom.read_slice(out / source.name)
+    hu_out, _ = dicom.read_slice(derived[source])
     assert np.abs(hu_out - expected_hu(source, smooth_and_shift(hu_in[None])[0])).max() == 0
     if DCIODVFY or IN_CI:
         # the input as the validator would see it with its SOP class and instance filled in from the file meta
@@ -490,7 +512,9 @@ def test_real_file_round_trip(shared_data, tmp_path, relative):
     out = tmp_path / "out"
     assert denoise.denoise(source, out, smooth_and_shift, MODEL, progress=False).slices == 1
     hu_in, _ = dicom.read_slice(source)
-    hu_out, _ = dicom.read_slice(out / source.name)
+    derived = next(out.glob("*.dcm"))
+    assert source.stem not in derived.name  # named by the instance number, never after the input
+    hu_out, _ = dicom.read_slice(derived)
     src_ds, _, _ = dicom.read_ct_dataset(source)
     keep = np.ones(hu_in.shape, bool)
     if "PixelPaddingValue" in src_ds:  # padding pixels keep their stored value, whatever the model said
@@ -498,7 +522,7 @@ def test_real_file_round_trip(shared_data, tmp_path, relative):
     diff = np.abs(hu_out - expected_hu(source, smooth_and_shift(hu_in[None])[0]))
     assert diff[keep].max() <= 1.0
     if DCIODVFY or IN_CI:
-        errors = dciodvfy_errors(out / source.name)
+        errors = dciodvfy_errors(derived)
         assert errors <= dciodvfy_errors(source), sorted(errors - dciodvfy_errors(source))
         if relative.startswith("mayo"):
             assert errors == set()
