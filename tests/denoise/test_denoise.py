@@ -377,7 +377,7 @@ def test_cli_strength_mixes_and_is_recorded_in_the_derived_files(ct_small_series
         outputs = sorted(out.rglob("*.dcm"))
         assert len(outputs) == 3
         for path in outputs:
-            source = ct_small_series / path.relative_to(out)
+            source = source_of(path, out, ct_small_series)
             hu_in, _ = dicom.read_slice(source)
             hu_out, _ = dicom.read_slice(path)
             network = model_denoiser(hu_in, strength=1.0)
@@ -425,7 +425,7 @@ def test_strength_through_tf_serving(ct_small_series, saved_model, model_denoise
         assert denoise_cli.main([str(ct_small_series), str(out), "--server", url, "--strength", "0.25",
                              "--no-progress", "--no-audit"]) == 0
     for path in sorted(out.rglob("*.dcm")):
-        source = ct_small_series / path.relative_to(out)
+        source = source_of(path, out, ct_small_series)
         hu_in, _ = dicom.read_slice(source)
         hu_out, _ = dicom.read_slice(path)
         assert np.abs(hu_out - expected_hu(source, model_denoiser(hu_in, strength=0.25))).max() <= 1.0

@@ -17,6 +17,7 @@ from scipy import ndimage
 from ldct_tf import denoise
 from ldct_tf.demo import sample_data
 from ldct_tf.denoise import checks, overview
+from ldct_tf.denoise import __main__ as denoise_cli
 
 MODEL = denoise.ModelInfo("test_denoiser", "7", "a test function")
 IDENTITY = sample_data.Identity("PID-771", "Doe^Jane")
@@ -55,16 +56,16 @@ def test_sample_data_sits_on_either_side_of_the_threshold():
 def test_normal_dose_series_is_skipped_without_force_and_denoised_with_it(tmp_path, monkeypatch, caplog, capsys):
     _series(tmp_path / "in" / "low", "low")
     _series(tmp_path / "in" / "normal", "normal")
-    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size: (minus_five, MODEL))
+    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size, strength=None: (minus_five, MODEL))
     with caplog.at_level(logging.WARNING, logger="ldct_tf.denoise"):
-        assert denoise.main([str(tmp_path / "in"), str(tmp_path / "out"), "--no-progress"]) == 0
+        assert denoise_cli.main([str(tmp_path / "in"), str(tmp_path / "out"), "--no-progress"]) == 0
     lines = [r.getMessage() for r in caplog.records if "normal_dose" in r.getMessage()]
     assert len(lines) == 1 and str(tmp_path / "in" / "normal") in lines[0] and "--force" in lines[0]
     assert [p.parent.name for p in (tmp_path / "out").rglob("*.dcm")] == ["low"] * 4
     shown = capsys.readouterr().out
     assert "noise index before" in shown and "normal_dose" in shown  # the summary, on the console
 
-    assert denoise.main([str(tmp_path / "in"), str(tmp_path / "forced"), "--no-progress", "--force"]) == 0
+    assert denoise_cli.main([str(tmp_path / "in"), str(tmp_path / "forced"), "--no-progress", "--force"]) == 0
     assert sorted({p.parent.name for p in (tmp_path / "forced").rglob("*.dcm")}) == ["low", "normal"]
     assert "denoised anyway (--force)" in (tmp_path / "forced" / "summary.md").read_text()
 
