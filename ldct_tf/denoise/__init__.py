@@ -16,7 +16,9 @@ written and memory stays at one batch of slices however large the input is.
 Never writes into INPUT: an OUTPUT inside INPUT is refused, and so is any output file that would replace an input file.
 Never leaves a partial series: a series with a slice that fails the plausibility checks (``ldct_tf.dicom.plausibility``,
 the pipeline's checks) is not written at all, the output's writability and path lengths are checked before the model
-runs, and each series is staged and moved into place whole (``ldct_tf.denoise.output``).
+runs, and each series is staged and moved into place whole (``ldct_tf.denoise.output``).  Every file written is
+recorded in ``OUTPUT/.ldct_tf_denoise_outputs.json``; ``--overwrite`` deletes exactly those files (no stale slice or
+audit PNG of an earlier run survives) and never replaces a file that is not on that list.
 """
 
 from __future__ import annotations
@@ -130,18 +132,20 @@ def _run_denoiser(denoiser: Denoiser, hu: np.ndarray, model: ModelInfo) -> np.nd
 
 def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch_size: int,
                    bar: Optional[tqdm] = None, output: Optional[Path] = None,
-                   auditor: Optional[audit.SeriesAudit] = None, deidentifier=None) -> tuple[int, list[Skipped]]:
+                   auditor: Optional[audit.SeriesAudit] = None, deidentifier=None,
+                   record: Optional[denoise_output.OutputRecord] = None) -> tuple[int, list[Skipped]]:
     """Denoise and write one series, ``batch_size`` slices per denoiser call; returns (slices written, skipped).
 
     The files are staged under ``output`` (default: the series folder) and moved into place when the whole series
     is written; on any error (a file that changed since the scan included) nothing of the series is left.
     ``auditor`` audits every written slice against its input (``ldct_tf.audit``); ``deidentifier`` (a
-    ``ldct_tf.dicom.deidentify.Deidentifier`` shared by the run) de-identifies the derived files.
+    ``ldct_tf.dicom.deidentify.Deidentifier`` shared by the run) de-identifies the derived files; ``record`` (the
+    output's ``OutputRecord``) learns every file written, for a later ``--overwrite``.
     """
     derived = dicom.DerivedSeries.new(model.derivation_description(), model.series_suffix(), model=model.ai_model(),
                                       deidentifier=deidentifier)
     written, skipped = 0, []
-    with denoise_output.StagedSeries(output or item.folder) as staged:
+    with denoise_output.StagedSeries(output or item.folder, record) as staged:
         final_audit = auditor.folder if auditor is not None else None
         if final_audit is not None:  # the audit's PNGs and sidecar are staged with the series they describe
             auditor.folder = staged.path_for(final_audit / audit.SIDECAR).parent
@@ -220,11 +224,14 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
     files = list_files(input_path)
     series, skipped, refused = scan(files, progress, deidentify=deidentify, max_pixels=max_pixels)
     plans = plan(input_path, output, series, anonymous_names=deidentify)
-    check_outputs(plans, files, overwrite)
+    record = denoise_output.OutputRecord(output)  # what earlier runs wrote here: all --overwrite may replace
+    check_outputs(plans, files, overwrite, record)
     # before the model runs: a path the file system cannot hold fails now, not after the first series
     denoise_output.check_path_lengths(output, [out for item in plans for out in item.outputs])
     if denoise_output.remove_stale_staging(output):
         log.warning("removed the partial series that an interrupted earlier run left in %s", output)
+    if overwrite and (record.files or record.folders):
+        log.info("--overwrite: removed the %d file(s) an earlier run wrote in %s", record.remove_recorded(), output)
     summary = DenoiseSummary(skipped=skipped, refused=refused)
     deidentifier = None
     if deidentify:
@@ -237,7 +244,8 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
         for item in plans:
             auditor = audit.new_series_audit(item.folder / audit.AUDIT_FOLDER, audit_config) if audit_series \
                 else None
-            written, late = denoise_series(item, denoiser, model, batch_size, bar, output, auditor, deidentifier)
+            written, late = denoise_series(item, denoiser, model, batch_size, bar, output, auditor, deidentifier,
+                                           record)
             summary.skipped.extend(late)
             if written:
                 summary.series += 1
