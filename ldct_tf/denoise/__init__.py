@@ -16,7 +16,9 @@ written and memory stays at one batch of slices however large the input is.
 Never writes into INPUT: an OUTPUT inside INPUT is refused, and so is any output file that would replace an input file.
 Never leaves a partial series: a series with a slice that fails the plausibility checks (``ldct_tf.dicom.plausibility``,
 the pipeline's checks) is not written at all, the output's writability and path lengths are checked before the model
-runs, and each series is staged and moved into place whole (``ldct_tf.denoise.output``).
+runs, and each series is staged and moved into place whole (``ldct_tf.denoise.output``).  Every file written is
+recorded in ``OUTPUT/.ldct_tf_denoise_outputs.json``; ``--overwrite`` deletes exactly those files (no stale slice or
+audit PNG of an earlier run survives) and never replaces a file that is not on that list.
 """
 
 from __future__ import annotations
@@ -143,19 +145,21 @@ def _run_denoiser(denoiser: Denoiser, hu: np.ndarray, model: ModelInfo) -> np.nd
 def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch_size: int,
                    bar: Optional[tqdm] = None, output: Optional[Path] = None,
                    auditor: Optional[audit.SeriesAudit] = None, deidentifier=None,
-                   overview: Optional[overview_mod.SeriesOverview] = None) -> tuple[int, list[Skipped]]:
+                   overview: Optional[overview_mod.SeriesOverview] = None,
+                   record: Optional[denoise_output.OutputRecord] = None) -> tuple[int, list[Skipped]]:
     """Denoise and write one series, ``batch_size`` slices per denoiser call; returns (slices written, skipped).
 
     The files are staged under ``output`` (default: the series folder) and moved into place when the whole series
     is written; on any error (a file that changed since the scan included) nothing of the series is left.
     ``auditor`` audits every written slice against its input (``ldct_tf.audit``); ``deidentifier`` (a
     ``ldct_tf.dicom.deidentify.Deidentifier`` shared by the run) de-identifies the derived files; ``overview``
-    keeps the run overview's sample slices.
+    keeps the run overview's sample slices; ``record`` (the output's ``OutputRecord``) learns every file written,
+    for a later ``--overwrite``.
     """
     derived = dicom.DerivedSeries.new(model.derivation_description(), model.series_suffix(), model=model.ai_model(),
                                       deidentifier=deidentifier)
     written, skipped = 0, []
-    with denoise_output.StagedSeries(output or item.folder) as staged:
+    with denoise_output.StagedSeries(output or item.folder, record) as staged:
         final_audit = auditor.folder if auditor is not None else None
         if final_audit is not None:  # the audit's PNGs and sidecar are staged with the series they describe
             auditor.folder = staged.path_for(final_audit / audit.SIDECAR).parent
@@ -210,8 +214,10 @@ def _write_chunk(chunk, denoiser: Denoiser, model: ModelInfo, derived: dicom.Der
 
 
 def _prepare(input_path: Path, output: Path, model: ModelInfo, summary: "DenoiseSummary", progress: Optional[bool],
-             deidentify: bool, max_pixels: Optional[int], check_inputs: bool, force: bool) -> list[SeriesPlan]:
-    """Scan, drop duplicate instances, check the inputs (``check_inputs``) and plan the outputs; fills ``summary``."""
+             deidentify: bool, max_pixels: Optional[int], check_inputs: bool,
+             force: bool) -> tuple[list[SeriesPlan], denoise_output.OutputRecord]:
+    """Scan, drop duplicate instances, check the inputs (``check_inputs``) and plan the outputs; fills ``summary``.
+    Returns the plans and the record of what earlier runs wrote into OUTPUT (all that ``--overwrite`` may replace)."""
     files = list_files(input_path)
     series, skipped, refused = scan(files, progress, deidentify=deidentify, max_pixels=max_pixels)
     dup_skipped, dup_refused = drop_duplicates(series)
@@ -220,24 +226,33 @@ def _prepare(input_path: Path, output: Path, model: ModelInfo, summary: "Denoise
     if check_inputs:
         summary.input_checks = input_checks_mod.check_all(series, model.min_size, force, log.warning)
     plans = plan(input_path, output, series, anonymous_names=deidentify)
-    check_outputs(plans, files, overwrite=summary.overwrite)
-    return plans
+    record = denoise_output.OutputRecord(output)
+    check_outputs(plans, files, summary.overwrite, record)
+    return plans, record
 
 
 def _write_overview(output: Path, model: ModelInfo, summary: "DenoiseSummary",
-                    overviews: Sequence[overview_mod.SeriesOverview], force: bool) -> None:
-    """Panels for each written series under OUTPUT/audit/overview/ and the summary in OUTPUT/summary.md."""
-    for item in overviews:
-        item.finish(output / overview_mod.OVERVIEW_FOLDER)
+                    overviews: Sequence[overview_mod.SeriesOverview], force: bool,
+                    record: denoise_output.OutputRecord) -> None:
+    """Panels for each written series under OUTPUT/audit/overview/ and the summary in OUTPUT/summary.md, both
+    recorded for a later ``--overwrite``.  A ``summary.md`` that no earlier run wrote is the user's: left alone."""
+    figures = [figure for item in overviews for figure in item.finish(output / overview_mod.OVERVIEW_FOLDER)]
     summary.overview = overview_mod.summary_markdown(
         f"{model.name} version {model.version} ({model.where})", overviews, summary.input_checks, force,
         len(summary.skipped), len(summary.refused), time.perf_counter() - summary.started)
+    target = output / overview_mod.SUMMARY_FILE
+    if target.exists() and not record.owns(target):
+        log.warning("%s exists and was not written by ldct_tf.denoise: left unchanged (the summary is printed)",
+                    target)
+        target = None
     try:
         output.mkdir(parents=True, exist_ok=True)
-        (output / overview_mod.SUMMARY_FILE).write_text(summary.overview)
+        if target is not None:
+            target.write_text(summary.overview)
     except OSError as exc:
-        raise DenoiseError(f"{output / overview_mod.SUMMARY_FILE}: cannot write "
-                           f"({exc.strerror or type(exc).__name__})") from None
+        raise DenoiseError(f"{target}: cannot write ({exc.strerror or type(exc).__name__})") from None
+    folders = [output / overview_mod.OVERVIEW_FOLDER, output / overview_mod.OVERVIEW_FOLDER.parent] if figures else []
+    record.add(figures + ([target] if target is not None else []), folders)
 
 
 def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: Denoiser, model: ModelInfo, *,
@@ -269,11 +284,14 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
         raise DenoiseError(f"{input_path}: input not found")
     check_paths(input_path, output)
     summary = DenoiseSummary(overwrite=overwrite)
-    plans = _prepare(input_path, output, model, summary, progress, deidentify, max_pixels, check_inputs, force)
+    plans, record = _prepare(input_path, output, model, summary, progress, deidentify, max_pixels, check_inputs,
+                             force)
     # before the model runs: a path the file system cannot hold fails now, not after the first series
     denoise_output.check_path_lengths(output, [out for item in plans for out in item.outputs])
     if denoise_output.remove_stale_staging(output):
         log.warning("removed the partial series that an interrupted earlier run left in %s", output)
+    if overwrite and (record.files or record.folders):
+        log.info("--overwrite: removed the %d file(s) an earlier run wrote in %s", record.remove_recorded(), output)
     deidentifier = None
     if deidentify:
         from ldct_tf.dicom.deidentify import Deidentifier
@@ -287,7 +305,7 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
                 else None
             sample = overview_mod.SeriesOverview.for_series(len(overviews) + 1, item.outputs)
             written, late = denoise_series(item, denoiser, model, batch_size, bar, output, auditor, deidentifier,
-                                           sample)
+                                           sample, record)
             summary.skipped.extend(late)
             if written:
                 summary.series += 1
@@ -300,7 +318,7 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
                     sample.flagged = auditor.report()["flagged_slices"]
                     summary.flagged_slices += sample.flagged
     if audit_series if overview is None else overview:
-        _write_overview(output, model, summary, overviews, force)
+        _write_overview(output, model, summary, overviews, force, record)
     summary.seconds = time.perf_counter() - summary.started
     return summary
 

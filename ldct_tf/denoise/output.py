@@ -11,11 +11,12 @@ series is written, and removed otherwise.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Optional
 
 from ldct_tf.errors import LdctError
@@ -24,6 +25,9 @@ STAGING_PREFIX = ".ldct_tf-partial-"
 #: Inside every staging folder: tells a later run that the folder is this tool's own leftover (after a kill -9).
 STAGING_MARKER = ".written-by-ldct_tf.denoise"
 _STAGING_NAME_LENGTH = len(STAGING_PREFIX) + 32
+#: In OUTPUT: the files (and folders) denoise wrote there, relative paths.  ``--overwrite`` deletes exactly these, so
+#: that no stale derived file or audit PNG of an earlier run survives and no file of the user's is ever touched.
+RECORD_NAME = ".ldct_tf_denoise_outputs.json"
 
 
 class DenoiseError(LdctError):
@@ -85,17 +89,91 @@ def check_path_lengths(output: Path, paths: Iterable[Path]) -> None:
                               f"this file system allows; choose a shorter output folder")
 
 
+class OutputRecord:
+    """What denoise wrote into one OUTPUT (``OUTPUT/.ldct_tf_denoise_outputs.json``), kept up to date series by
+    series, so that ``--overwrite`` can remove an earlier run's outputs, all of them and nothing else (issue 27: a
+    re-run with fewer slices or fewer flagged slices left the earlier run's extra files and audit PNGs behind)."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.path = output / RECORD_NAME
+        self.files: set[str] = set()
+        self.folders: set[str] = set()
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                self.files = {self._checked(f) for f in data["files"]}
+                self.folders = {self._checked(f) for f in data["folders"]}
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise OutputError(f"{self.path}: not a readable record of an earlier denoise run ({exc}); remove "
+                                  f"it or choose an empty output folder") from None
+
+    def _checked(self, entry: str) -> str:
+        """A recorded path must stay inside OUTPUT: a record edited to name ``../x`` never deletes anything outside."""
+        if not isinstance(entry, str) or not entry:
+            raise ValueError(f"{entry!r} is not a path inside the output folder")
+        rel = PurePosixPath(entry)
+        if rel.is_absolute() or ".." in rel.parts or rel.as_posix() == ".":
+            raise ValueError(f"{entry!r} is not a path inside the output folder")
+        return rel.as_posix()
+
+    def owns(self, path: Path) -> bool:
+        """Whether ``path`` (under OUTPUT) was written by an earlier run into this OUTPUT."""
+        try:
+            return path.absolute().relative_to(self.output.absolute()).as_posix() in self.files
+        except ValueError:
+            return False
+
+    def remove_recorded(self) -> int:
+        """Delete the recorded files, then the recorded folders that are left empty (deepest first); nothing else.
+        Returns how many files were deleted."""
+        root, removed = self.output.resolve(), 0
+        for rel in sorted(self.files):
+            path = self.output / rel
+            if path.is_file() and not path.is_symlink() and root in path.resolve().parents:
+                path.unlink()
+                removed += 1
+        for rel in sorted(self.folders, key=lambda f: (-len(PurePosixPath(f).parts), f)):
+            try:
+                (self.output / rel).rmdir()  # only when empty: a folder holding a user's file stays
+            except OSError:
+                pass
+        self.files, self.folders = set(), set()
+        self.save()
+        return removed
+
+    def add(self, files: Iterable[Path], folders: Iterable[Path]) -> None:
+        out = self.output.absolute()
+        self.files.update(p.absolute().relative_to(out).as_posix() for p in files)
+        self.folders.update(p.absolute().relative_to(out).as_posix() for p in folders)
+        self.save()
+
+    def save(self) -> None:
+        """Written whole or not at all (a temporary file renamed over the record)."""
+        text = json.dumps({"written_by": "ldct_tf.denoise", "files": sorted(self.files),
+                           "folders": sorted(self.folders)}, indent=1)
+        try:
+            self.output.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(f"{RECORD_NAME}.{uuid.uuid4().hex}.tmp")
+            temporary.write_text(text + "\n")
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or type(exc).__name__})") from None
+
+
 class StagedSeries:
     """One series' files, written under ``OUTPUT/.ldct_tf-partial-XXXX/`` and moved to their places by :meth:`commit`.
 
     Use as a context manager: leaving the block with an exception removes the staging folder, so no partial series
-    is ever left in the output.
+    is ever left in the output.  ``record`` (the OUTPUT's :class:`OutputRecord`) learns every file before it is moved
+    into place, so that a kill between the two never leaves a file that a later ``--overwrite`` refuses.
     """
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path, record: Optional[OutputRecord] = None) -> None:
         self.output = output
         self.root = output / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
         self._staged: list[tuple[Path, Path]] = []
+        self.record = record
 
     def __enter__(self) -> "StagedSeries":
         try:
@@ -112,15 +190,34 @@ class StagedSeries:
         return staged
 
     def commit(self) -> None:
-        """Move every staged file to its final path (renames on one file system), then drop the staging folder."""
+        """Move every staged file to its final path (renames on one file system), then drop the staging folder.
+
+        A final path that exists is a file no run of denoise recorded (``--overwrite`` removed the recorded ones
+        first): it is never replaced, and nothing of the series is moved."""
+        moves = [(staged, final) for staged, final in self._staged if staged.exists()]
+        for _, final in moves:
+            if final.exists() or final.is_symlink():
+                raise OutputError(f"{final}: exists and was not written by denoise into this output folder, so it "
+                                  f"is never replaced; move it away or choose another output folder")
+        if self.record is not None:
+            self.record.add([final for _, final in moves], self._new_folders(final for _, final in moves))
         try:
-            for staged, final in self._staged:
-                if staged.exists():
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(staged, final)
+            for staged, final in moves:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, final)
         except OSError as exc:
             raise OutputError(f"{final}: cannot write ({exc.strerror or type(exc).__name__})") from None
         self.abort()
+
+    def _new_folders(self, finals: Iterable[Path]) -> set[Path]:
+        """The folders between OUTPUT and the final paths that do not exist yet (the ones the commit makes)."""
+        new = set()
+        for final in finals:
+            folder = final.parent
+            while folder != self.output and self.output in folder.parents and not folder.exists():
+                new.add(folder)
+                folder = folder.parent
+        return new
 
     def abort(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,13 @@ class SeriesPlan:
 
 
 def list_files(input_path: Path) -> list[Path]:
-    """A file -> [it]; a folder -> every regular file below it, in sorted order (hidden files included: a file that is
-    not DICOM is reported as skipped, never silently ignored)."""
-    if input_path.is_file():
-        return [input_path]
-    if not input_path.is_dir():
+    """A file -> [it]; a folder -> every file below it that is no folder, in sorted order (hidden files, FIFOs and
+    sockets included: a file that is not DICOM is reported as skipped, never silently ignored)."""
+    if input_path.is_dir():
+        return sorted(p for p in input_path.rglob("*") if p.exists() and not p.is_dir())
+    if not input_path.exists():
         raise DenoiseError(f"{input_path}: input not found")
-    return sorted(p for p in input_path.rglob("*") if p.is_file())
+    return [input_path]
 
 
 def check_paths(input_path: Path, output: Path) -> None:
@@ -72,6 +73,9 @@ def _warn_skipped(skipped: Skipped) -> None:
 #: Reasons that say nothing about a series' slices (the file is no axial CT image of it): skipped alone.  Any other
 #: failure (truncated, short pixel data, multi-frame, implausible, too large...) is a slice the series cannot lose.
 NOT_A_SLICE = (dicom.NOT_DICOM, dicom.NOT_CT_IMAGE, dicom.LOCALIZER)
+#: A FIFO, socket or device (the pipeline's reason, ``ldct_tf.pipeline.transforms.NOT_REGULAR``): opening a FIFO
+#: waits for a writer forever (issue 27), so such a path is skipped from its ``stat`` alone, never opened.
+NOT_REGULAR = "not_a_regular_file"
 #: --deidentify cannot remove text burned into the pixels: such a slice refuses its series.
 BURNED_IN = "burned_in_annotation"
 #: Two files of one series with the same SOP Instance UID.
@@ -103,6 +107,12 @@ def _header_key(path: Path) -> Optional[tuple[str, str, str]]:
 
 def _read_for_scan(path: Path, deidentify: bool, max_pixels: Optional[int]):
     """(info, None) for a usable slice, (None, Skipped) otherwise, with whether it breaks its series."""
+    try:
+        irregular = not stat.S_ISREG(os.stat(path).st_mode)  # symlinks resolved
+    except OSError:
+        irregular = False  # gone or unreadable: the read below says so
+    if irregular:
+        return None, Skipped(str(path), f"{NOT_REGULAR}: a FIFO, socket or device, not a file; not opened"), False
     try:
         ds, _, info = dicom.read_ct_dataset(path, max_pixels=max_pixels)
     except dicom.NotUsableCT as exc:
@@ -226,10 +236,11 @@ def plan(input_path: Path, output: Path, series: dict[tuple, list[tuple[dicom.Sl
     return plans
 
 
-def check_outputs(plans: Sequence[SeriesPlan], inputs: Sequence[Path], overwrite: bool) -> None:
+def check_outputs(plans: Sequence[SeriesPlan], inputs: Sequence[Path], overwrite: bool,
+                  record: Optional[denoise_output.OutputRecord] = None) -> None:
     """No output may be an input file, no two series may share a folder or a file (issue 27: a subfolder named
     ``series_1`` and the first of two series beside it both planned ``OUT/series_1/``, and one replaced the other);
-    existing outputs need ``overwrite``."""
+    existing outputs need ``overwrite``, and even then only files an earlier run recorded (``record``) are replaced."""
     input_set = {p.resolve() for p in inputs}
     existing, owner = [], {}
     for number, item in enumerate(plans):
@@ -242,8 +253,14 @@ def check_outputs(plans: Sequence[SeriesPlan], inputs: Sequence[Path], overwrite
                 continue
             if resolved in input_set:
                 raise DenoiseError(f"{out}: would overwrite an input file; choose another output folder")
+            if record is not None and resolved == record.path.resolve():
+                raise DenoiseError(f"{out}: would overwrite denoise's record of its outputs; rename that input file")
             if out.exists():
                 existing.append(out)
     if existing and not overwrite:
         raise DenoiseError(f"{existing[0]}: already exists ({len(existing)} output file(s) exist); choose an empty "
                            f"output folder or pass --overwrite")
+    for out in existing if record is not None else ():
+        if not record.owns(out):
+            raise DenoiseError(f"{out}: exists and was not written by denoise into this output folder, so "
+                               f"--overwrite never replaces it; move it away or choose another output folder")

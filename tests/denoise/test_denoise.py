@@ -9,10 +9,12 @@ smoke-config generator once per module.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -253,8 +255,10 @@ def test_single_file_never_overwrites_itself_or_earlier_output(ct_small_series, 
     assert one.read_bytes() == before
     out = tmp_path / "out"
     assert denoise.denoise(one, out, smooth_and_shift, MODEL, progress=False).slices == 1
-    # + the change audit (issue 16) and the run's summary (issue 26)
-    assert sorted(p.name for p in out.iterdir()) == ["IM_00002.dcm", "audit", "summary.md"]
+    # + the change audit (issue 16), the run's summary (issue 26) and the record of what was written (for
+    # --overwrite, issue 27)
+    assert sorted(p.name for p in out.iterdir()) == [".ldct_tf_denoise_outputs.json", "IM_00002.dcm", "audit",
+                                                     "summary.md"]
     with pytest.raises(denoise.DenoiseError, match="already exists"):
         denoise.denoise(one, out, smooth_and_shift, MODEL, progress=False)
     assert denoise.denoise(one, out, smooth_and_shift, MODEL, progress=False, overwrite=True).slices == 1
@@ -700,3 +704,84 @@ def test_slices_above_max_pixels_are_refused_before_decoding(tmp_path, monkeypat
     assert summary.slices == 0 and decoded == []
     assert [s.reason.split(":")[0] for s in summary.skipped] == ["image_too_large"] * 2
     assert denoise.denoise(tmp_path / "in", tmp_path / "out2", smooth_and_shift, MODEL, progress=False).slices == 2
+
+
+def _paint_block(hu: np.ndarray) -> np.ndarray:
+    """A 'denoiser' that adds a 400 HU block to every slice: the audit flags each one and writes its PNG."""
+    out = hu.copy()
+    out[:, 40:80, 40:80] += 400.0
+    return out
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_overwrite_removes_every_file_of_the_earlier_run_and_nothing_else(tmp_path):
+    """Issue 27: a re-run with ``--overwrite`` and fewer slices (and no flagged slice) left the first run's extra
+    slice, audit PNGs and whole other series behind.  Now exactly the recorded files go; the user's files stay."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _series(root / "s", 3)
+    _series(root / "t", 2, sample_data.Identity("MRN0000905", "Ee^Eve"))
+    first = denoise.denoise(root, out, _paint_block, MODEL, progress=False)
+    assert first.flagged_slices == 5 and len(list(out.rglob("slice_*.png"))) == 5
+    (out / "mine.txt").write_text("the user's own notes")
+    (out / "s" / "audit" / "keep.txt").write_text("also the user's")
+    (root / "s" / "IM0003.dcm").unlink()
+    shutil.rmtree(root / "t")
+    second = denoise.denoise(root, out, lambda hu: hu.copy(), MODEL, progress=False, overwrite=True)
+    assert (second.slices, second.flagged_slices) == (2, 0)
+    fresh = tmp_path / "fresh"
+    denoise.denoise(root, fresh, lambda hu: hu.copy(), MODEL, progress=False)
+    assert _files(out) == _files(fresh) | {"mine.txt", "s/audit/keep.txt"}  # no stale slice, PNG or series
+    assert not (out / "t").exists()  # the folders the first run made and that became empty are gone
+    assert (out / "mine.txt").read_text() == "the user's own notes"
+    record = json.loads((out / denoise.output.RECORD_NAME).read_text())
+    assert set(record["files"]) == _files(fresh) - {denoise.output.RECORD_NAME}
+
+
+def test_overwrite_never_replaces_a_file_it_did_not_write(tmp_path):
+    root, out = tmp_path / "in", tmp_path / "out"
+    _series(root / "s", 2)
+    (out / "s").mkdir(parents=True)
+    (out / "s" / "IM_00001.dcm").write_text("a file of the user's, where denoise would write")
+    with pytest.raises(denoise.DenoiseError, match="IM_00001.dcm: exists and was not written by denoise"):
+        denoise.denoise(root, out, smooth_and_shift, MODEL, progress=False, overwrite=True)
+    assert (out / "s" / "IM_00001.dcm").read_text().startswith("a file of the user's")
+    # an audit PNG's name is known only after the model ran: refused at the series' commit, nothing of it moved
+    (out / "s" / "IM_00001.dcm").unlink()
+    (out / "s" / "audit").mkdir()
+    (out / "s" / "audit" / "slice_0001.png").write_text("the user's picture")
+    with pytest.raises(denoise.DenoiseError, match="slice_0001.png: exists and was not written by denoise"):
+        denoise.denoise(root, out, _paint_block, MODEL, progress=False, overwrite=True)
+    assert _files(out) == {"s/audit/slice_0001.png"}
+
+
+def _within_seconds(seconds: float, fifo: Path, run):
+    """``run()``'s result; a run still going after ``seconds`` (blocked opening ``fifo``) is released and fails."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(run()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer unblocks the reader's open()
+        thread.join(seconds)
+        pytest.fail(f"denoise still running after {seconds} s: it opened the FIFO")
+    assert result, "denoise raised (see the thread's exception above)"
+    return result[0]
+
+
+def test_a_fifo_in_the_input_is_skipped_not_opened(tmp_path):
+    """Issue 27: opening a FIFO waits for a writer forever; it is skipped from its stat, with the pipeline's reason."""
+    root = tmp_path / "in"
+    _series(root, 2)
+    os.mkfifo(root / "pipe.dcm")
+    (root / "link.dcm").symlink_to(root / "pipe.dcm")
+    summary = _within_seconds(30, root / "pipe.dcm",
+                              lambda: denoise.denoise(root, tmp_path / "out", smooth_and_shift, MODEL, progress=False))
+    assert summary.slices == 2
+    assert {Path(s.path).name: s.reason.split(":")[0] for s in summary.skipped} == {
+        "pipe.dcm": "not_a_regular_file", "link.dcm": "not_a_regular_file"}
+    alone = _within_seconds(30, root / "pipe.dcm", lambda: denoise.denoise(root / "pipe.dcm", tmp_path / "out2",
+                                                                           smooth_and_shift, MODEL, progress=False))
+    assert alone.slices == 0 and [s.reason.split(":")[0] for s in alone.skipped] == ["not_a_regular_file"]
