@@ -49,10 +49,10 @@ class CycleGANHyperModel(keras_tuner.HyperModel):
         return apply_values(self.base, values)
 
     def training_dataset(self, cfg: config_lib.Config) -> tf.data.Dataset:
-        """The training input of a trial, as ``python -m ldct_tf.train`` reads it (:func:`ldct_tf.data.training_dataset`:
-        unpaired batches, plus the simulated pairs when ``loss.simulated`` > 0), shared by the trials that read the
-        data alike: every such trial sees the same seeded patches, and decoding and tracing the input pipeline are
-        paid once."""
+        """The training input of a trial as ``python -m ldct_tf.train`` reads it
+        (:func:`ldct_tf.data.training_dataset`: unpaired batches, plus the simulated pairs when ``loss.simulated``
+        > 0), shared by the trials that read the data alike: every such trial sees the same seeded patches, and
+        decoding and tracing the input pipeline are paid once."""
         d, t, loss = cfg.data, cfg.train, cfg.loss
         key = (d.patch_size, t.batch_size, t.seed, d.min_tissue_fraction, d.augment, d.shuffle_buffer, d.cache,
                d.kernel_matched)

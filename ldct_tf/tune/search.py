@@ -149,8 +149,8 @@ def results_preamble(objective: keras_tuner.Objective, validation: Validation, i
         lines.append(f"| {baseline['label']} ({baseline['name']}) | " +
                      " | ".join(_fmt(scores.get(m)) for m in metrics) + " |")
         columns += f" and `vs {baseline['label']}`"
-    lines += ["", f"{columns}: how much better (+) or worse (-) each trial's {objective.name} is than the reference's "
-              "(its best epoch).", ""]
+    lines += ["", f"{columns}: how much better (+) or worse (-) each trial's {objective.name} (at its best epoch) is "
+              "than the reference's.", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -173,7 +173,8 @@ def supervised_only(cfg: config_lib.Config) -> bool:
 
 
 def default_space(cfg: config_lib.Config) -> dict[str, Any]:
-    """The built-in space for ``cfg``'s kind of run: :data:`SUPERVISED_SPACE` or the CycleGAN's :data:`DEFAULT_SPACE`."""
+    """The built-in space for ``cfg``'s kind of run: :data:`SUPERVISED_SPACE`, or the CycleGAN's
+    :data:`DEFAULT_SPACE`."""
     return dict(SUPERVISED_SPACE if supervised_only(cfg) else DEFAULT_SPACE)
 
 
