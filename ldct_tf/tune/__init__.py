@@ -1,18 +1,28 @@
-"""``python -m ldct_tf.tune``: Keras Tuner search over the CycleGAN's hyperparameters.
+"""``python -m ldct_tf.tune``: Keras Tuner search over the denoiser's hyperparameters (the shipped recipe's supervised
+training on simulated pairs, or the CycleGAN).
 
     python -m ldct_tf.tune --config configs/cpu_small.yaml --data SHARDS --dir runs/tune \\
         [--tuner random|hyperband|bayesian] [--max-trials N] [section.key=value ...]
 
 Writes ``DIR/best.yaml`` (the config of the best trial, which ``python -m ldct_tf.train --config DIR/best.yaml``
-takes as it is), ``DIR/results.csv`` and ``DIR/results.md`` (trial, status, values, objective, metrics, seconds; also
-printed), ``DIR/search.json`` (what was searched, to check a resumed search) and Keras Tuner's own state in
-``DIR/search/`` (``oracle.json``, ``trial_*/trial.json``, each trial's best weights and TensorBoard scalars).
+takes as it is), ``DIR/results.csv`` and ``DIR/results.md`` (trial, status, values, objective, ``vs input`` and
+``vs BM3D``, metrics, seconds; also printed; ``results.md`` opens with the input's and BM3D's scores),
+``DIR/summary.json`` (the same, with the references' scores), ``DIR/search.json`` (what was searched, to check a
+resumed search, and the stored BM3D scores) and Keras Tuner's own state in ``DIR/search/`` (``oracle.json``,
+``trial_*/trial.json``, each trial's best weights and TensorBoard scalars).
+
+References: every trial is shown beside the low-dose input's own score and a classical denoiser's on the same
+validation slices: the noise-adaptive BM3D (:func:`ldct_tf.baselines.bm3d_adaptive`, scored once per search folder),
+or non-local means when the optional ``bm3d`` package is missing (one line says so).
 
 Search space: the config's ``tuning.space`` mapping, keyed by the same ``section.key`` names as command-line
-overrides, merged over :data:`DEFAULT_SPACE` (``tuning.default_space: false`` starts from nothing; an entry set to
+overrides, merged over the built-in space of the run's kind: :data:`SUPERVISED_SPACE` for a supervised run on
+simulated pairs (every unpaired loss weight 0, the shipped recipe), else the CycleGAN's :data:`DEFAULT_SPACE`
+(``tuning.default_space: false`` starts from nothing; an entry set to
 ``null`` removes that key from the search).  An entry is ``{min, max[, step][, sampling: log]}`` (an ``int`` or
 ``float`` range, typed by the config field), a list of choices, or ``{values: [...]}``; ``[true, false]`` on a boolean
-field is a Boolean.  ``configs/tuning_example.yaml`` lists every ``tuning`` key with its default.
+field is a Boolean.  ``configs/tuning_example.yaml`` (the shipped recipe) lists every ``tuning`` key with its
+default; ``configs/tuning_cyclegan.yaml`` searches the CycleGAN.
 
 Objective (``tuning.objective``, default ``auto``): with true pairs in the validation split (the same slice at both
 doses, real or simulated with ``ldct_tf.simulate``), ``val_psnr``: the mean PSNR of the denoised low-dose slices
@@ -48,9 +58,10 @@ from ldct_tf.train import loop as train_lib  # noqa: E402,F401
 from ldct_tf.config import TuningError  # noqa: E402,F401
 # The search's public names, importable from here as before the search had its own package.
 from ldct_tf.tune.hypermodel import CycleGANHyperModel  # noqa: E402,F401
-from ldct_tf.tune.scoring import (SCORE_WINDOW, Validation, choose_objective, denoise_hu,  # noqa: E402,F401
-                                    unpaired_scores)
-from ldct_tf.tune.search import (TUNERS, best_config_yaml, make_tuner, results_table, run,  # noqa: E402,F401
-                                   write_results)
-from ldct_tf.tune.space import (DEFAULT_SPACE, TUNING_DEFAULTS, Dimension, apply_values,  # noqa: E402,F401
-                                  parse_dimension, search_space, tuning_settings)
+from ldct_tf.tune.scoring import (BASELINE_LABELS, SCORE_WINDOW, Validation, choose_baseline,  # noqa: E402,F401
+                                    choose_objective, denoise_hu, unpaired_scores)
+from ldct_tf.tune.search import (TUNERS, baseline_scores, best_config_yaml, improvement,  # noqa: E402,F401
+                                   make_tuner, results_preamble, results_table, run, write_results)
+from ldct_tf.tune.space import (DEFAULT_SPACE, SUPERVISED_SPACE, TUNING_DEFAULTS, Dimension,  # noqa: E402,F401
+                                  apply_values, default_space, parse_dimension, search_space, supervised_only,
+                                  tuning_settings)

@@ -13,7 +13,8 @@ from ldct_tf.tune import TUNERS, run
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldct_tf.tune",
-                                     description="Keras Tuner search over the CycleGAN's hyperparameters.")
+                                     description="Keras Tuner search over the denoiser's hyperparameters "
+                                                 "(configs/tuning_example.yaml: the shipped recipe).")
     cli.add_config_arguments(parser, "YAML config with an optional tuning: section (configs/tuning_example.yaml)",
                              "tuning.epochs=1")
     cli.add_run_arguments(parser)

@@ -49,14 +49,17 @@ class CycleGANHyperModel(keras_tuner.HyperModel):
         return apply_values(self.base, values)
 
     def training_dataset(self, cfg: config_lib.Config) -> tf.data.Dataset:
-        """The unpaired training stream for a trial, shared by the trials that read the data alike: every such trial
-        sees the same seeded patches, and decoding and tracing the input pipeline are paid once."""
-        d, t = cfg.data, cfg.train
-        key = (d.patch_size, t.batch_size, t.seed, d.min_tissue_fraction, d.augment, d.shuffle_buffer, d.cache)
+        """The training input of a trial as ``python -m ldct_tf.train`` reads it
+        (:func:`ldct_tf.data.training_dataset`: unpaired batches, plus the simulated pairs when ``loss.simulated``
+        > 0), shared by the trials that read the data alike: every such trial sees the same seeded patches, and
+        decoding and tracing the input pipeline are paid once."""
+        d, t, loss = cfg.data, cfg.train, cfg.loss
+        key = (d.patch_size, t.batch_size, t.seed, d.min_tissue_fraction, d.augment, d.shuffle_buffer, d.cache,
+               d.kernel_matched)
+        if loss.simulated > 0:
+            key += (t.simulated_batch_size, d.cache_simulated, loss.noisier2noise_i0)
         if key not in self._datasets:
-            self._datasets[key] = data.unpaired_training_dataset(
-                self.data_dir, d.patch_size, t.batch_size, seed=t.seed, min_tissue_fraction=d.min_tissue_fraction,
-                augment=d.augment, shuffle_buffer=d.shuffle_buffer, cache=d.cache)
+            self._datasets[key] = data.training_dataset(self.data_dir, cfg, seed=t.seed)
         return self._datasets[key]
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:

@@ -1,5 +1,7 @@
 """How a trial is scored: the validation slices, the objective (paired PSNR/SSIM in the abdomen window, or an
-unpaired criterion when the validation split holds no pairs) and the low-dose input's own score to beat.
+unpaired criterion when the validation split holds no pairs), and the two scores to compare it with: the low-dose
+input's own and a classical denoiser's on the same slices (the noise-adaptive BM3D, or non-local means without the
+optional ``bm3d`` package).
 
 Scoring runs the trial's denoiser on whole slices in HU, as the evaluation does, rather than reading the training
 loop's patch metrics: the search should pick what denoises best, not what lowers a GAN loss.
@@ -8,6 +10,7 @@ loop's patch metrics: the search should pick what denoises best, not what lowers
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import keras
 import keras_tuner
@@ -18,6 +21,9 @@ from ldct_tf import ct, data, metrics
 from ldct_tf.config import TuningError
 
 SCORE_WINDOW = "abdomen"
+
+#: How results and the console name each classical comparator.
+BASELINE_LABELS = {"bm3d_adaptive": "BM3D", "nlm": "NLM"}
 
 #: Immerkaer's (1996) operator: the difference of two Laplacians, blind to planes and (nearly) to smooth anatomy;
 #: on white noise of SD s its output has SD 6 s.
@@ -86,6 +92,14 @@ class Validation:
         """The low-dose input's own scores: what a trial has to beat."""
         return self._scores(self.low)
 
+    def baseline_scores(self, name: str) -> dict[str, float]:
+        """The scores of the classical denoiser ``name`` (:func:`ldct_tf.baselines.get`) on the same slices: what a
+        trial should beat to be worth its training."""
+        from ldct_tf import baselines
+
+        denoiser = baselines.get(name)
+        return self._scores([np.asarray(denoiser(hu), np.float32) for hu in self.low])
+
     def score(self, generator: keras.Model, multiple: int) -> dict[str, float]:
         return self._scores([denoise_hu(generator, hu, multiple) for hu in self.low])
 
@@ -106,3 +120,14 @@ def choose_objective(setting: str, paired: bool) -> keras_tuner.Objective:
     if setting == "auto":
         setting = "psnr" if paired else "unpaired"
     return keras_tuner.Objective(f"val_{setting}", "min" if setting == "unpaired" else "max")
+
+
+def choose_baseline() -> tuple[str, Optional[str]]:
+    """The classical comparator: the noise-adaptive BM3D when the optional ``bm3d`` package is installed, else
+    non-local means (as the demo does), with the one line that says so (None when BM3D is there)."""
+    from ldct_tf import baselines
+
+    if baselines.bm3d_available():
+        return "bm3d_adaptive", None
+    return "nlm", ("BM3D is not installed (optional: pip install 'ldct_tf[baselines]'); trials are compared with "
+                   "non-local means instead")

@@ -3,6 +3,11 @@ Keras Tuner tuner, runs or continues the search in its folder, and writes the re
 
 Results are read from Keras Tuner's oracle, which holds every trial of the folder (also those of an earlier,
 interrupted call and those that other workers ran), so a resumed or distributed search reports all of them.
+
+Each trial is reported beside two references scored on the same validation slices: the low-dose input itself and a
+classical denoiser (the noise-adaptive BM3D; non-local means without the optional ``bm3d`` package).  The classical
+denoiser is scored once per search folder and stored in ``search.json``, so a resumed search does not pay for it
+again (BM3D costs seconds per 512 x 512 slice).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import io
 import json
 import math
 import os
+import time
 from typing import Any, Optional, Sequence
 
 import keras_tuner
@@ -22,7 +28,7 @@ from ldct_tf import data
 from ldct_tf.train import loop
 from ldct_tf.config import TuningError
 from ldct_tf.tune.hypermodel import CycleGANHyperModel
-from ldct_tf.tune.scoring import Validation, choose_objective
+from ldct_tf.tune.scoring import BASELINE_LABELS, Validation, choose_baseline, choose_objective
 from ldct_tf.tune.space import Dimension, apply_values, search_space, tuning_settings
 
 PROJECT = "search"
@@ -65,9 +71,19 @@ def trial_number(trial_id: str) -> int:
     return int(trial_id) + 1
 
 
-def results_table(oracle, space: Sequence[Dimension], objective: keras_tuner.Objective) -> list[dict]:
-    """One row per trial: id, status, searched values, objective, the other validation metrics, seconds, and the
-    last line of the error of a failed trial."""
+def improvement(score: Optional[float], reference: float, objective: keras_tuner.Objective) -> Optional[float]:
+    """How much better (+) or worse (-) ``score`` is than ``reference`` in the objective's units, whichever way the
+    objective points (PSNR up, the unpaired criterion down)."""
+    if score is None:
+        return None
+    return score - reference if objective.direction == "max" else reference - score
+
+
+def results_table(oracle, space: Sequence[Dimension], objective: keras_tuner.Objective,
+                  references: Optional[dict[str, float]] = None) -> list[dict]:
+    """One row per trial: id, status, searched values, objective, ``vs LABEL`` (the objective's improvement over
+    each of ``references``, label -> that reference's objective score), the other validation metrics, seconds, and
+    the last line of the error of a failed trial."""
     rows = []
     for trial_id in sorted(oracle.trials):
         trial = oracle.trials[trial_id]
@@ -77,6 +93,8 @@ def results_table(oracle, space: Sequence[Dimension], objective: keras_tuner.Obj
         if "tuner/epochs" in values:
             row["epochs"] = values["tuner/epochs"]
         row[objective.name] = _score(trial)
+        for label, reference in (references or {}).items():
+            row[f"vs {label}"] = improvement(row[objective.name], reference, objective)
         for name in sorted(trial.metrics.metrics):
             if name.startswith("val_") and name != objective.name:
                 row[name] = trial.metrics.get_last_value(name)
@@ -95,8 +113,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_results(rows: list[dict], directory: str) -> str:
-    """``results.csv`` and ``results.md`` in ``directory``; returns the Markdown table."""
+def write_results(rows: list[dict], directory: str, preamble: str = "") -> str:
+    """``results.csv`` and ``results.md`` (``preamble``, then the table) in ``directory``; returns the table."""
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
@@ -110,8 +128,30 @@ def write_results(rows: list[dict], directory: str) -> str:
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
     table = "\n".join(lines) + "\n"
     with tf.io.gfile.GFile(os.path.join(directory, "results.md"), "w") as handle:
-        handle.write(table)
+        handle.write(preamble + table)
     return table
+
+
+def results_preamble(objective: keras_tuner.Objective, validation: Validation, input_scores: dict,
+                     baseline: Optional[dict]) -> str:
+    """The head of ``results.md``: the objective, the references' scores on the same slices, and how to read the
+    ``vs`` columns, so that a trial's score can be judged without another tool."""
+    direction = "higher" if objective.direction == "max" else "lower"
+    kind = "paired" if validation.paired else "unpaired low-dose"
+    metrics = list(input_scores)
+    lines = [f"# Hyperparameter search: {objective.name} ({direction} is better)", "",
+             f"References on the same {len(validation.low)} {kind} validation slice(s):", "",
+             "| reference | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics),
+             "| low-dose input | " + " | ".join(_fmt(input_scores[m]) for m in metrics) + " |"]
+    columns = "`vs input`"
+    if baseline:
+        scores = baseline["scores"]
+        lines.append(f"| {baseline['label']} ({baseline['name']}) | " +
+                     " | ".join(_fmt(scores.get(m)) for m in metrics) + " |")
+        columns += f" and `vs {baseline['label']}`"
+    lines += ["", f"{columns}: how much better (+) or worse (-) each trial's {objective.name} (at its best epoch) is "
+              "than the reference's.", ""]
+    return "\n".join(lines) + "\n"
 
 
 def best_config_yaml(cfg: config_lib.Config, trial, objective: keras_tuner.Objective, algorithm: str,
@@ -153,43 +193,107 @@ def _is_tuner_worker() -> bool:
     return "KERASTUNER_ORACLE_IP" in os.environ and "chief" not in os.environ.get("KERASTUNER_TUNER_ID", "")
 
 
+def _check_data(cfg: config_lib.Config, data_dir: str) -> None:
+    """The shards exist, and hold the simulated pairs a config with ``loss.simulated`` > 0 trains on (the shipped
+    recipe's kind of search), before any trial is built."""
+    try:
+        manifest = data.read_manifest(data_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise TuningError(str(exc)) from None
+    if cfg.loss.simulated > 0 and not data.simulated_pair_count(manifest):
+        raise TuningError(f"{data_dir}: loss.simulated > 0 needs simulated pairs; run python -m ldct_tf.simulate "
+                          "pairs on it first")
+
+
+def _read_record(directory: str) -> dict:
+    path = os.path.join(directory, "search.json")
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as handle:
+        return json.load(handle)
+
+
+def baseline_scores(directory: str, validation: Validation, input_scores: dict) -> dict:
+    """The classical comparator's scores on the validation slices, computed once per search folder: a stored entry
+    of ``search.json`` for the same slices (the same input scores) is used as it is, also a stored BM3D when the
+    ``bm3d`` package has gone since.  Returns ``{name, label, scores, slices, input_scores, seconds}``."""
+    name, note = choose_baseline()
+    record = _read_record(directory)
+    stored = record.get("baseline")
+    if stored and stored.get("input_scores") == input_scores and stored.get("name") in (name, "bm3d_adaptive"):
+        print(f"{stored['label']} ({stored['name']}) on the same slices, stored in search.json: " +
+              _scores_line(stored["scores"]), flush=True)
+        return stored
+    if note:
+        print(note, flush=True)
+    label = BASELINE_LABELS.get(name, name)
+    print(f"Scoring {label} ({name}) on the {len(validation.low)} validation slice(s), once per search...",
+          flush=True)
+    started = time.perf_counter()
+    scores = validation.baseline_scores(name)
+    entry = {"name": name, "label": label, "scores": scores, "slices": len(validation.low),
+             "input_scores": input_scores, "seconds": round(time.perf_counter() - started, 2)}
+    record["baseline"] = entry
+    with tf.io.gfile.GFile(os.path.join(directory, "search.json"), "w") as handle:
+        json.dump(record, handle, indent=2)
+    print(f"{label} ({name}) on the same slices: " + _scores_line(scores), flush=True)
+    return entry
+
+
+def _scores_line(scores: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+
+
+def _references(objective: keras_tuner.Objective, input_scores: dict, baseline: Optional[dict]) -> dict[str, float]:
+    """Label -> the objective's score of each reference, for the ``vs`` columns."""
+    references = {"input": input_scores[objective.name]}
+    if baseline:
+        references[baseline["label"]] = baseline["scores"][objective.name]
+    return references
+
+
+def _announce(objective: keras_tuner.Objective, validation: Validation, input_scores: dict, space, algorithm: str,
+              strategy) -> None:
+    direction = "higher" if objective.direction == "max" else "lower"
+    print(f"Objective: {objective.name} ({direction} is better) on {len(validation.low)} "
+          f"{'paired' if validation.paired else 'unpaired low-dose'} validation slice(s)" +
+          ("" if validation.paired else " (no paired slices: noise SD left + anatomy removed, HU)"), flush=True)
+    print("Low-dose input itself: " + _scores_line(input_scores), flush=True)
+    print("Search space (" + algorithm + "):\n  " + "\n  ".join(d.describe() for d in space), flush=True)
+    print(f"Strategy {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)", flush=True)
+
+
 def run(cfg: config_lib.Config, data_dir: str, out_dir: str, *, algorithm: str = "random",
         max_trials: Optional[int] = None, overwrite: bool = False, cpu_replicas: int = 0, verbose: int = 1) -> dict:
     """Run (or continue) a search of ``cfg``'s tuning section on the shards in ``data_dir``, its state and results
-    in ``out_dir``; returns a summary with the results rows and ``run_now``, the trials this call ran (a Keras
-    Tuner worker returns ``{"worker": True}``).  ``max_trials`` None: ``tuning.max_trials``.
+    in ``out_dir``; returns a summary (also written as ``out_dir/summary.json``) with the input's and the classical
+    baseline's scores, the results rows and ``run_now``, the trials this call ran (a Keras Tuner worker returns
+    ``{"worker": True}``).  ``max_trials`` None: ``tuning.max_trials``.
 
     Raises :class:`TuningError` for an unusable tuning section, data or folder, and when no trial produced a score.
     """
     _check_request(out_dir, max_trials)
     settings = tuning_settings(cfg)
     space = search_space(cfg)
-    try:
-        data.read_manifest(data_dir)
-    except (FileNotFoundError, ValueError) as exc:
-        raise TuningError(str(exc)) from None
+    _check_data(cfg, data_dir)
     max_trials = settings.max_trials if max_trials is None else max_trials
 
     strategy = loop.make_strategy(cpu_replicas)
     config_lib.mixed_precision_policy(cfg.train.mixed_precision)
     validation = Validation.load(data_dir, cfg.data.val_max_slices)
     objective = choose_objective(settings.objective, validation.paired)
-    direction = "higher" if objective.direction == "max" else "lower"
-    print(f"Objective: {objective.name} ({direction} is better) on {len(validation.low)} "
-          f"{'paired' if validation.paired else 'unpaired low-dose'} validation slice(s)" +
-          ("" if validation.paired else " (no paired slices: noise SD left + anatomy removed, HU)"), flush=True)
-    baseline = validation.input_scores()
-    print("Low-dose input itself: " + ", ".join(f"{k} {v:.4g}" for k, v in baseline.items()), flush=True)
-    print("Search space (" + algorithm + "):\n  " + "\n  ".join(d.describe() for d in space), flush=True)
-    print(f"Strategy {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)", flush=True)
+    input_scores = validation.input_scores()
+    _announce(objective, validation, input_scores, space, algorithm, strategy)
 
     tf.io.gfile.makedirs(out_dir)
     is_worker = _is_tuner_worker()
     overwrite = overwrite and not is_worker  # the chief alone may clear a folder the workers share
     record = {"tuner": algorithm, "objective": objective.name, "space": [d.describe() for d in space],
-              "paired_validation": validation.paired, "input_scores": baseline}
-    if not is_worker:
+              "paired_validation": validation.paired, "input_scores": input_scores}
+    baseline = None
+    if not is_worker:  # the chief (or a lone search) writes the results; workers only run trials
         _check_resume(out_dir, record, overwrite)
+        baseline = baseline_scores(out_dir, validation, input_scores)
     hypermodel = CycleGANHyperModel(cfg, space, data_dir, validation, strategy, objective, settings.epochs, verbose)
     try:
         tuner = make_tuner(algorithm, hypermodel, objective, settings, out_dir, max_trials, cfg.train.seed + 1,
@@ -205,12 +309,23 @@ def run(cfg: config_lib.Config, data_dir: str, out_dir: str, *, algorithm: str =
     if is_worker:
         print("Worker finished: the chief writes the results and best.yaml", flush=True)
         return {"worker": True}
+    summary = _finish(cfg, oracle, space, objective, validation, input_scores, baseline, algorithm, out_dir)
+    summary["run_now"] = sorted(trial_number(tid) for tid, t in oracle.trials.items()
+                                if t.status in _STATUS_DONE and before.get(tid) not in _STATUS_DONE)
+    with tf.io.gfile.GFile(os.path.join(out_dir, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
 
-    rows = results_table(oracle, space, objective)
-    run_now = [trial_number(tid) for tid, t in oracle.trials.items()
-               if t.status in _STATUS_DONE and before.get(tid) not in _STATUS_DONE]
-    table = write_results(rows, out_dir)
-    print("\nResults (" + objective.name + f", {direction} is better):\n" + table, flush=True)
+
+def _finish(cfg: config_lib.Config, oracle, space, objective: keras_tuner.Objective, validation: Validation,
+            input_scores: dict, baseline: dict, algorithm: str, out_dir: str) -> dict:
+    """The results table (beside the references), ``best.yaml`` and the summary of a finished search."""
+    references = _references(objective, input_scores, baseline)
+    rows = results_table(oracle, space, objective, references)
+    table = write_results(rows, out_dir, results_preamble(objective, validation, input_scores, baseline))
+    direction = "higher" if objective.direction == "max" else "lower"
+    print("\nResults (" + objective.name + f", {direction} is better; `vs` columns: + is better than that "
+          "reference):\n" + table, flush=True)
     scored = [t for t in oracle.trials.values() if t.status == "COMPLETED" and _score(t) is not None]
     failed = [r for r in rows if r["status"] in ("FAILED", "INVALID")]
     for row in failed:
@@ -223,8 +338,11 @@ def run(cfg: config_lib.Config, data_dir: str, out_dir: str, *, algorithm: str =
     with tf.io.gfile.GFile(best_path, "w") as handle:
         handle.write(best_config_yaml(apply_values(cfg, best.hyperparameters.values), best, objective, algorithm,
                                       len(rows)))
-    print(f"Best: trial {trial_number(best.trial_id)}, {objective.name} {best.score:.4g}; config written to {best_path}",
-          flush=True)
+    beside = ", ".join(f"{label} {value:.4g}" for label, value in references.items())
+    print(f"Best: trial {trial_number(best.trial_id)}, {objective.name} {best.score:.4g} ({beside}); config written "
+          f"to {best_path}", flush=True)
     return {"objective": objective.name, "direction": objective.direction, "paired": validation.paired,
-            "input_scores": baseline, "best_trial": trial_number(best.trial_id), "best_score": float(best.score),
-            "best_config": best_path, "trials": rows, "run_now": sorted(run_now)}
+            "input_scores": input_scores, "baseline": baseline, "best_trial": trial_number(best.trial_id),
+            "best_score": float(best.score),
+            "best_vs": {label: improvement(float(best.score), value, objective) for label, value in references.items()},
+            "best_config": best_path, "trials": rows}

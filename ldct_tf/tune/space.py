@@ -34,6 +34,23 @@ DEFAULT_SPACE: dict[str, Any] = {
     "model.norm": ["instance", "batch"],
 }
 
+#: The default space of a supervised run (every unpaired loss weight 0, ``loss.simulated`` > 0: the shipped recipe,
+#: ``configs/v2_simulated.yaml``): the discriminator's rate and the cycle / identity / perceptual weights do nothing
+#: there, so they are not searched; the simulated loss, its gradient weight and the generator's shape are.
+SUPERVISED_SPACE: dict[str, Any] = {
+    "train.generator_lr": {"min": 1e-4, "max": 3e-3, "sampling": "log"},
+    "loss.simulated_loss": ["mse", "mse_gradient", "l1"],
+    "loss.gradient_weight": {"min": 0.25, "max": 4.0, "sampling": "log"},
+    "model.base_filters": [12, 16, 24, 32],
+    "model.depth": {"min": 2, "max": 4},
+    "model.residual_blocks": [1, 2, 4],
+    "model.attention": [True, False],
+    "model.norm": ["none", "instance"],
+}
+
+#: The loss weights that make a run a CycleGAN; all 0 (with ``loss.simulated`` > 0) make it supervised.
+_UNPAIRED_WEIGHTS = ("adversarial", "cycle", "identity", "perceptual")
+
 #: Every ``tuning`` key and its default, as :class:`ldct_tf.config.TuningConfig` declares them.
 TUNING_DEFAULTS: dict[str, Any] = dataclasses.asdict(config_lib.TuningConfig())
 
@@ -149,10 +166,23 @@ def tuning_settings(cfg: config_lib.Config) -> config_lib.TuningConfig:
     return config_lib_checks.validate_tuning(cfg.tuning)
 
 
+def supervised_only(cfg: config_lib.Config) -> bool:
+    """True for the shipped recipe's kind of run: the denoiser alone, trained on simulated pairs (every unpaired loss
+    weight 0), as :attr:`ldct_tf.models.cyclegan.CycleGAN.supervised_only` trains it."""
+    return cfg.loss.simulated > 0 and all(getattr(cfg.loss, term) == 0 for term in _UNPAIRED_WEIGHTS)
+
+
+def default_space(cfg: config_lib.Config) -> dict[str, Any]:
+    """The built-in space for ``cfg``'s kind of run: :data:`SUPERVISED_SPACE`, or the CycleGAN's
+    :data:`DEFAULT_SPACE`."""
+    return dict(SUPERVISED_SPACE if supervised_only(cfg) else DEFAULT_SPACE)
+
+
 def search_space(cfg: config_lib.Config) -> list[Dimension]:
-    """The searched dimensions: ``tuning.space`` merged over :data:`DEFAULT_SPACE` (``null`` entries removed)."""
+    """The searched dimensions: ``tuning.space`` merged over the built-in space of the run's kind
+    (:func:`default_space`; ``null`` entries removed)."""
     settings = tuning_settings(cfg)
-    merged = dict(DEFAULT_SPACE) if settings.default_space else {}
+    merged = default_space(cfg) if settings.default_space else {}
     merged.update(_flatten(settings.space))
     dims = [parse_dimension(key, spec) for key, spec in merged.items() if spec is not None]
     if not dims:

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,12 +25,19 @@ from tests.conftest import REPO
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
+EXAMPLE = str(REPO / "configs" / "tuning_example.yaml")
 # The smallest CycleGAN the code builds (tracing its training step costs about 10 s of CPU instead of 30 s for the smoke
 # model) and a small space that keeps every trial that size.
 TINY = ["loss.perceptual=0", "loss.identity=0", "model.depth=1", "model.residual_blocks=0", "model.attention=false",
         "model.disc_layers=1", "data.patch_size=16", "train.steps_per_epoch=1", "tuning.epochs=1",
         "tuning.default_space=false", "tuning.space.train.generator_lr={min: 1e-4, max: 1e-3, sampling: log}",
         "tuning.space.loss.cycle=[5, 10]"]
+# The shipped recipe (configs/tuning_example.yaml: supervised on simulated pairs, noise-conditional) at its smallest.
+TINY_SUPERVISED = ["model.depth=1", "model.residual_blocks=0", "model.attention=false", "model.disc_layers=1",
+                   "data.patch_size=16", "train.steps_per_epoch=1", "train.simulated_batch_size=4", "tuning.epochs=1",
+                   "tuning.default_space=false",
+                   "tuning.space.train.generator_lr={min: 1e-4, max: 1e-3, sampling: log}",
+                   "tuning.space.loss.simulated_loss=[mse, mse_gradient]"]
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +92,29 @@ def test_bad_tuning_sections_name_the_key(override, message):
         tune.search_space(config.load(SMOKE, [override]))
 
 
-def test_example_config_lists_every_tuning_key_and_parses():
-    cfg = config.load(REPO / "configs" / "tuning_example.yaml")
+def test_example_config_searches_the_shipped_recipe_offline_and_lists_every_tuning_key():
+    """The example is the shipped model's recipe (supervised on simulated pairs, noise-conditional, no VGG19: runs
+    offline); the CycleGAN search stays available as its own example (issue 26)."""
+    cfg = config.load(EXAMPLE)
     assert set(cfg.tuning) == set(tune.TUNING_DEFAULTS)
-    assert {d.key for d in tune.search_space(cfg)} >= {"train.generator_lr", "loss.cycle", "model.attention"}
+    assert tune.supervised_only(cfg) and cfg.model.noise_conditional and cfg.loss.perceptual == 0
+    assert cfg.loss.vgg_weights == "none" and cfg.model.norm == "none"
+    dims = {d.key: d for d in tune.search_space(cfg)}
+    assert set(dims) == set(tune.SUPERVISED_SPACE) | {"data.patch_size"}
+    assert dims["model.norm"].values == ("none", "instance")
+    assert dims["loss.simulated_loss"].values == ("mse", "mse_gradient", "l1")
+    assert not {"train.discriminator_lr", "loss.cycle", "loss.perceptual"} & set(dims)  # no effect when supervised
+    cyclegan = config.load(REPO / "configs" / "tuning_cyclegan.yaml")
+    assert set(cyclegan.tuning) == set(tune.TUNING_DEFAULTS) and not tune.supervised_only(cyclegan)
+    assert {d.key for d in tune.search_space(cyclegan)} >= {"train.generator_lr", "loss.cycle", "model.attention"}
+
+
+def test_the_built_in_space_follows_the_kind_of_run():
+    supervised = config.load(SMOKE, ["loss.adversarial=0", "loss.cycle=0", "loss.identity=0", "loss.perceptual=0",
+                                     "loss.simulated=1"])
+    assert {d.key for d in tune.search_space(supervised)} == set(tune.SUPERVISED_SPACE)
+    hybrid = config.load(SMOKE, ["loss.simulated=1"])  # a CycleGAN with the simulated term is still a CycleGAN
+    assert {d.key for d in tune.search_space(hybrid)} == set(tune.DEFAULT_SPACE)
 
 
 def test_trial_values_become_a_config_the_trainer_reads(tmp_path):
@@ -340,3 +367,132 @@ def test_interrupted_random_search_resumes_and_its_best_config_trains(paired_sha
                      str(tmp_path / "run"), "--progress", "0", "train.steps=1"])
     assert trained["steps"] == 1 and (tmp_path / "run" / "generator.keras").exists()
     assert config.load(tmp_path / "run" / "config.yaml").loss.cycle == best["loss.cycle"]
+
+
+# --- the references: the low-dose input and BM3D beside every trial (issue 26) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def simulated_shards(paired_shards, tmp_path_factory):
+    """A copy of the paired shards with a simulated-pair stream: what the shipped recipe trains on."""
+    from ldct_tf.simulate import __main__ as simulate_cli
+    from ldct_tf.simulate import calibration
+
+    shards = tmp_path_factory.mktemp("tune_sim") / "shards"
+    shutil.copytree(paired_shards, shards)
+    cal = calibration.save({"kernels": {"ANY": {"i0": 2e5, "i0_range": [1e5, 4e5], "filter_name": "ramp",
+                                                "dose_fraction": 0.25, "electronic_noise": 10.0,
+                                                "noise_model": "insert"}}, "default_kernel": "ANY"},
+                           shards.parent / "calibration.json")
+    simulate_cli.pairs(["--data", str(shards), "--calibration", str(cal), "--realisations", "1"])
+    return str(shards)
+
+
+def _markdown_rows(text: str, first_column: str) -> list[dict]:
+    """The rows of the Markdown table in ``text`` whose header starts with ``first_column``, as dicts of strings."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+@pytest.mark.slow
+def test_shipped_recipe_search_reports_each_trial_beside_the_input_and_bm3d(simulated_shards, tmp_path, monkeypatch,
+                                                                              capsys):
+    """The example's supervised, noise-conditional search with real training steps on simulated pairs: results.md,
+    summary.json and the console give the input's and BM3D's scores and each trial beside them; BM3D is scored once
+    per search folder, not again when the search resumes."""
+    from ldct_tf import baselines
+
+    if not baselines.bm3d_available():
+        pytest.skip("the optional bm3d package is not installed")
+    score_baseline = tune.Validation.baseline_scores
+    calls = []
+
+    def counting(self, name):
+        calls.append(name)
+        return score_baseline(self, name)
+
+    monkeypatch.setattr(tune.Validation, "baseline_scores", counting)
+    search = tmp_path / "search"
+    argv = ["--config", EXAMPLE, "--data", simulated_shards, "--dir", str(search), "--progress", "0",
+            *TINY_SUPERVISED]
+    summary = tune_cli.tune([*argv, "--max-trials", "2"])
+    out = capsys.readouterr().out
+    assert calls == ["bm3d_adaptive"]
+    inputs, bm3d = summary["input_scores"], summary["baseline"]
+    assert (bm3d["name"], bm3d["label"]) == ("bm3d_adaptive", "BM3D") and set(bm3d["scores"]) == set(inputs)
+    assert bm3d["scores"]["val_psnr"] != inputs["val_psnr"]
+    assert f"Low-dose input itself: val_psnr {inputs['val_psnr']:.4g}" in out
+    assert f"BM3D (bm3d_adaptive) on the same slices: val_psnr {bm3d['scores']['val_psnr']:.4g}" in out
+    assert re.search(r"Best: trial \d, val_psnr \S+ \(input \S+, BM3D \S+\)", out)
+    rows = summary["trials"]
+    assert len(rows) == 2 and all(r["status"] == "COMPLETED" for r in rows)
+    for row in rows:
+        assert row["vs input"] == pytest.approx(row["val_psnr"] - inputs["val_psnr"])
+        assert row["vs BM3D"] == pytest.approx(row["val_psnr"] - bm3d["scores"]["val_psnr"])
+    # A real supervised step ran: the trial recorded a simulated-pair loss.
+    trial = json.loads((search / "search" / "trial_0" / "trial.json").read_text())
+    assert trial["metrics"]["metrics"]["train_simulated_loss"]["observations"][0]["value"][0] > 0
+
+    text = (search / "results.md").read_text()
+    references = {r["reference"]: r for r in _markdown_rows(text, "reference")}
+    assert references["low-dose input"]["val_psnr"] == f"{inputs['val_psnr']:.4g}"
+    assert references["BM3D (bm3d_adaptive)"]["val_ssim"] == f"{bm3d['scores']['val_ssim']:.4g}"
+    table = _markdown_rows(text, "trial")
+    assert [r["vs input"] for r in table] == [f"{r['vs input']:.4g}" for r in rows]
+    assert [r["vs BM3D"] for r in table] == [f"{r['vs BM3D']:.4g}" for r in rows]
+    saved = json.loads((search / "summary.json").read_text())
+    assert saved["baseline"]["scores"] == bm3d["scores"] and saved["input_scores"] == inputs
+    assert [r["vs BM3D"] for r in saved["trials"]] == [r["vs BM3D"] for r in rows]
+
+    again = tune_cli.tune([*argv, "--max-trials", "3"])
+    out = capsys.readouterr().out
+    assert calls == ["bm3d_adaptive"], "BM3D was scored again on resuming"
+    assert "stored in search.json" in out and again["baseline"]["scores"] == bm3d["scores"]
+    assert again["run_now"] == [3] and len(again["trials"]) == 3
+    assert config.load(again["best_config"]).model.noise_conditional is True
+
+
+def test_without_bm3d_the_search_says_so_once_and_compares_with_non_local_means(paired_shards, tmp_path,
+                                                                                no_training_steps, monkeypatch,
+                                                                                capsys):
+    from ldct_tf import baselines
+
+    def no_bm3d(*args, **kwargs):
+        raise AssertionError("BM3D was called")
+
+    monkeypatch.setattr(baselines, "bm3d_available", lambda: False)
+    monkeypatch.setattr(baselines, "bm3d", no_bm3d)
+    summary = tune_cli.tune(["--config", SMOKE, "--data", paired_shards, "--dir", str(tmp_path), "--max-trials", "1",
+                             "--progress", "0", *TINY])
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "BM3D is not installed" in line]
+    assert len(notes) == 1 and "non-local means" in notes[0] and "pip install" in notes[0]
+    nlm = summary["baseline"]
+    assert (nlm["name"], nlm["label"]) == ("nlm", "NLM") and np.isfinite(nlm["scores"]["val_psnr"])
+    row = summary["trials"][0]
+    assert row["vs NLM"] == pytest.approx(row["val_psnr"] - nlm["scores"]["val_psnr"])
+    text = (tmp_path / "results.md").read_text()
+    assert "| NLM (nlm) |" in text and "vs BM3D" not in text
+    assert _markdown_rows(text, "trial")[0]["vs NLM"] == f"{row['vs NLM']:.4g}"
+
+
+def test_vs_columns_are_improvements_whichever_way_the_objective_points():
+    psnr, unpaired = tune.choose_objective("psnr", paired=True), tune.choose_objective("unpaired", paired=False)
+    assert tune.improvement(27.0, 25.0, psnr) == pytest.approx(2.0)
+    assert tune.improvement(10.0, 12.0, unpaired) == pytest.approx(2.0)  # 2 HU less noise + removed anatomy
+    assert tune.improvement(None, 12.0, unpaired) is None
+
+
+def test_a_supervised_search_on_shards_without_simulated_pairs_is_one_line(paired_shards, tmp_path, capsys):
+    target = tmp_path / "search"
+    assert tune_cli.main(["--config", EXAMPLE, "--data", paired_shards, "--dir", str(target), "--progress", "0",
+                          *TINY_SUPERVISED]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m ldct_tf.tune: error: ") and err.count("\n") == 1
+    assert "loss.simulated > 0 needs simulated pairs" in err and not target.exists()
