@@ -72,10 +72,24 @@ class SeriesAudit:
     def write(self) -> Optional[Path]:
         if self.folder is None:
             return None
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / SIDECAR
-        path.write_text(json.dumps(jsonable(self.report()), indent=1, allow_nan=False) + "\n")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(jsonable(self.report()), indent=1, allow_nan=False) + "\n")
+        except OSError as exc:
+            raise AuditWriteError(path, exc) from None
         return path
+
+
+class AuditWriteError(LdctError):
+    """The audit's sidecar or a PNG could not be written (a full disk, a read-only folder).  Why its own error: it used
+    to escape as a bare OSError traceback mid-series (issue 27); ``ldct_tf.denoise`` turns it into one line and
+    writes nothing of the series."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        self.path = path
+        self.reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+        super().__init__(f"{path}: cannot write the audit ({self.reason})")
 
 
 def new_series_audit(folder: Optional[Path], config: Optional[str | Path] = None, figures: bool = True
@@ -96,7 +110,10 @@ def write_figure(path: Path, low_hu: np.ndarray, denoised_hu: np.ndarray, result
     from ldct_tf import ct
 
     liver = ct.window("liver")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AuditWriteError(path, exc) from None
     fig, axes = plt.subplots(1, 3, figsize=(12.0, 4.4))
     panels = [("low-dose input", low_hu, dict(cmap="gray", vmin=liver.low, vmax=liver.high)),
               ("denoised output", denoised_hu, dict(cmap="gray", vmin=liver.low, vmax=liver.high)),
@@ -110,8 +127,12 @@ def write_figure(path: Path, low_hu: np.ndarray, denoised_hu: np.ndarray, result
         ax.axis("off")
     fig.suptitle(f"{title}: {result.n_flagged} flagged patch(es), liver window W250/L80", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise AuditWriteError(path, exc) from None
+    finally:
+        plt.close(fig)
     return path
 
 

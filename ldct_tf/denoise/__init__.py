@@ -158,9 +158,27 @@ def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch
     """
     derived = dicom.DerivedSeries.new(model.derivation_description(), model.series_suffix(), model=model.ai_model(),
                                       deidentifier=deidentifier)
-    written, skipped = 0, []
+    skipped: list[Skipped] = []
+    final_audit = auditor.folder if auditor is not None else None
+    try:
+        written = _write_series(item, denoiser, model, batch_size, bar, output, auditor, final_audit, derived,
+                                skipped, overview, record)
+    except audit.AuditWriteError as exc:  # a full disk under the audit: one line, nothing of the series left
+        raise DenoiseError(f"{final_audit}: cannot write the audit ({exc.reason}); its series was not written "
+                           f"(free space, or pass --no-audit)") from None
+    finally:
+        if auditor is not None:
+            auditor.folder = final_audit
+    return written, skipped
+
+
+def _write_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch_size: int, bar: Optional[tqdm],
+                  output: Optional[Path], auditor: Optional[audit.SeriesAudit], final_audit: Optional[Path],
+                  derived: dicom.DerivedSeries, skipped: list, overview: Optional[overview_mod.SeriesOverview],
+                  record: Optional[denoise_output.OutputRecord]) -> int:
+    """:func:`denoise_series`' staged write: every slice and the audit under a staging folder, then the commit."""
+    written = 0
     with denoise_output.StagedSeries(output or item.folder, record) as staged:
-        final_audit = auditor.folder if auditor is not None else None
         if final_audit is not None:  # the audit's PNGs and sidecar are staged with the series they describe
             auditor.folder = staged.path_for(final_audit / audit.SIDECAR).parent
         for chunk in _batches(list(zip(item.files, item.outputs)), batch_size):
@@ -173,7 +191,7 @@ def denoise_series(item: SeriesPlan, denoiser: Denoiser, model: ModelInfo, batch
                         staged.path_for(final_audit / staged_file.name)
             auditor.folder = final_audit
         staged.commit()
-    return written, skipped
+    return written
 
 
 def _write_chunk(chunk, denoiser: Denoiser, model: ModelInfo, derived: dicom.DerivedSeries,

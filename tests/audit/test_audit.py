@@ -178,3 +178,35 @@ def test_cli_audits_a_pair_of_series(series, tmp_path, capsys):
     assert audit_cli.main([str(tmp_path / "nothing"), str(tmp_path / "den"), "--out", str(tmp_path / "r2")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not found" in err
+
+
+@pytest.mark.parametrize("target", ["png", "sidecar"])
+def test_a_full_disk_under_the_audit_is_one_line_and_leaves_no_partial_series(series, tmp_path, capsys,
+                                                                              monkeypatch, target):
+    """Issue 27 (Low): ENOSPC while writing the audit image was a bare OSError traceback mid-series."""
+    import errno
+    import pathlib
+
+    from matplotlib.figure import Figure
+
+    from ldct_tf.denoise import __main__ as denoise_cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if target == "png":
+        monkeypatch.setattr(Figure, "savefig", full)
+    else:
+        real_write_text = pathlib.Path.write_text
+        monkeypatch.setattr(pathlib.Path, "write_text", lambda self, *a, **k: full() if self.name == audit.SIDECAR
+                            else real_write_text(self, *a, **k))
+    model = denoise.ModelInfo("painter", "1", "a test function")
+    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size, strength=None: (_paint, model))
+    out = tmp_path / "out"
+    assert denoise_cli.main([str(series), str(out), "--no-progress", "--force"]) == 1  # the phantom: no noise
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # the other line: the --force input check
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].endswith(f"{out / 'audit'}: cannot write the audit (no space left on device); its series was "
+                              f"not written (free space, or pass --no-audit)")
+    assert not [p for p in out.rglob("*") if p.suffix in (".dcm", ".png") or p.name.startswith(".ldct_tf-partial")]

@@ -633,7 +633,7 @@ def test_two_series_planned_to_one_folder_is_an_error_not_an_overwrite(tmp_path,
     assert len(err) == 1 and "two input series would be written here" in err[0]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "short_pixels", "multi_frame", "burned_in"])
+@pytest.mark.parametrize("damage", ["truncated", "short_pixels", "huge_header", "multi_frame", "burned_in"])
 def test_a_series_with_an_unusable_slice_is_refused_whole_with_a_nonzero_exit(tmp_path, capsys, monkeypatch,
                                                                                 damage):
     root = tmp_path / "in"
@@ -645,6 +645,9 @@ def test_a_series_with_an_unusable_slice_is_refused_whole_with_a_nonzero_exit(tm
         bad[1].write_bytes(raw[: len(raw) - 5000])
     elif damage == "short_pixels":
         ds.PixelData = ds.PixelData[:100]
+        ds.save_as(bad[1], enforce_file_format=True)
+    elif damage == "huge_header":  # a header claiming a 5000x5000 slice (9.2 GB to denoise) over its real pixels
+        ds.Rows = ds.Columns = 5000
         ds.save_as(bad[1], enforce_file_format=True)
     elif damage == "multi_frame":
         ds.NumberOfFrames = 2

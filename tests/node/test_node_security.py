@@ -100,10 +100,15 @@ def test_access_rules():
 @needs_dcmtk
 def test_unknown_calling_ae_and_address_are_rejected(tmp_path, caplog):
     caplog.set_level(logging.WARNING, "ldct_tf.node")
-    with scp(tmp_path, AccessRules((CALLING,))) as (port, _):
+    sent = write_ct_small_series(tmp_path / "in", n=2)
+    with scp(tmp_path, AccessRules((CALLING,))) as (port, spool):
         assert dcmtk("echoscu", port).returncode == 0
         refused = dcmtk("echoscu", port, calling="STRANGER")
         assert refused.returncode != 0 and "Calling AE Title Not Recognized" in refused.output
+        stored = dcmtk("storescu", port, files=sent)  # plain TCP, an allowed calling AE: stored
+        assert stored.returncode == 0 and received(spool) == 2, stored.output
+        assert dcmtk("storescu", port, calling="STRANGER", files=sent).returncode != 0
+        assert received(spool) == 2
     assert "association from STRANGER@127.0.0.1 rejected: calling AE title not on --allow-aet" in caplog.text
     with scp(tmp_path / "b", AccessRules((CALLING,), tuple(parse_networks(["10.0.0.0/8"])))) as (port, _):
         refused = dcmtk("echoscu", port)
