@@ -6,6 +6,9 @@
 ``calibrate`` fits the simulator to a site's unpaired low- and normal-dose shards
 (:func:`ldct_tf.simulate.calibration.calibrate_shards`); ``pairs`` writes the simulated-pair stream beside the shards
 (:func:`ldct_tf.pipeline.simulate_pairs.run`, a Beam stage: unknown options go to Beam).  Errors are one line.
+Both spend seconds per slice, so both draw a progress bar on stderr when it is a terminal (``--no-progress``: none);
+with output redirected to a file, ``calibrate`` writes one plain line per slice instead, and nothing carries terminal
+codes.
 """
 
 from __future__ import annotations
