@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -71,11 +71,14 @@ class SimulatePairsFn(beam.DoFn):
     """One normal-dose slice -> ``realisations`` encoded simulated pairs (or one rejection line)."""
 
     def __init__(self, calibration: dict, realisations: int, reference: str = "original",
-                 textures: str = "mixed") -> None:
+                 textures: str = "mixed", total: Optional[int] = None, progress: Optional[bool] = False) -> None:
         self.calibration = calibration
         self.realisations = realisations
         self.reference = reference
         self.textures = textures
+        # A bar over the slices (each costs seconds): made on the worker, as a bar cannot be pickled; ``progress``
+        # None draws it only when the worker's stderr is a terminal (the local runner's is the user's).
+        self.total, self.progress, self._bar = total, progress, None
         self.pairs = beam.metrics.Metrics.counter("simulate", "pairs_written")
         self.skipped = beam.metrics.Metrics.counter("simulate", "slices_skipped_not_square")
         self.seconds = beam.metrics.Metrics.distribution("simulate", "milliseconds_per_slice")
@@ -110,14 +113,30 @@ class SimulatePairsFn(beam.DoFn):
                 split=item["split"], realisation=k, i0=i0, dose_fraction=params["dose_fraction"],
                 filter_name=params["filter_name"], pixel_spacing_mm=spacing))
         self.seconds.update(int(1000 * (time.perf_counter() - started)))
+        self._advance()
+
+    def _advance(self) -> None:
+        from ldct_tf.simulate import calibration as calibration_lib
+
+        if self._bar is None:
+            self._bar = calibration_lib.progress_bar(self.total, "simulating pairs", self.progress)
+        self._bar.update(1)
+        if self.total is not None and self._bar.n >= self.total:
+            self.teardown()
+
+    def teardown(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def build_pipeline(pipeline: beam.Pipeline, data: str, split: str, calibration: dict, realisations: int,
-                   num_shards: int, reference: str = "original", textures: str = "mixed") -> None:
+                   num_shards: int, reference: str = "original", textures: str = "mixed",
+                   total: Optional[int] = None, progress: Optional[bool] = False) -> None:
     (pipeline
      | "ReadNormal" >> beam.io.ReadFromTFRecord(shard_pattern(data, split, "normal"))
      | "Reshuffle" >> beam.Reshuffle()  # one slice per work item: the projection is the expensive part
-     | "Simulate" >> beam.ParDo(SimulatePairsFn(calibration, realisations, reference, textures))
+     | "Simulate" >> beam.ParDo(SimulatePairsFn(calibration, realisations, reference, textures, total,
+                                                          progress))
      | "Write" >> beam.io.WriteToTFRecord(f"{data.rstrip('/')}/{split}/{SIMULATED}", file_name_suffix=".tfrecord.gz",
                                           num_shards=num_shards, shard_name_template="-SSSSS-of-NNNNN"))
 
@@ -131,9 +150,10 @@ def _counter(result, name: str) -> int:
 
 def run(data: str, calibration: str, realisations: int = 4, split: str = "train", num_shards: int = 1,
         reference: str = "original", textures: str = "mixed", overwrite: bool = False,
-        beam_args: Sequence[str] = ()) -> dict:
+        beam_args: Sequence[str] = (), progress: Optional[bool] = None) -> dict:
     """Run the stage on the shards in ``data`` with the calibration JSON ``calibration``; returns the manifest's new
-    ``simulated`` entry.  ``beam_args`` are Beam's own options (``--runner``, ...).  Raises
+    ``simulated`` entry.  ``beam_args`` are Beam's own options (``--runner``, ...); ``progress`` the bar over slices
+    (None: when stderr is a terminal).  Raises
     :class:`ldct_tf.simulate.SimulationError` (or ``FileNotFoundError`` for a folder without a manifest) for unusable
     input."""
     if realisations < 1 or num_shards < 1:
@@ -146,11 +166,12 @@ def run(data: str, calibration: str, realisations: int = 4, split: str = "train"
         raise SimulationError(f"{data}: split {split!r} has no normal-dose slices to simulate from")
     fitted = calibration_lib.load(calibration)
     return _simulate(manifest, data, fitted, realisations, split, num_shards, reference, textures, overwrite,
-                     beam_args)
+                     beam_args, progress)
 
 
 def _simulate(manifest: dict, data: str, calibration: dict, realisations: int, split: str, num_shards: int,
-              reference: str, textures: str, overwrite: bool, beam_args: Sequence[str]) -> dict:
+              reference: str, textures: str, overwrite: bool, beam_args: Sequence[str],
+              progress: Optional[bool] = None) -> dict:
     """The checked run: replace an earlier stream if asked, run the Beam pipeline, record it in the manifest."""
     existing = FileSystems.match([shard_pattern(data, split, SIMULATED)])[0].metadata_list
     if existing and not overwrite:
@@ -159,7 +180,8 @@ def _simulate(manifest: dict, data: str, calibration: dict, realisations: int, s
         FileSystems.delete([m.path for m in existing])  # this stage's own earlier output only
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args)))
-    build_pipeline(pipeline, data, split, calibration, realisations, num_shards, reference, textures)
+    build_pipeline(pipeline, data, split, calibration, realisations, num_shards, reference, textures,
+                   data_lib.slice_count(manifest, split, "normal"), progress)
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.perf_counter() - started

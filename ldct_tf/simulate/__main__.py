@@ -6,6 +6,9 @@
 ``calibrate`` fits the simulator to a site's unpaired low- and normal-dose shards
 (:func:`ldct_tf.simulate.calibration.calibrate_shards`); ``pairs`` writes the simulated-pair stream beside the shards
 (:func:`ldct_tf.pipeline.simulate_pairs.run`, a Beam stage: unknown options go to Beam).  Errors are one line.
+Both spend seconds per slice, so both draw a progress bar on stderr when it is a terminal (``--no-progress``: none);
+with output redirected to a file, ``calibrate`` writes one plain line per slice instead, and nothing carries terminal
+codes.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--bootstrap", type=int, default=calibration_lib.BOOTSTRAP_RESAMPLES,
                      help="resamples for the i0 interval")
     cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on stderr when it "
+                                                                    "is a terminal)")
     pairs = commands.add_parser("pairs", help="write calibrated simulated pairs beside the shards (Beam)")
     pairs.add_argument("--data", required=True, help="output folder of python -m ldct_tf.pipeline")
     pairs.add_argument("--calibration", required=True, help="JSON written by python -m ldct_tf.simulate calibrate")
@@ -53,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="noise textures: the fitted FBP filter only, or (default) half fitted and half the other "
                             "calibrated filters (ldct_tf.simulate.calibration.texture_variants)")
     pairs.add_argument("--overwrite", action="store_true", help="replace this split's simulated shards")
+    pairs.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on stderr when "
+                                                                      "it is a terminal)")
     return parser
 
 
@@ -60,13 +67,14 @@ def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if Path(args.out).is_dir():
         raise SimulationError(f"{args.out}: is a folder; give a file name for the calibration JSON")
     start = time.monotonic()
-    kwargs = {"bootstrap": args.bootstrap, "seed": args.seed}
+    bar = False if args.no_progress else None  # None: a bar when stderr is a terminal
+    kwargs = {"bootstrap": args.bootstrap, "seed": args.seed, "bar": bar}
     if args.data:
         result = calibration_lib.calibrate_shards(args.data, args.split, args.max_slices, args.dose_fraction, **kwargs)
     else:
         progress = calibration_lib.print_progress
-        lows = calibration_lib.slices_from_dicom(args.low, args.max_slices, progress)
-        normals = calibration_lib.slices_from_dicom(args.normal, args.max_slices, progress)
+        lows = calibration_lib.slices_from_dicom(args.low, args.max_slices, progress, bar)
+        normals = calibration_lib.slices_from_dicom(args.normal, args.max_slices, progress, bar)
         result = calibration_lib.calibrate_sets(lows, normals, args.dose_fraction, **kwargs)
         result["source"] = {"max_slices_per_kernel_and_dose": args.max_slices}
     result["runtime_s"] = round(time.monotonic() - start, 1)
@@ -78,7 +86,8 @@ def _pairs(args: argparse.Namespace, beam_args: Sequence[str]) -> dict:
     from ldct_tf.pipeline import simulate_pairs  # Apache Beam and TensorFlow: only for this subcommand
 
     entry = simulate_pairs.run(args.data, args.calibration, args.realisations, args.split, args.num_shards,
-                               args.reference, args.textures, args.overwrite, beam_args)
+                               args.reference, args.textures, args.overwrite, beam_args,
+                               progress=False if args.no_progress else None)
     print(f"Wrote {entry['pairs']} simulated pairs from {entry['source_slices']} normal-dose slices in "
           f"{entry['seconds']:.0f} s ({entry['seconds_per_source_slice']:.1f} s per slice)")
     return entry

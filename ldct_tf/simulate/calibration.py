@@ -60,6 +60,16 @@ def print_progress(line: str) -> None:
     print(line, flush=True)
 
 
+def progress_bar(total: Optional[int], desc: str, show: Optional[bool], unit: str = "slice", leave: bool = True):
+    """A tqdm bar on stderr: ``show`` None draws it only when stderr is a terminal (in a log file a bar is carriage
+    returns and escapes), False never, True always.  Why a bar: calibration and the simulated-pair stream spend
+    minutes on slices that each cost seconds, and printed nothing until they ended."""
+    from tqdm import tqdm  # not tqdm.auto: a notebook widget needs ipywidgets, and its output bloats the notebook
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, disable=None if show is None else not show,
+                dynamic_ncols=True)
+
+
 def flat_mask(hu: np.ndarray, tissue_hu: tuple[float, float] = (-150.0, 200.0), max_gradient_hu: float = 6.0,
               margin_px: int = 8) -> np.ndarray:
     """Pixels inside the body where the heavily smoothed image is soft tissue and nearly flat.
@@ -119,22 +129,25 @@ def _slice_evidence(hu: np.ndarray, dose: float, spacing: tuple, filters: Sequen
 
 def _collect_evidence(sets: dict, spacing: tuple, filters: Sequence[str], electronic_noise: float, tile: int,
                       rng: np.random.Generator, n_angles: Optional[int], progress: Optional[Progress],
-                      label: str) -> dict:
-    """:func:`_slice_evidence` of every slice of ``sets`` ({side: (slices, dose)}), one progress line per slice
-    (each costs one projection and one FBP per filter: seconds to tens of seconds at 512 x 512)."""
+                      label: str, bar: Optional[bool] = None) -> dict:
+    """:func:`_slice_evidence` of every slice of ``sets`` ({side: (slices, dose)}); each costs one projection and one
+    FBP per filter (seconds to tens of seconds at 512 x 512), so a progress bar (``bar``, see :func:`progress_bar`)
+    follows them, or, where no bar is drawn, one plain ``progress`` line per slice (log files keep those)."""
     evidence: dict[str, list] = {side: [] for side in sets}
     total, done, start = sum(len(slices) for slices, _ in sets.values()), 0, time.monotonic()
-    for side, (slices, dose) in sets.items():
-        for hu in slices:
-            item = _slice_evidence(np.asarray(hu, np.float64), dose, spacing, filters, electronic_noise, tile, rng,
-                                   n_angles)
-            done += 1
-            if item is not None:
-                evidence[side].append(item)
-            if progress is not None:
-                elapsed = time.monotonic() - start
-                progress(f"{label}slice {done}/{total} ({side} dose): {item['tiles'] if item else 0} flat tiles, "
-                         f"{elapsed:.0f} s, about {elapsed / done * (total - done):.0f} s left")
+    with progress_bar(total, f"{label}calibrating", bar) as bars:
+        for side, (slices, dose) in sets.items():
+            for hu in slices:
+                item = _slice_evidence(np.asarray(hu, np.float64), dose, spacing, filters, electronic_noise, tile,
+                                       rng, n_angles)
+                done += 1
+                if item is not None:
+                    evidence[side].append(item)
+                bars.update(1)
+                if progress is not None and bars.disable:
+                    elapsed = time.monotonic() - start
+                    progress(f"{label}slice {done}/{total} ({side} dose): {item['tiles'] if item else 0} flat "
+                             f"tiles, {elapsed:.0f} s, about {elapsed / done * (total - done):.0f} s left")
     return evidence
 
 
@@ -185,10 +198,11 @@ def calibrate_kernel(low_slices: Sequence[np.ndarray], normal_slices: Sequence[n
                      filters: Sequence[str] = FILTERS, electronic_noise: float = simulate.ELECTRONIC_NOISE_VAR,
                      tile: int = TILE, seed: int = 0, n_angles: Optional[int] = None,
                      bootstrap: int = BOOTSTRAP_RESAMPLES, progress: Optional[Progress] = None,
-                     label: str = "") -> dict:
+                     label: str = "", bar: Optional[bool] = None) -> dict:
     """Fit ``i0`` (for ``dose_fraction``) and the FBP filter from real ``low_slices`` and ``normal_slices`` of other
     patients (no pairs; see the module docstring), from every flat tile of every slice, with a bootstrap interval
-    over slices (``bootstrap`` resamples).  Returns the fitted parameters and the evidence."""
+    over slices (``bootstrap`` resamples).  Returns the fitted parameters and the evidence.  ``bar``: the progress
+    bar over slices (:func:`progress_bar`; None: on a terminal only)."""
     from ldct_tf import metrics
 
     if not low_slices or not normal_slices:
@@ -200,7 +214,7 @@ def calibrate_kernel(low_slices: Sequence[np.ndarray], normal_slices: Sequence[n
     spacing = tuple(float(s) for s in pixel_spacing_mm)
     rng = np.random.default_rng(seed)
     evidence = _collect_evidence({"low": (low_slices, dose_fraction), "normal": (normal_slices, 1.0)}, spacing,
-                                 filters, electronic_noise, tile, rng, n_angles, progress, label)
+                                 filters, electronic_noise, tile, rng, n_angles, progress, label, bar)
     if not evidence["low"] or not evidence["normal"]:
         raise simulate.SimulationError("no flat soft-tissue tile found in the low- or the normal-dose slices")
     f = evidence["low"][0]["f"]
@@ -362,16 +376,19 @@ def _add_slice(sets: dict, kernel: str, hu: np.ndarray, header: HeaderSlice, spa
         entry["spacing"].append([float(v) for v in spacing])
 
 
-def _slices_by_kernel(data_dir: str, split: str, dose: str, max_slices: Optional[int]) -> dict:
+def _slices_by_kernel(data_dir: str, split: str, dose: str, max_slices: Optional[int],
+                      bar: Optional[bool] = None) -> dict:
     """Every slice of one dose of a pipeline output, by kernel.  The shards carry the patient pseudonym but no study,
     so slices match on patient and z only."""
     from ldct_tf import data
 
     out: dict[str, dict] = {}
-    for hu, meta in data.slice_dataset(data_dir, split, dose):
-        header = HeaderSlice((meta["patient"].numpy().decode(),), float(meta["z_mm"]), float(meta["ctdivol"]))
-        _add_slice(out, meta["kernel"].numpy().decode(), hu.numpy()[..., 0], header,
-                   meta["pixel_spacing_mm"].numpy(), max_slices)
+    with progress_bar(None, f"reading {dose}-dose shards", bar, leave=False) as bars:
+        for hu, meta in data.slice_dataset(data_dir, split, dose):
+            header = HeaderSlice((meta["patient"].numpy().decode(),), float(meta["z_mm"]), float(meta["ctdivol"]))
+            _add_slice(out, meta["kernel"].numpy().decode(), hu.numpy()[..., 0], header,
+                       meta["pixel_spacing_mm"].numpy(), max_slices)
+            bars.update(1)
     return out
 
 
@@ -390,13 +407,17 @@ def _dicom_files(paths: Sequence[str]) -> list[Path]:
 
 
 def slices_from_dicom(paths: Sequence[str], max_slices: Optional[int] = None,
-                      progress: Optional[Progress] = None) -> dict:
+                      progress: Optional[Progress] = None, bar: Optional[bool] = None) -> dict:
     """Every usable axial CT slice under ``paths`` (files or folders), by kernel; files that are not usable CT are
-    skipped with one line each.  Slices match on PatientID and StudyInstanceUID (kept in memory only)."""
+    skipped with one line each.  Slices match on PatientID and StudyInstanceUID (kept in memory only).  ``bar``: a
+    progress bar over the files (:func:`progress_bar`)."""
+    from tqdm import tqdm
+
     from ldct_tf import dicom
 
     out: dict[str, dict] = {}
-    for path in _dicom_files(paths):
+    files = _dicom_files(paths)
+    for path in tqdm(files, desc="reading DICOM", unit="file", leave=False, disable=None if bar is None else not bar):
         try:
             slices = dicom.read_slices(str(path))
         except dicom.NotUsableCT as exc:
@@ -447,8 +468,8 @@ def calibrate_shards(data_dir: str, split: str = "train", max_slices: Optional[i
     """Calibrate every kernel that has both low- and normal-dose slices in ``split`` of a pipeline output (all its
     slices unless ``max_slices`` per kernel and dose)."""
     try:
-        lows = _slices_by_kernel(data_dir, split, "low", max_slices)
-        normals = _slices_by_kernel(data_dir, split, "normal", max_slices)
+        lows = _slices_by_kernel(data_dir, split, "low", max_slices, kwargs.get("bar"))
+        normals = _slices_by_kernel(data_dir, split, "normal", max_slices, kwargs.get("bar"))
     except simulate.SimulationError:
         raise
     except ValueError as exc:  # ldct_tf.data's checks of the manifest and the split
