@@ -18,6 +18,8 @@ How a reader should use it: docs/audit.md.
 
 from __future__ import annotations
 
+import sys
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +106,8 @@ def write_figure(path: Path, low_hu: np.ndarray, denoised_hu: np.ndarray, result
     """Input | output | removed residual, flagged patches boxed in red on all three."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # a notebook's inline backend is kept
+        matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     from ldct_tf import ct

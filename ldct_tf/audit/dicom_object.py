@@ -17,6 +17,8 @@ the source is copied, and the picture holds counts, instance numbers and thresho
 
 from __future__ import annotations
 
+import sys
+
 import datetime
 import json
 import textwrap
@@ -84,7 +86,8 @@ def render_summary(report: dict, model_text: str, size: tuple[float, float] = (9
     """The summary as an RGB uint8 picture: the text above, flagged patches per slice as bars below."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # a notebook's inline backend is kept
+        matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 

@@ -10,6 +10,8 @@ output against its low-dose input, ``ldct_tf.audit.scores``) and "do small low-c
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -127,7 +129,8 @@ def write_figures(summary: dict, folder: Path) -> list[Path]:
     (d' against PSNR per denoiser)."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # a notebook's inline backend is kept
+        matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ the summary names no input path.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -74,7 +75,8 @@ def write_panel(path: Path, before: np.ndarray, after: np.ndarray, window: ct.Wi
     """Before | after | after - before, the first two in ``window``."""
     import matplotlib  # optional heavy dependency, only when a panel is drawn
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # a notebook's inline backend is kept
+        matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))

@@ -10,6 +10,8 @@ the files written are listed in :data:`RECORD` and only those are removed before
 
 from __future__ import annotations
 
+import sys
+
 import json
 import textwrap
 from pathlib import Path
@@ -31,7 +33,8 @@ def pyplot():
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        if "matplotlib.pyplot" not in sys.modules:  # a notebook's inline backend is kept
+            matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ImportError("PNG figures need matplotlib (pip install matplotlib==3.10.8), or pass --no-figures") from err

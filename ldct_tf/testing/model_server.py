@@ -1,4 +1,4 @@
-"""A loopback stand-in for ``tensorflow_model_server``, for tests and the quickstart notebook.
+"""A loopback stand-in for ``tensorflow_model_server``, for tests and for trying TF Serving clients without TF Serving.
 
 The model server binary cannot be installed on the project's machines (../shared/STACK.md), so this serves the
 exported SavedModels the way TF Serving does, on 127.0.0.1 only:
