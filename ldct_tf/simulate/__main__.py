@@ -63,6 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The calibration's command as recorded in its JSON: options and their values, but every path replaced by a
+    placeholder, since clinical folder and file names can hold patient names and IDs (and the file is meant to be
+    shared with the simulator's users)."""
+    words = ["python -m ldct_tf.simulate calibrate"]
+    if args.data:
+        words += ["--data DATA", f"--split {shlex.quote(args.split)}"]
+    else:
+        words += [f"--low <{len(args.low)} path(s)>", f"--normal <{len(args.normal or [])} path(s)>"]
+    for option in ("max_slices", "dose_fraction", "bootstrap", "seed"):
+        value = getattr(args, option)
+        if value is not None:
+            words.append(f"--{option.replace('_', '-')} {value}")
+    return " ".join(words + ["--out OUT"])
+
+
 def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if Path(args.out).is_dir():
         raise SimulationError(f"{args.out}: is a folder; give a file name for the calibration JSON")
@@ -78,7 +94,7 @@ def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> None:
         result = calibration_lib.calibrate_sets(lows, normals, args.dose_fraction, **kwargs)
         result["source"] = {"max_slices_per_kernel_and_dose": args.max_slices}
     result["runtime_s"] = round(time.monotonic() - start, 1)
-    result["command"] = " ".join(["python -m ldct_tf.simulate", *map(shlex.quote, argv)])
+    result["command"] = command_line(args)
     print(f"Wrote {calibration_lib.save(result, args.out)} in {result['runtime_s']:.0f} s")
 
 

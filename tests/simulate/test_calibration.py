@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,7 +173,9 @@ def test_cli_from_dicom_matches_slices_keeps_a_given_fraction_and_says_so_once(t
     assert [line for line in printed.splitlines() if "warning" in line] == [
         "B30f: warning: CTDIvol ratio 0.250 of 2 matched slices suggests dose fraction 0.250; keeping the given 0.1"]
     written = C.load(out)
-    assert written["runtime_s"] > 0 and written["command"].endswith("--bootstrap 200 --dose-fraction 0.1")
+    assert written["runtime_s"] > 0 and "--dose-fraction 0.1 --bootstrap 200" in written["command"]
+    # the record names no path: clinical folder and file names can hold patient names and IDs
+    assert str(tmp_path) not in json.dumps(written) and "--low <1 path(s)> --normal <1 path(s)>" in written["command"]
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
@@ -199,3 +202,15 @@ def test_tiles_overlap_by_half_to_use_every_flat_region():
     mask = np.zeros((80, 80), bool)
     mask[8:72, 8:72] = True
     assert len(C._tiles(image, mask, 16)) == 49
+
+
+def test_the_development_calibration_covers_both_kernels_with_intervals():
+    """configs/calibration_mayo_dev.json (both development patients, both kernels; see its provenance): each kernel's
+    i0 inside its bootstrap interval, the interval non-degenerate, and no path in the file."""
+    path = Path(__file__).resolve().parents[2] / "configs" / "calibration_mayo_dev.json"
+    calibration = C.load(path)
+    assert sorted(calibration["kernels"]) == ["B30f", "D45f"] and not calibration["not_calibrated"]
+    for entry in calibration["kernels"].values():
+        low, high = entry["i0_interval_95"]
+        assert low < entry["i0"] < high and high / low > 1.05
+    assert "mayo_pairs/" not in calibration["command"] and "L286_" not in path.read_text()
