@@ -96,3 +96,28 @@ def test_missing_pairs_folder_is_one_line_and_exit_2(tmp_path, capsys):
     code = nm.main(["hybrid", "--work", str(tmp_path / "w"), "--pairs", str(tmp_path / "nope")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "error:" in err
+
+
+def _noise_entry(sd):
+    return {"noise_sd_hu": sd, "nps_mean_freq": 0.3, "spectrum_gap_to_real_hu": 2.0}
+
+
+def test_report_has_every_condition_kernel_and_the_hybrid_difference():
+    scores = {"psnr": [30.0, 32.0], "ssim": [0.8, 0.9], "kernels": ["B30f", "D45f"]}
+    per_kernel = nm._per_kernel(scores)
+    assert per_kernel["B30f"] == {"slices": 1, "psnr_mean": 30.0, "ssim_mean": 0.8}
+    arm = {**scores, "psnr_mean": 31.0, "ssim_mean": 0.85, "per_kernel": per_kernel}
+    better = {**arm, "psnr": [30.5, 32.5], "psnr_mean": 31.5}
+    check = {"real": _noise_entry(40.0), "physics": _noise_entry(30.0), "hybrid": _noise_entry(35.0)}
+    record = {"arm_seed": 0, "validation_patient": "VAL", "slices": 2,
+              "arms": {"physics": {"steps": 10, "batch": 2, "patch": 96}},
+              "noise_model": {"steps": 5, "penalty_weight": 100.0, "cpu_seconds": 60.0,
+                              "training_patient_check_after": check},
+              "hybrid_pairs": {"residual_rms_hu": {"ramp": 5.0, "hann": 0.5}},
+              "validation_noise_check_25": {"B30f": check, "D45f": check},
+              "results": {c: {"input": arm, "physics": arm, "hybrid": better} for c in ("real_25", "sim_10")},
+              "hybrid_minus_physics": {c: {"psnr": 0.5, "ssim": 0.0, "slices_hybrid_better_psnr": 2}
+                                       for c in ("real_25", "sim_10")}}
+    text = nm.report(record)
+    assert text.count("| | B30f (1) |") == 2 and text.count("| | D45f (1) |") == 2
+    assert "real_25 +0.50 dB" in text and "| 40.0 | 30.0 | 35.0 |" in text
