@@ -469,29 +469,37 @@ def validation_noise_check(residual, pairs: list, sim_25: list) -> dict:
     return out
 
 
+def _arm_scores(results: dict, runs: list[str]) -> dict:
+    """One arm's scores: per slice the mean over its seeds, with each seed's mean kept."""
+    psnr = np.mean([results[r]["psnr"] for r in runs], axis=0).tolist()
+    ssim = np.mean([results[r]["ssim"] for r in runs], axis=0).tolist()
+    s = {"psnr": psnr, "ssim": ssim, "kernels": results[runs[0]]["kernels"]}
+    return {**s, "psnr_mean": float(np.mean(psnr)), "ssim_mean": float(np.mean(ssim)), "per_kernel": _per_kernel(s),
+            "seeds": {r: [results[r]["psnr_mean"], results[r]["ssim_mean"]] for r in runs}}
+
+
 def evaluate(work: Path) -> dict:
-    """Both arms on the validation patient's four conditions (abdomen PSNR/SSIM, per kernel too) and the noise
-    model's NPS check there; writes the results JSON and markdown."""
+    """Both arms (every seed trained) on the validation patient's four conditions (abdomen PSNR/SSIM, per kernel
+    too) and the noise model's NPS check there; writes the results JSON and markdown."""
     one_thread()
     residual = load_residual(work)
-    runs = {arm: work / f"{arm}_seed{ARM_SEED}" / "generator.keras" for arm in ARMS}
-    for path in runs.values():
-        if not path.exists():
-            raise InputError(f"{path}: missing; run the train step for both arms first")
+    runs = {arm: sorted(p.parent.name for p in work.glob(f"{arm}_seed*/generator.keras")) for arm in ARMS}
+    if not all(runs.values()) or len(runs["physics"]) != len(runs["hybrid"]):
+        raise InputError(f"{work}: need the same seeds of both arms, found {runs}")
     pairs = v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT)
     conds = v3_steps.conditions(pairs, seed_base=1000)
-    denoisers = {"input": lambda hu: hu, **{arm: v3_steps.keras_denoiser(p) for arm, p in runs.items()}}
-    results = v3_steps.evaluate_all(conds, denoisers)
-    for r in results.values():
-        for v in r.values():
-            v["per_kernel"] = _per_kernel(v)
+    denoisers = {"input": lambda hu: hu}
+    denoisers.update({r: v3_steps.keras_denoiser(work / r / "generator.keras") for arm in ARMS for r in runs[arm]})
+    per_run = v3_steps.evaluate_all(conds, denoisers)
+    results = {c: {"input": {**r["input"], "per_kernel": _per_kernel(r["input"])},
+                   **{arm: _arm_scores(r, runs[arm]) for arm in ARMS}} for c, r in per_run.items()}
     record = {
         "issue": "24 item 4", "validation_patient": v3_data.VALIDATION_PATIENT, "slices": len(pairs),
-        "seeds_per_arm": 1, "arm_seed": ARM_SEED,
-        "noise_model": {k: v for k, v in json.loads((work / "noise_model" / "noise_model.json").read_text()).items()},
+        "seeds_per_arm": len(runs["physics"]), "runs": runs,
+        "noise_model": json.loads((work / "noise_model" / "noise_model.json").read_text()),
         "hybrid_pairs": json.loads((work / "hybrid" / "hybrid.json").read_text()),
-        "arms": {arm: {k: v for k, v in json.loads((work / f"{arm}_seed{ARM_SEED}" / "train.json").read_text()).items()
-                       if k != "log"} for arm in ARMS},
+        "arms": {r: {k: v for k, v in json.loads((work / r / "train.json").read_text()).items() if k != "log"}
+                 for arm in ARMS for r in runs[arm]},
         "validation_noise_check_25": validation_noise_check(residual, pairs, conds["sim_25"]),
         "results": results,
         "hybrid_minus_physics": {c: {"psnr": r["hybrid"]["psnr_mean"] - r["physics"]["psnr_mean"],
@@ -521,9 +529,10 @@ def _noise_rows(check: dict) -> list[str]:
 def report(record: dict) -> str:
     """The markdown summary of the results JSON."""
     nm, cond_text = record["noise_model"], v3_steps.CONDITION_TEXT
+    train = next(iter(record["arms"].values()))
     lines = ["# v3 noise model arm (issue 24 item 4; written by `python -m experiments.v3_noise_model all`)", "",
-             f"One seed per arm (seed {record['arm_seed']}), {record['arms']['physics']['steps']} steps of batch "
-             f"{record['arms']['physics']['batch']}, patch {record['arms']['physics']['patch']}: a 2-core CPU budget, "
+             f"{record['seeds_per_arm']} seed(s) per arm, {train['steps']} steps of batch "
+             f"{train['batch']}, patch {train['patch']} each: a 2-core CPU budget, "
              "far below the shipped v3 recipe (2500 steps of batch 16, 3 seeds); differences smaller than a seed-to-seed "
              "spread are not evidence.", "",
              f"Noise model: {nm['steps']} steps, penalty weight {nm['penalty_weight']:.0f} (from the training "
@@ -544,17 +553,21 @@ def report(record: dict) -> str:
             lines.append(f"| | {k} ({i['slices']}) | {i['psnr_mean']:.2f} / {i['ssim_mean']:.3f} | "
                          f"{p['psnr_mean']:.2f} / {p['ssim_mean']:.3f} | {h['psnr_mean']:.2f} / {h['ssim_mean']:.3f} |")
     d = record["hybrid_minus_physics"]
-    lines += ["", "Hybrid minus physics: " + "; ".join(
+    lines += ["", "Per seed (all slices, PSNR / SSIM): " + "; ".join(
+        f"{c}: " + ", ".join(f"{run} {v[0]:.2f} / {v[1]:.3f}" for a in ARMS for run, v in r[a]["seeds"].items())
+        for c, r in record["results"].items())]
+    lines += ["", "Hybrid minus physics (seed means): " + "; ".join(
         f"{c} {v['psnr']:+.2f} dB / {v['ssim']:+.3f} ({v['slices_hybrid_better_psnr']}/{record['slices']} slices "
         "better)" for c, v in d.items()), ""]
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------- command
-def _train_both_in_parallel(work: Path, pairs_root: Path, steps: int) -> None:
+def _train_both_in_parallel(work: Path, pairs_root: Path, steps: int, seed: int) -> None:
     """The two arms side by side, one process and one TF thread each (same steps, batch, patch, seed)."""
     procs = [subprocess.Popen([sys.executable, "-m", "experiments.v3_noise_model", "train", "--arm", arm,
-                               "--work", str(work), "--pairs", str(pairs_root), "--steps", str(steps)],
+                               "--work", str(work), "--pairs", str(pairs_root), "--steps", str(steps),
+                               "--seed", str(seed)],
                               cwd=v3_data.REPO, env={**os.environ, "PYTHONPATH": str(v3_data.REPO)})
              for arm in ARMS]
     codes = [p.wait() for p in procs]
@@ -571,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arm", choices=ARMS, help="train: which arm")
     parser.add_argument("--steps", type=int, default=ARM_STEPS, help="denoiser steps per arm")
     parser.add_argument("--noise-steps", type=int, default=NM_STEPS)
+    parser.add_argument("--seed", type=int, default=ARM_SEED, help="train: the arm's seed")
+    parser.add_argument("--seeds", type=int, default=1, help="all: seeds per arm (0, 1, ...)")
     return parser
 
 
@@ -585,9 +600,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.step == "train":
             if not args.arm:
                 raise InputError("train needs --arm physics or --arm hybrid")
-            train_arm(work, pairs_root, args.arm, args.steps)
+            train_arm(work, pairs_root, args.arm, args.steps, args.seed)
         if args.step == "all":
-            _train_both_in_parallel(work, pairs_root, args.steps)
+            for seed in range(args.seeds):
+                _train_both_in_parallel(work, pairs_root, args.steps, seed)
         if args.step in ("evaluate", "all"):
             print(report(evaluate(work)))
     except InputError as exc:

@@ -106,11 +106,14 @@ def test_report_has_every_condition_kernel_and_the_hybrid_difference():
     scores = {"psnr": [30.0, 32.0], "ssim": [0.8, 0.9], "kernels": ["B30f", "D45f"]}
     per_kernel = nm._per_kernel(scores)
     assert per_kernel["B30f"] == {"slices": 1, "psnr_mean": 30.0, "ssim_mean": 0.8}
-    arm = {**scores, "psnr_mean": 31.0, "ssim_mean": 0.85, "per_kernel": per_kernel}
-    better = {**arm, "psnr": [30.5, 32.5], "psnr_mean": 31.5}
+    runs = {"physics_seed0": {**scores, "psnr_mean": 31.0, "ssim_mean": 0.85},
+            "physics_seed1": {**scores, "psnr": [31.0, 33.0], "psnr_mean": 32.0, "ssim_mean": 0.85}}
+    arm = nm._arm_scores(runs, ["physics_seed0", "physics_seed1"])
+    assert arm["psnr"] == [30.5, 32.5] and arm["psnr_mean"] == 31.5 and arm["seeds"]["physics_seed1"][0] == 32.0
+    better = {**arm, "psnr": [31.0, 33.0], "psnr_mean": 32.0}
     check = {"real": _noise_entry(40.0), "physics": _noise_entry(30.0), "hybrid": _noise_entry(35.0)}
-    record = {"arm_seed": 0, "validation_patient": "VAL", "slices": 2,
-              "arms": {"physics": {"steps": 10, "batch": 2, "patch": 96}},
+    record = {"seeds_per_arm": 2, "validation_patient": "VAL", "slices": 2,
+              "arms": {"physics_seed0": {"steps": 10, "batch": 2, "patch": 96}},
               "noise_model": {"steps": 5, "penalty_weight": 100.0, "cpu_seconds": 60.0,
                               "training_patient_check_after": check},
               "hybrid_pairs": {"residual_rms_hu": {"ramp": 5.0, "hann": 0.5}},
@@ -120,4 +123,4 @@ def test_report_has_every_condition_kernel_and_the_hybrid_difference():
                                        for c in ("real_25", "sim_10")}}
     text = nm.report(record)
     assert text.count("| | B30f (1) |") == 2 and text.count("| | D45f (1) |") == 2
-    assert "real_25 +0.50 dB" in text and "| 40.0 | 30.0 | 35.0 |" in text
+    assert "real_25 +0.50 dB" in text and "| 40.0 | 30.0 | 35.0 |" in text and "physics_seed1 32.00" in text
