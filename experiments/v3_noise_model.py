@@ -488,9 +488,15 @@ def evaluate(work: Path) -> dict:
         raise InputError(f"{work}: need the same seeds of both arms, found {runs}")
     pairs = v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT)
     conds = v3_steps.conditions(pairs, seed_base=1000)
-    denoisers = {"input": lambda hu: hu}
-    denoisers.update({r: v3_steps.keras_denoiser(work / r / "generator.keras") for arm in ARMS for r in runs[arm]})
-    per_run = v3_steps.evaluate_all(conds, denoisers)
+    per_run = {c: {} for c in conds}
+    for run in ["input"] + [r for arm in ARMS for r in runs[arm]]:
+        cached = work / run / "validation_scores.json"  # a run's scores do not change when seeds are added
+        if not cached.exists():
+            fn = (lambda hu: hu) if run == "input" else v3_steps.keras_denoiser(work / run / "generator.keras")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps({c: r[run] for c, r in v3_steps.evaluate_all(conds, {run: fn}).items()}))
+        for c, scores in json.loads(cached.read_text()).items():
+            per_run[c][run] = scores
     results = {c: {"input": {**r["input"], "per_kernel": _per_kernel(r["input"])},
                    **{arm: _arm_scores(r, runs[arm]) for arm in ARMS}} for c, r in per_run.items()}
     record = {
