@@ -1,11 +1,12 @@
 """``python -m experiments.v3_noise_model all --work DIR``: issue 24 item 4, the paper's adversarial learning applied
 where it can help, the noise model, and a denoiser trained on its pairs beside the pure physics arm at equal budget.
 
-    python -m experiments.v3_noise_model all --work /work/v3nm        # every step below, in order
+    python -m experiments.v3_noise_model all --work /work/v3nm --seeds 2   # every step below, in order
     python -m experiments.v3_noise_model noise --work /work/v3nm      # the learned residual (real L096 quarter dose)
     python -m experiments.v3_noise_model hybrid --work /work/v3nm     # hybrid lows of every v3 training pair
     python -m experiments.v3_noise_model train --arm physics --work /work/v3nm   # one denoiser arm (physics|hybrid)
     python -m experiments.v3_noise_model evaluate --work /work/v3nm   # L143: both arms, and the noise model's NPS check
+    python -m experiments.v3_noise_model report --work /work/v3nm     # the markdown again from the results JSON
 
 The normal-to-low generator is the physics simulation (``ldct_tf.simulate``, projection-domain noise insertion) plus
 a small learned stochastic residual: a few convolutions of the simulated low patch, a standard-normal noise channel and
@@ -532,6 +533,18 @@ def _noise_rows(check: dict) -> list[str]:
     return rows
 
 
+def _seed_verdict(record: dict) -> list[str]:
+    """Per condition: is the arms' PSNR difference larger than the widest seed range of either arm?"""
+    out = []
+    for c, r in record["results"].items():
+        spread = max(max(v[0] for v in r[a]["seeds"].values()) - min(v[0] for v in r[a]["seeds"].values())
+                     for a in ARMS)
+        diff = record["hybrid_minus_physics"][c]["psnr"]
+        out.append(f"{c}: difference {diff:+.2f} dB, widest seed range {spread:.2f} dB: "
+                   + ("larger than the seed range" if abs(diff) > spread else "within the seed range, not evidence"))
+    return ["Seed check (" + str(record["seeds_per_arm"]) + " seeds per arm): " + "; ".join(out) + "."]
+
+
 def report(record: dict) -> str:
     """The markdown summary of the results JSON."""
     nm, cond_text = record["noise_model"], v3_steps.CONDITION_TEXT
@@ -564,7 +577,7 @@ def report(record: dict) -> str:
         for c, r in record["results"].items())]
     lines += ["", "Hybrid minus physics (seed means): " + "; ".join(
         f"{c} {v['psnr']:+.2f} dB / {v['ssim']:+.3f} ({v['slices_hybrid_better_psnr']}/{record['slices']} slices "
-        "better)" for c, v in d.items()), ""]
+        "better)" for c, v in d.items()), "", *_seed_verdict(record), ""]
     return "\n".join(lines)
 
 
@@ -583,7 +596,7 @@ def _train_both_in_parallel(work: Path, pairs_root: Path, steps: int, seed: int)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.v3_noise_model", description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=("noise", "hybrid", "train", "evaluate", "all"))
+    parser.add_argument("step", choices=("noise", "hybrid", "train", "evaluate", "report", "all"))
     parser.add_argument("--work", required=True, help="working folder (created; outside the repository)")
     parser.add_argument("--pairs", default=str(DEFAULT_PAIRS),
                         help="folder holding pairs/ of `python -m experiments.v3 simulate` (read only)")
@@ -612,6 +625,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 _train_both_in_parallel(work, pairs_root, args.steps, seed)
         if args.step in ("evaluate", "all"):
             print(report(evaluate(work)))
+        if args.step == "report":  # the markdown again from the results JSON (no scoring)
+            text = report(json.loads((RESULTS / "v3_noise_model.json").read_text()))
+            (RESULTS / "v3_noise_model.md").write_text(text)
+            print(text)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

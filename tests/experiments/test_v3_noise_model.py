@@ -124,3 +124,4 @@ def test_report_has_every_condition_kernel_and_the_hybrid_difference():
     text = nm.report(record)
     assert text.count("| | B30f (1) |") == 2 and text.count("| | D45f (1) |") == 2
     assert "real_25 +0.50 dB" in text and "| 40.0 | 30.0 | 35.0 |" in text and "physics_seed1 32.00" in text
+    assert "real_25: difference +0.50 dB, widest seed range 1.00 dB: within the seed range, not evidence" in text
