@@ -125,3 +125,10 @@ def test_report_has_every_condition_kernel_and_the_hybrid_difference():
     assert text.count("| | B30f (1) |") == 2 and text.count("| | D45f (1) |") == 2
     assert "real_25 +0.50 dB" in text and "| 40.0 | 30.0 | 35.0 |" in text and "physics_seed1 32.00" in text
     assert "real_25: difference +0.50 dB, widest seed range 1.00 dB: within the seed range, not evidence" in text
+
+
+def test_residual_by_dose_bins_each_filter():
+    rows = [("ramp", 0.06, 30.0), ("ramp", 0.08, 20.0), ("ramp", 0.5, 5.0), ("hann", 0.25, 1.0)]
+    out = nm.residual_by_dose(rows)
+    assert out["ramp 0.05-0.1"] == 25.0 and out["ramp 0.3-0.5"] == 5.0 and out["hann 0.2-0.3"] == 1.0
+    assert out["ramp 0.2-0.3"] is None
