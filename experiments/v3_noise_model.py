@@ -481,7 +481,8 @@ def validation_noise_check(residual, pairs: list, sim_25: list) -> dict:
         tiles = {k: np.concatenate(v) for k, v in tiles.items()}
         out[kernel] = {k: noise_figures(v, float(np.mean(spacing))) for k, v in tiles.items()}
         for k in ("physics", "hybrid"):
-            out[kernel][k]["spectrum_gap_to_real_hu"] = spectrum_gap_hu(tiles["real"], tiles[k], float(np.mean(spacing)))
+            gap = spectrum_gap_hu(tiles["real"], tiles[k], float(np.mean(spacing)))
+            out[kernel][k]["spectrum_gap_to_real_hu"] = gap
     return out
 
 
@@ -544,7 +545,8 @@ def _noise_rows(check: dict) -> list[str]:
             rows.append(f"| {label} | {kernel} | {c['real']['noise_sd_hu']:.1f} | {c['physics']['noise_sd_hu']:.1f} | "
                         f"{c['hybrid']['noise_sd_hu']:.1f} | {c['real']['nps_mean_freq']:.3f} | "
                         f"{c['physics']['nps_mean_freq']:.3f} | {c['hybrid']['nps_mean_freq']:.3f} | "
-                        f"{c['physics']['spectrum_gap_to_real_hu']:.1f} | {c['hybrid']['spectrum_gap_to_real_hu']:.1f} |")
+                        f"{c['physics']['spectrum_gap_to_real_hu']:.1f} | "
+                        f"{c['hybrid']['spectrum_gap_to_real_hu']:.1f} |")
     return rows
 
 
@@ -567,7 +569,8 @@ def report(record: dict) -> str:
     lines = ["# v3 noise model arm (issue 24 item 4; written by `python -m experiments.v3_noise_model all`)", "",
              f"{record['seeds_per_arm']} seed(s) per arm, {train['steps']} steps of batch "
              f"{train['batch']}, patch {train['patch']} each: a 2-core CPU budget, "
-             "far below the shipped v3 recipe (2500 steps of batch 16, 3 seeds); differences smaller than a seed-to-seed "
+             "far below the shipped v3 recipe (2500 steps of batch 16, 3 seeds); differences smaller than a "
+             "seed-to-seed "
              "spread are not evidence.", "",
              f"Noise model: {nm['steps']} steps, penalty weight {nm['penalty_weight']:.0f} (from the training "
              f"patient's physics-vs-real spectrum gap), {nm['cpu_seconds'] / 60:.1f} CPU min.  Residual RMS on the "
@@ -579,7 +582,8 @@ def report(record: dict) -> str:
              "## Noise at 25 % dose (each minus the full-dose slice, body tiles)", "",
              *_noise_rows([("training patient (after fit)", {"D45f": nm["training_patient_check_after"]}),
                            (f"validation {record['validation_patient']}", record["validation_noise_check_25"])]), "",
-             f"## Denoiser arms on {record['validation_patient']} ({record['slices']} slices): abdomen PSNR (dB) / SSIM",
+             f"## Denoiser arms on {record['validation_patient']} ({record['slices']} slices): "
+             "abdomen PSNR (dB) / SSIM",
              "", "| condition | kernel | input | physics arm | hybrid arm |", "|---|---|---|---|---|"]
     for c, r in record["results"].items():
         lines.append(f"| {cond_text[c]} | all | {r['input']['psnr_mean']:.2f} / {r['input']['ssim_mean']:.3f} | "
