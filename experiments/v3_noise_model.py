@@ -416,8 +416,6 @@ def train_arm(work: Path, pairs_root: Path, arm: str, steps: int = ARM_STEPS, se
     import keras
     import tensorflow as tf
 
-    from ldct_tf.models import losses
-
     one_thread()
     keras.utils.set_random_seed(seed)
     lows, refs = arm_pairs(work, pairs_root, arm)
@@ -425,29 +423,14 @@ def train_arm(work: Path, pairs_root: Path, arm: str, steps: int = ARM_STEPS, se
     ds = tf.data.Dataset.from_generator(lambda: v3_steps._patch_stream(lows, refs, seed),
                                         output_signature=(spec, spec)).batch(ARM_BATCH).prefetch(2)
     model = v3_steps.build_model()
-    optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(v3_steps.LEARNING_RATE, steps))
-
-    @tf.function
-    def step(low, ref):
-        with tf.GradientTape() as tape:
-            out = model(low, training=True)
-            loss = losses.mse_loss(out, ref) + losses.gradient_mse_loss(out, ref)
-        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        return loss
-
-    start_wall, start_cpu, log = time.time(), time.process_time(), []
-    for n, (low, ref) in enumerate(ds.take(steps), 1):
-        loss = float(step(low, ref))
-        if n % 100 == 0 or n == steps:
-            log.append({"step": n, "loss": loss})
-            print(f"train {arm}: step {n}/{steps} loss {loss:.5f} ({time.time() - start_wall:.0f} s)", flush=True)
+    log, wall, cpu = v3_steps.fit(model, ds, steps, v3_steps.LEARNING_RATE, f"train {arm}")
     out = work / f"{arm}_seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "generator.keras")
     (out / "train.json").write_text(json.dumps({
         "arm": arm, "seed": seed, "steps": steps, "batch": ARM_BATCH, "patch": v3_steps.PATCH,
         "learning_rate": v3_steps.LEARNING_RATE, "model": v3_steps.MODEL, "training_pairs": len(lows),
-        "wall_seconds": time.time() - start_wall, "cpu_seconds": time.process_time() - start_cpu, "log": log},
+        "wall_seconds": wall, "cpu_seconds": cpu, "log": log},
         indent=1))
 
 

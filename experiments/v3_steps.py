@@ -101,9 +101,6 @@ def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "pr
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
-
-    from ldct_tf.models import losses
-
     keras.utils.set_random_seed(seed)
     out = work / (f"{target}_from_{init}" if init else f"seed{seed}")
     out.mkdir(parents=True, exist_ok=True)
@@ -113,14 +110,31 @@ def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "pr
         from ldct_tf.models import blocks  # noqa: F401  (registers NoiseLevelMap for loading)
 
         model.set_weights(keras.saving.load_model(work / init / "generator.keras", compile=False).get_weights())
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
-    optimizer = keras.optimizers.Adam(schedule)
+    log, wall, cpu = fit(model, ds, steps, learning_rate, f"train seed {seed}")
+    model.save(out / "generator.keras")
+    (out / "train.json").write_text(json.dumps({
+        "seed": seed, "steps": steps, "batch": BATCH, "patch": PATCH, "learning_rate": learning_rate,
+        "target": target, "init": init,
+        "model": MODEL, "parameters": int(model.count_params()), "training_pairs": n_pairs,
+        "wall_seconds": wall, "cpu_seconds": cpu, "log": log},
+        indent=1))
+
+
+def fit(model, ds, steps: int, learning_rate: float, label: str) -> tuple[list[dict], float, float]:
+    """The v3 recipe's supervised loop, shared by every experiment that trains its model: MSE + gradient MSE, Adam
+    with cosine decay, ``steps`` batches of ``ds``.  Returns the loss log (every 100 steps), wall and CPU seconds."""
+    import keras
+    import tensorflow as tf
+
+    from ldct_tf.models import losses
+
+    optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps))
 
     @tf.function
     def step(low, ref):
         with tf.GradientTape() as tape:
-            out_ = model(low, training=True)
-            loss = losses.mse_loss(out_, ref) + losses.gradient_mse_loss(out_, ref)
+            out = model(low, training=True)
+            loss = losses.mse_loss(out, ref) + losses.gradient_mse_loss(out, ref)
         optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
         return loss
 
@@ -129,14 +143,8 @@ def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "pr
         loss = float(step(low, ref))
         if n % 100 == 0 or n == steps:
             log.append({"step": n, "loss": loss})
-            print(f"train seed {seed}: step {n}/{steps} loss {loss:.5f} ({time.time() - start_wall:.0f} s)", flush=True)
-    model.save(out / "generator.keras")
-    (out / "train.json").write_text(json.dumps({
-        "seed": seed, "steps": steps, "batch": BATCH, "patch": PATCH, "learning_rate": learning_rate,
-        "target": target, "init": init,
-        "model": MODEL, "parameters": int(model.count_params()), "training_pairs": n_pairs,
-        "wall_seconds": time.time() - start_wall, "cpu_seconds": time.process_time() - start_cpu, "log": log},
-        indent=1))
+            print(f"{label}: step {n}/{steps} loss {loss:.5f} ({time.time() - start_wall:.0f} s)", flush=True)
+    return log, time.time() - start_wall, time.process_time() - start_cpu
 
 
 #: BM3D's strength is ``factor x`` the input's own noise index (``ldct_tf.noise``): noise-adaptive, tuned per dose.
