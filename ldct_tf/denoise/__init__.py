@@ -335,7 +335,7 @@ def denoise(input_path: str | os.PathLike, output: str | os.PathLike, denoiser: 
                     summary.audits.append(auditor.folder / audit.SIDECAR)
                     sample.flagged = auditor.report()["flagged_slices"]
                     summary.flagged_slices += sample.flagged
-    if audit_series if overview is None else overview:
+    if (audit_series if overview is None else overview) and summary.slices:
         _write_overview(output, model, summary, overviews, force, record)
     summary.seconds = time.perf_counter() - summary.started
     return summary

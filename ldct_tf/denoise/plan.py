@@ -52,7 +52,10 @@ def list_files(input_path: Path) -> list[Path]:
 
 def check_paths(input_path: Path, output: Path) -> None:
     """Refuse an OUTPUT inside INPUT (or equal to it), an OUTPUT that is an existing file, and one that cannot be
-    written (probed) or whose path is too long for the file system."""
+    written (probed) or whose path is too long for the file system; and an INPUT that does not exist, all before
+    a model is loaded."""
+    if not input_path.exists():
+        raise DenoiseError(f"{input_path}: input not found")
     denoise_output.check_path_lengths(output, [output])
     inp, out = input_path.resolve(), output.resolve()
     if input_path.is_dir() and (out == inp or inp in out.parents):

@@ -79,6 +79,28 @@ def test_series_smaller_than_the_model_minimum_is_skipped(tmp_path, caplog):
     assert summary.slices == 0 and [c.code for c in summary.input_checks] == [checks.TOO_SMALL]
     assert any("128x128 pixels, the model needs at least 256x256" in r.getMessage() for r in caplog.records)
     assert list((tmp_path / "out").rglob("*.dcm")) == []
+    assert not (tmp_path / "out").exists()  # nothing denoised: no output folder, not even a summary
+
+
+def test_every_series_skipped_is_one_error_line_and_no_output_folder(tmp_path, monkeypatch, capsys):
+    _series(tmp_path / "in" / "normal", "normal")
+    monkeypatch.setattr(denoise, "load_saved_model", lambda path, batch_size, strength=None: (minus_five, MODEL))
+    assert denoise_cli.main([str(tmp_path / "in"), str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("nothing denoised: every series failed an input check (above); pass --force to "
+                            "denoise them anyway")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_input_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for an input that does not exist")
+
+    monkeypatch.setattr(denoise, "load_saved_model", no_model)
+    assert denoise_cli.main([str(tmp_path / "nothing"), str(tmp_path / "out"), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"python -m ldct_tf.denoise: error: {tmp_path / 'nothing'}: input not found"
+    assert "model:" not in captured.out and not (tmp_path / "out").exists()
 
 
 def test_head_and_foreign_kernels_are_recognised():
