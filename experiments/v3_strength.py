@@ -52,11 +52,12 @@ def measure(work: Path) -> dict:
                     "seeds": [r.parent.name for r in runs], "conditions": {}}
     for name, cases in conds.items():
         kernels = sorted({k for _, _, k in cases})
+        levels = {k: [noise.noise_index(low) for low, _, kk in cases if kk == k] for k in kernels}
         entry = record["conditions"][name] = {
-            "input_noise_index_hu": {k: float(np.mean([noise.noise_index(low) for low, _, kk in cases if kk == k]))
-                                     for k in kernels},
+            "input_noise_index_hu": {k: float(np.mean(levels[k])) for k in kernels},
             "reference_noise_index_hu": {k: float(np.mean([noise.noise_index(ref) for _, ref, kk in cases
                                                            if kk == k])) for k in kernels},
+            "input_noise_index_hu_range": {k: [float(f(levels[k])) for f in (np.min, np.max)] for k in kernels},
             "slices": {k: sum(1 for *_, kk in cases if kk == k) for k in kernels}, "by_seed": {}}
     for run in runs:
         denoiser = v3_steps.keras_denoiser(run)

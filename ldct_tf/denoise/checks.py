@@ -21,14 +21,14 @@ import numpy as np
 
 from ldct_tf import dicom
 
-#: Noise index (``ldct_tf.noise``, HU) below which a series looks normal-dose.  Why 14 HU: on the AAPM-Mayo pairs of
-#: patients L096 and L143 (the calibration data; L286 is held out) the median noise index is 15.0 HU at full dose
-#: and 29.7 HU at quarter dose for the smooth B30f kernel (32.0 / 66.8 HU for the sharp D45f), and half-dose B30f
-#: slices simulated from L143 measure 15.6-22.6 HU (``experiments/results/v3_strength.json``).  v3 is made to serve
-#: 5-50 % dose, so a half-dose smooth-kernel scan must pass: the line sits below the quietest of them.  The normal-dose
-#: PET/CT series of issue 26 measures 12.3 HU and is caught.  Noise alone cannot tell a normal-dose series from a
-#: low-dose one in general (a sharp-kernel normal-dose D45f series, 32 HU, passes): this check catches only the
-#: clearly quiet ones.
+#: Noise index (``ldct_tf.noise``, HU) below which a series looks normal-dose.  Why 14 HU: on the development
+#: patient L143 (``experiments/results/v3_strength.json``, written by ``python -m experiments.v3_strength``; L286 is
+#: held out) the smooth B30f kernel measures 15 HU at full dose and 29 HU at Mayo's quarter dose (the sharp D45f 33
+#: and 68 HU), and its half-dose slices simulated from the full dose measure 15.6-22.6 HU.  v3 is made to serve
+#: 5-50 % dose, so a half-dose smooth-kernel scan must pass: the line sits below the quietest of them.  The
+#: normal-dose PET/CT series of issue 26 (``../shared/data/abdomen_series``) measures 12.3 HU and is caught.  Noise
+#: alone cannot tell a normal-dose series from a low-dose one in general (a sharp-kernel normal-dose D45f series,
+#: 33 HU, passes): this check catches only the clearly quiet ones.
 NORMAL_DOSE_MAX_NOISE_HU = 14.0
 #: Share of the series' extent at which the checks (and the overview) look: three slices, not the ends.
 SAMPLE_FRACTIONS = (0.25, 0.5, 0.75)

@@ -79,7 +79,7 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(words + ["--out OUT"])
 
 
-def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> None:
+def _calibrate(args: argparse.Namespace) -> None:
     if Path(args.out).is_dir():
         raise SimulationError(f"{args.out}: is a folder; give a file name for the calibration JSON")
     start = time.monotonic()
@@ -126,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(args.unknown)}")
         if (args.low is None) != (args.normal is None):
             parser.error("--low and --normal go together")
-        _calibrate(args, list(sys.argv[1:] if argv is None else argv))
+        _calibrate(args)
 
     return cli.run_main(parser, work, argv, pass_unknown=True)
 
