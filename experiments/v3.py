@@ -34,7 +34,7 @@ def _simulate(args) -> None:
 
 def _train(args) -> None:
     v3_steps.train(Path(args.work), args.seed, args.steps, args.threads, args.train_target, args.init,
-                   args.learning_rate)
+                   args.learning_rate, args.noise_rescale, args.name)
 
 
 def _bm3d(args) -> None:
@@ -42,20 +42,20 @@ def _bm3d(args) -> None:
 
 
 def _validate(args) -> None:
-    v3_steps.validate(Path(args.work))
+    v3_steps.validate(Path(args.work), args.version)
 
 
 def _ship(args) -> None:
-    v3_steps.ship(Path(args.work), Path(args.target))
+    v3_steps.ship(Path(args.work), Path(args.target or _default_target(args.version)), args.version)
 
 
 def _test(args) -> None:
-    v3_steps.test(Path(args.work))
+    v3_steps.test(Path(args.work), args.version)
 
 
 def _report(args) -> None:
-    v3_steps.cost(Path(args.work))
-    v3_steps.report()
+    v3_steps.cost(Path(args.work), args.version)
+    v3_steps.report(args.version)
 
 
 def _all(args) -> None:
@@ -68,10 +68,14 @@ def _all(args) -> None:
                        learning_rate=v3_steps.FINETUNE_LEARNING_RATE)
     v3_steps.bm3d_tuning(work)
     v3_steps.validate(work)
-    v3_steps.ship(work, Path(args.target))
+    v3_steps.ship(work, Path(args.target or _default_target(3)))
     v3_steps.test(work)
     v3_steps.cost(work)
     v3_steps.report()
+
+
+def _default_target(version: int) -> Path:
+    return v3_data.REPO / "saved_models" / "ldct_denoiser" / str(version)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,9 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--train-target", dest="train_target", default="projected", choices=v3_data.TARGETS,
                        help="what the denoiser is trained to output (v3_data.TARGETS)")
         p.add_argument("--init", help="continue from this run folder's weights (e.g. seed0)")
+        p.add_argument("--noise-rescale", dest="noise_rescale", type=float, default=0.0,
+                       help="probability that a patch's inserted noise is scaled down (a higher dose; v3_steps)")
+        p.add_argument("--name", help="run folder name (default: seedN, or TARGET_from_INIT)")
         p.add_argument("--learning-rate", type=float, default=v3_steps.LEARNING_RATE)
         p.add_argument("--steps", type=int, default=v3_steps.STEPS)
-        p.add_argument("--target", default=str(v3_data.REPO / "saved_models" / "ldct_denoiser" / "3"))
+        p.add_argument("--target", help="SavedModel version folder to ship to (default: saved_models/ldct_denoiser/VERSION)")
+        p.add_argument("--version", type=int, default=3,
+                       help="model version: names the results files (vN_validation.json, ...) and the shipped folder")
         p.set_defaults(fn=fn)
     return parser
 

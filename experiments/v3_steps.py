@@ -52,9 +52,17 @@ def simulate(work: Path, realisations: int, processes: int) -> None:
                                                     "filters": v3_data.FILTERS, "cpu_seconds": cpu}, indent=1))
 
 
-def _patch_stream(lows: list, refs: list, seed: int):
+#: Range of the factor that scales a patch's inserted noise when ``noise_rescale`` > 0.  Scaling the extra noise of a
+#: dose-``k`` realisation by ``s`` gives the extra noise of dose ``1 / (1 + s**2 (1/k - 1))``: 0.1 on a 50 % pair is a
+#: 99 % dose, so the network also sees inputs with almost nothing to remove (where v3 overshoots: at L143's simulated
+#: 50 % dose, v3's D45f output scores below its input, experiments/results/v3_validation.json).
+RESCALE_RANGE = (0.1, 1.0)
+
+
+def _patch_stream(lows: list, refs: list, seed: int, noise_rescale: float = 0.0):
     """Endless (low, reference) patches on the model scale: random pair, position, flip and quarter turn; patches
-    mostly of air are drawn again.  Deterministic for a seed."""
+    mostly of air are drawn again; with probability ``noise_rescale`` the patch's inserted noise is scaled by a
+    factor drawn from :data:`RESCALE_RANGE` (a higher dose).  Deterministic for a seed."""
     from ldct_tf import ct
 
     rng = np.random.default_rng(seed)
@@ -67,6 +75,8 @@ def _patch_stream(lows: list, refs: list, seed: int):
         if float(ref_patch.mean()) < -800.0:
             continue
         low_patch = low[y:y + PATCH, x:x + PATCH]
+        if noise_rescale and rng.random() < noise_rescale:
+            low_patch = ref_patch + float(rng.uniform(*RESCALE_RANGE)) * (low_patch - ref_patch)
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
         pair = [np.rot90(p, k) for p in (low_patch, ref_patch)]
         if flip:
@@ -74,12 +84,13 @@ def _patch_stream(lows: list, refs: list, seed: int):
         yield tuple(ct.to_model(np.ascontiguousarray(p)[..., None]) for p in pair)
 
 
-def _dataset(work: Path, seed: int, target: str = "projected"):
+def _dataset(work: Path, seed: int, target: str = "projected", noise_rescale: float = 0.0):
     import tensorflow as tf
 
     lows, refs = v3_data.load_training_pairs(work, target)
     spec = tf.TensorSpec((PATCH, PATCH, 1), tf.float32)
-    ds = tf.data.Dataset.from_generator(lambda: _patch_stream(lows, refs, seed), output_signature=(spec, spec))
+    ds = tf.data.Dataset.from_generator(lambda: _patch_stream(lows, refs, seed, noise_rescale),
+                                        output_signature=(spec, spec))
     return ds.batch(BATCH).prefetch(2), len(lows)
 
 
@@ -90,11 +101,13 @@ def build_model():
 
 
 def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "projected",
-          init: Optional[str] = None, learning_rate: float = LEARNING_RATE) -> None:
+          init: Optional[str] = None, learning_rate: float = LEARNING_RATE, noise_rescale: float = 0.0,
+          name: Optional[str] = None) -> None:
     """One seed of the v3 recipe: supervised on the simulated pairs, MSE + gradient MSE, Adam with cosine decay.
 
     ``threads`` > 0 pins TF to that many threads (seeds trained side by side on a small machine).  ``init``: a run
-    folder name (``seed0``) whose weights this run continues from, written to ``{target}_from_{init}``."""
+    folder name (``seed0``) whose weights this run continues from, written to ``{target}_from_{init}`` unless
+    ``name`` names the run folder.  ``noise_rescale``: see :func:`_patch_stream`."""
     import keras
     import tensorflow as tf
 
@@ -102,9 +115,9 @@ def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "pr
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     keras.utils.set_random_seed(seed)
-    out = work / (f"{target}_from_{init}" if init else f"seed{seed}")
+    out = work / (name or (f"{target}_from_{init}" if init else f"seed{seed}"))
     out.mkdir(parents=True, exist_ok=True)
-    ds, n_pairs = _dataset(work, seed, target)
+    ds, n_pairs = _dataset(work, seed, target, noise_rescale)
     model = build_model()
     if init:
         from ldct_tf.models import blocks  # noqa: F401  (registers NoiseLevelMap for loading)
@@ -114,7 +127,7 @@ def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "pr
     model.save(out / "generator.keras")
     (out / "train.json").write_text(json.dumps({
         "seed": seed, "steps": steps, "batch": BATCH, "patch": PATCH, "learning_rate": learning_rate,
-        "target": target, "init": init,
+        "target": target, "init": init, "noise_rescale": noise_rescale,
         "model": MODEL, "parameters": int(model.count_params()), "training_pairs": n_pairs,
         "wall_seconds": wall, "cpu_seconds": cpu, "log": log},
         indent=1))
@@ -295,7 +308,7 @@ def _cached_bm3d(work: Path) -> dict:
     return out
 
 
-def validate(work: Path) -> None:
+def validate(work: Path, version: int = 3) -> None:
     """Scores every seed and BM3D (factor tuned per dose here) on the held-out development patient; picks the seed
     (``ldct_tf.evaluate.selection.choose_seed``)."""
     from ldct_tf.evaluate import selection
@@ -321,10 +334,10 @@ def validate(work: Path) -> None:
                       "conditions (ldct_tf.evaluate.selection.choose_seed)"}
     (work / "validation.json").write_text(json.dumps(record, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "v3_validation.json").write_text(json.dumps(record, indent=1))
+    (RESULTS / f"v{version}_validation.json").write_text(json.dumps(record, indent=1))
 
 
-def ship(work: Path, target: Path) -> None:
+def ship(work: Path, target: Path, version: int = 3) -> None:
     """Exports the seed that validation picked as a SavedModel version (refuses to replace an existing one)."""
     import keras
 
@@ -337,10 +350,12 @@ def ship(work: Path, target: Path) -> None:
     generator = keras.saving.load_model(work / record["picked_seed"] / "generator.keras", compile=False)
     train_record = json.loads((work / record["picked_seed"] / "train.json").read_text())
     export_generator(generator, target.parent, version=int(target.name),
-                     metadata={"recipe": "v3: noise-conditional residual U-Net on simulated pairs, 5-50 % dose, "
-                                         "sharp and smooth textures (python -m experiments.v3)",
+                     metadata={"recipe": f"v{version}: noise-conditional residual U-Net on simulated pairs, 5-50 % "
+                                         "dose, sharp and smooth textures (python -m experiments.v3)",
+                               "run": record["picked_seed"], "init": train_record.get("init"),
                                "seed": train_record["seed"], "steps": train_record["steps"],
-                               "validation": "experiments/results/v3_validation.json"})
+                               "noise_rescale": train_record.get("noise_rescale", 0.0),
+                               "validation": f"experiments/results/v{version}_validation.json"})
 
 
 def _bootstrap_interval(values: np.ndarray, seed: int = 0, n: int = 2000) -> list[float]:
@@ -357,12 +372,12 @@ def _compare(results: dict, seeds: list[str], comparator: str, metric: str) -> d
             "slices": int(diff.size)}
 
 
-def test(work: Path) -> None:
+def test(work: Path, version: int = 3) -> None:
     """The one read of the test patient: v3's seeds, BM3D at the factors validation chose per dose, v2, the input."""
     from ldct_tf.saved_model import SavedModelDenoiser
 
     validation = json.loads((work / "validation.json").read_text())
-    out_file = RESULTS / "v3_test.json"
+    out_file = RESULTS / f"v{version}_test.json"
     pairs = v3_data.mayo_pairs(v3_data.data_root(), v3_data.TEST_PATIENT)
     conds = conditions(pairs, seed_base=2000)
     seeds = sorted(p.parent.name for p in work.glob(f"{_arm_glob(validation['picked_seed'])}/generator.keras"))
@@ -416,11 +431,11 @@ def _validation_table(record: dict) -> list[str]:
     return lines
 
 
-def _kernel_lines(record: dict) -> list[str]:
+def _kernel_lines(record: dict, version: int = 3) -> list[str]:
     """Validation per kernel (the held-out patient has both): the picked recipe's seeds vs BM3D at its PSNR optimum."""
     picked_arm = _arm_glob(record["picked_seed"])
     lines = [f"Per kernel, recipe `{picked_arm}` (mean of its seeds) against BM3D at its PSNR-optimal factor:", "",
-             "| condition | kernel | slices | v3 PSNR / SSIM | BM3D (PSNR-optimal) PSNR / SSIM |", "|---|---|---|---|---|"]
+             f"| condition | kernel | slices | v{version} PSNR / SSIM | BM3D (PSNR-optimal) PSNR / SSIM |", "|---|---|---|---|---|"]
     for name, r in record["results"].items():
         seeds = arms(r)[picked_arm]
         kernels = r["input"]["kernels"]
@@ -451,24 +466,26 @@ def _test_table(record: dict) -> list[str]:
     return lines
 
 
-def report() -> None:
-    """Markdown tables of the validation and test results files (experiments/results/v3_report.md)."""
-    lines = ["# v3: validation and test (written by `python -m experiments.v3 report`)", "",
+def report(version: int = 3) -> None:
+    """Markdown tables of the validation and test results files (experiments/results/v{version}_report.md)."""
+    lines = [f"# v{version}: validation and test (written by `python -m experiments.v3 report --version {version}`)",
+             "",
              "Abdomen-window PSNR (dB) / SSIM against the full-dose slice, mean over slices.", ""]
-    validation = RESULTS / "v3_validation.json"
+    validation = RESULTS / f"v{version}_validation.json"
     if validation.exists():
         record = json.loads(validation.read_text())
         lines += [f"## Validation: patient {record['patient']} ({record['slices']} slices), never trained on", "",
-                  *_validation_table(record), "", *_kernel_lines(record), "",
+                  *_validation_table(record), "", *_kernel_lines(record, version), "",
                   f"Picked seed: {record['picked_seed']} ({record['rule']}).", ""]
-    test_file = RESULTS / "v3_test.json"
+    test_file = RESULTS / f"v{version}_test.json"
     if test_file.exists():
         record = json.loads(test_file.read_text())
         lines += [f"## Test: patient {record['patient']} ({record['slices']} slices), read once", "",
                   *_test_table(record), ""]
-    if COST_JSON.exists():
-        cost = json.loads(COST_JSON.read_text())
-        lines += [f"## Cost (`{COST_JSON.relative_to(v3_data.REPO)}`; this {cost['machine']['cpus']}-core CPU, "
+    cost_json = cost_file(version)
+    if cost_json.exists():
+        cost = json.loads(cost_json.read_text())
+        lines += [f"## Cost (`{cost_json.relative_to(v3_data.REPO)}`; this {cost['machine']['cpus']}-core CPU, "
                   f"{cost['machine']['note']})", "",
                   "| step | steps | CPU seconds | wall seconds |", "|---|---|---|---|",
                   f"| simulate (all source slices, summed over processes) | - | "
@@ -480,16 +497,26 @@ def report() -> None:
         lines += [f"| `{k}` | {v['seeds']} | {v['steps_per_seed']} | {v['cpu_seconds_per_seed_mean']:.0f} | "
                   f"{v.get('cpu_seconds_per_seed_including_init', v['cpu_seconds_per_seed_mean']):.0f} | "
                   f"{v['cpu_seconds_all_seeds']:.0f} |" for k, v in cost["per_recipe"].items()]
-    (RESULTS / "v3_report.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"v{version}_report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-#: Where the training cost goes: with the benchmarks, since it is what a site budgets for, not a result.
-COST_JSON = v3_data.REPO / "benchmarks" / "results" / "v3_training_cost.json"
+def _chain_cpu(runs: dict, run: str) -> float:
+    """CPU seconds of ``run`` and of every run it continues from (its ``init``, that run's ``init``, ...)."""
+    total = 0.0
+    while run in runs:
+        total += runs[run]["cpu_seconds"]
+        run = runs[run].get("init")
+    return total
 
 
-def cost(work: Path) -> None:
-    """Training and simulation cost per seed and per recipe (``benchmarks/results/v3_training_cost.json``), with the
+def cost_file(version: int = 3) -> Path:
+    """Where the training cost goes: with the benchmarks, since it is what a site budgets for, not a result."""
+    return v3_data.REPO / "benchmarks" / "results" / f"v{version}_training_cost.json"
+
+
+def cost(work: Path, version: int = 3) -> None:
+    """Training and simulation cost per seed and per recipe (``benchmarks/results/v{version}_training_cost.json``), with the
     machine it ran on.  Wall seconds include waiting for the shared CPU; CPU seconds are what a site pays."""
     import multiprocessing
     import platform
@@ -505,9 +532,9 @@ def cost(work: Path) -> None:
         out["per_recipe"][recipe] = {"seeds": len(runs), "cpu_seconds_per_seed_mean": float(np.mean(cpu)),
                                      "cpu_seconds_all_seeds": float(np.sum(cpu)),
                                      "steps_per_seed": out["runs"][runs[0]]["steps"]}
-        inits = [out["runs"][r].get("init") for r in runs]
-        if all(i in out["runs"] for i in inits):  # a continuation: a seed's full cost includes the run it continues
+        if all(out["runs"][r].get("init") in out["runs"] for r in runs):
+            # a continuation: a seed's full cost includes every run it continues, back to the first
             out["per_recipe"][recipe]["cpu_seconds_per_seed_including_init"] = float(np.mean(
-                [out["runs"][r]["cpu_seconds"] + out["runs"][i]["cpu_seconds"] for r, i in zip(runs, inits)]))
-    COST_JSON.parent.mkdir(parents=True, exist_ok=True)
-    COST_JSON.write_text(json.dumps(out, indent=1))
+                [_chain_cpu(out["runs"], r) for r in runs]))
+    cost_file(version).parent.mkdir(parents=True, exist_ok=True)
+    cost_file(version).write_text(json.dumps(out, indent=1))
