@@ -34,7 +34,8 @@ def _simulate(args) -> None:
 
 def _train(args) -> None:
     v3_steps.train(Path(args.work), args.seed, args.steps, args.threads, args.train_target, args.init,
-                   args.learning_rate, args.noise_rescale, args.name)
+                   args.learning_rate, args.noise_rescale, args.name,
+                   args.coarse_noise)
 
 
 def _bm3d(args) -> None:
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--init", help="continue from this run folder's weights (e.g. seed0)")
         p.add_argument("--noise-rescale", dest="noise_rescale", type=float, default=0.0,
                        help="probability that a patch's inserted noise is scaled down (a higher dose; v3_steps)")
+        p.add_argument("--coarse-noise", dest="coarse_noise", action="store_true",
+                       help="the network also sees the coarse (2x2-averaged) noise level (ldct_tf.noise)")
         p.add_argument("--name", help="run folder name (default: seedN, or TARGET_from_INIT)")
         p.add_argument("--learning-rate", type=float, default=v3_steps.LEARNING_RATE)
         p.add_argument("--steps", type=int, default=v3_steps.STEPS)

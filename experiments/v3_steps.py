@@ -94,20 +94,49 @@ def _dataset(work: Path, seed: int, target: str = "projected", noise_rescale: fl
     return ds.batch(BATCH).prefetch(2), len(lows)
 
 
-def build_model():
+def build_model(coarse_noise: bool = False):
     from ldct_tf.models.generator import build_generator
 
-    return build_generator(name="low_to_normal", **MODEL)
+    return build_generator(name="low_to_normal", **MODEL, **({"noise_coarse": True} if coarse_noise else {}))
+
+
+def transplant(source, target) -> list[str]:
+    """Copy ``source``'s weights into ``target`` layer by layer (matched by name).  A weight that only grew along its
+    input-channel axis (the first convolution, when ``target`` sees an extra noise channel) keeps the source's
+    slice and starts at zero for the new channels, so ``target`` computes what ``source`` did until trained.
+    Returns the names of the layers that were widened."""
+    widened = []
+    by_name = {layer.name: layer for layer in source.layers}
+    for layer in target.layers:
+        if layer.name not in by_name or not layer.weights:
+            continue
+        new = []
+        for old, cur in zip(by_name[layer.name].get_weights(), layer.get_weights()):
+            if old.shape == cur.shape:
+                new.append(old)
+                continue
+            if old.ndim != 4 or old.shape[:2] + old.shape[3:] != cur.shape[:2] + cur.shape[3:] \
+                    or old.shape[2] > cur.shape[2]:
+                raise ValueError(f"layer {layer.name}: cannot transplant a weight of shape {old.shape} into "
+                                 f"{cur.shape}")
+            grown = np.zeros_like(cur)
+            grown[:, :, :old.shape[2], :] = old
+            new.append(grown)
+            widened.append(layer.name)
+        layer.set_weights(new)
+    return widened
 
 
 def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "projected",
           init: Optional[str] = None, learning_rate: float = LEARNING_RATE, noise_rescale: float = 0.0,
-          name: Optional[str] = None) -> None:
+          name: Optional[str] = None, coarse_noise: bool = False) -> None:
     """One seed of the v3 recipe: supervised on the simulated pairs, MSE + gradient MSE, Adam with cosine decay.
 
     ``threads`` > 0 pins TF to that many threads (seeds trained side by side on a small machine).  ``init``: a run
     folder name (``seed0``) whose weights this run continues from, written to ``{target}_from_{init}`` unless
-    ``name`` names the run folder.  ``noise_rescale``: see :func:`_patch_stream`."""
+    ``name`` names the run folder.  ``noise_rescale``: see :func:`_patch_stream`.  ``coarse_noise``: the network
+    also sees the coarse noise level (:func:`ldct_tf.noise.coarse_noise_index_hu`); from ``init``, by
+    :func:`transplant`."""
     import keras
     import tensorflow as tf
 
@@ -118,17 +147,17 @@ def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "pr
     out = work / (name or (f"{target}_from_{init}" if init else f"seed{seed}"))
     out.mkdir(parents=True, exist_ok=True)
     ds, n_pairs = _dataset(work, seed, target, noise_rescale)
-    model = build_model()
+    model = build_model(coarse_noise)
     if init:
         from ldct_tf.models import blocks  # noqa: F401  (registers NoiseLevelMap for loading)
 
-        model.set_weights(keras.saving.load_model(work / init / "generator.keras", compile=False).get_weights())
+        transplant(keras.saving.load_model(work / init / "generator.keras", compile=False), model)
     log, wall, cpu = fit(model, ds, steps, learning_rate, f"train seed {seed}")
     model.save(out / "generator.keras")
     (out / "train.json").write_text(json.dumps({
         "seed": seed, "steps": steps, "batch": BATCH, "patch": PATCH, "learning_rate": learning_rate,
         "target": target, "init": init, "noise_rescale": noise_rescale,
-        "model": MODEL, "parameters": int(model.count_params()), "training_pairs": n_pairs,
+        "model": {**MODEL, "noise_coarse": coarse_noise}, "parameters": int(model.count_params()), "training_pairs": n_pairs,
         "wall_seconds": wall, "cpu_seconds": cpu, "log": log},
         indent=1))
 
@@ -431,11 +460,11 @@ def _validation_table(record: dict) -> list[str]:
     return lines
 
 
-def _kernel_lines(record: dict, version: int = 3) -> list[str]:
+def _kernel_lines(record: dict) -> list[str]:
     """Validation per kernel (the held-out patient has both): the picked recipe's seeds vs BM3D at its PSNR optimum."""
     picked_arm = _arm_glob(record["picked_seed"])
     lines = [f"Per kernel, recipe `{picked_arm}` (mean of its seeds) against BM3D at its PSNR-optimal factor:", "",
-             f"| condition | kernel | slices | v{version} PSNR / SSIM | BM3D (PSNR-optimal) PSNR / SSIM |", "|---|---|---|---|---|"]
+             "| condition | kernel | slices | picked recipe PSNR / SSIM | BM3D (PSNR-optimal) PSNR / SSIM |", "|---|---|---|---|---|"]
     for name, r in record["results"].items():
         seeds = arms(r)[picked_arm]
         kernels = r["input"]["kernels"]
@@ -475,8 +504,12 @@ def report(version: int = 3) -> None:
     if validation.exists():
         record = json.loads(validation.read_text())
         lines += [f"## Validation: patient {record['patient']} ({record['slices']} slices), never trained on", "",
-                  *_validation_table(record), "", *_kernel_lines(record, version), "",
+                  *_validation_table(record), "", *_kernel_lines(record), "",
                   f"Picked seed: {record['picked_seed']} ({record['rule']}).", ""]
+        shipped = v3_data.REPO / "saved_models" / "ldct_denoiser" / str(version)
+        if not shipped.exists():
+            lines += [f"No version {version} was shipped: `saved_models/ldct_denoiser/{version}` does not exist "
+                      "(`ship` was not run, e.g. because the picked run is one an earlier version already ships).", ""]
     test_file = RESULTS / f"v{version}_test.json"
     if test_file.exists():
         record = json.loads(test_file.read_text())

@@ -43,6 +43,18 @@ def noise_index_hu(hu: tf.Tensor) -> tf.Tensor:
     return tf.gather(ordered, index, axis=1, batch_dims=1)
 
 
+def coarse_noise_index_hu(hu: tf.Tensor) -> tf.Tensor:
+    """Noise index (HU) of the image averaged over 2x2 pixels, times 2: ``[batch, height, width, 1]`` -> ``[batch]``.
+
+    Why a second figure: white (sharp-kernel) noise halves under a 2x2 average, so this equals
+    :func:`noise_index_hu`; noise correlated over neighbouring pixels (a smooth kernel) averages out less, so it
+    reads higher.  The pair tells a noisy smooth-kernel scan from a quieter sharp-kernel one, which the fine index
+    alone reports at similar levels (``experiments/results/v3_strength.json``: 27 HU for L143's smooth 25 % dose,
+    54 HU for its sharp one).  Needs at least ``2 * WINDOW`` pixels a side."""
+    hu = tf.cast(hu, tf.float32)
+    return 2.0 * noise_index_hu(tf.nn.avg_pool2d(hu, 2, 2, "VALID"))
+
+
 def noise_index(hu: np.ndarray) -> float:
     """Noise index (HU) of one 2-D slice in HU (numpy in, float out)."""
     image = np.asarray(hu, np.float32)

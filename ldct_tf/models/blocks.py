@@ -176,19 +176,22 @@ class NoiseLevelMap(layers.Layer):
     (``ldct_tf.ct.to_model``); the channel is the noise index in HU divided by ``scale_hu``.
     """
 
-    def __init__(self, scale_hu: float = 50.0, **kwargs):
+    def __init__(self, scale_hu: float = 50.0, coarse: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.scale_hu = float(scale_hu)
+        #: Also append :func:`ldct_tf.noise.coarse_noise_index_hu` (a second channel), which tells a smooth kernel's
+        #: correlated noise from a sharp kernel's at a similar fine index.
+        self.coarse = bool(coarse)
 
     def call(self, x):
         x32 = ops.cast(x, "float32")
         hu = ct.from_model(x32)
-        level = noise.noise_index_hu(hu) / self.scale_hu
-        level_map = ops.ones_like(x32) * ops.reshape(level, (-1, 1, 1, 1))
-        return ops.cast(ops.concatenate([x32, level_map], axis=-1), self.compute_dtype)
+        levels = [noise.noise_index_hu(hu)] + ([noise.coarse_noise_index_hu(hu)] if self.coarse else [])
+        maps = [ops.ones_like(x32) * ops.reshape(level / self.scale_hu, (-1, 1, 1, 1)) for level in levels]
+        return ops.cast(ops.concatenate([x32, *maps], axis=-1), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], input_shape[-1] + 1)
+        return (*input_shape[:-1], input_shape[-1] + 1 + int(self.coarse))
 
     def get_config(self):
-        return {**super().get_config(), "scale_hu": self.scale_hu}
+        return {**super().get_config(), "scale_hu": self.scale_hu, "coarse": self.coarse}

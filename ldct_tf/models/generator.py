@@ -20,12 +20,17 @@ from ldct_tf.models.blocks import AttentionGate, ConvNormAct, NoiseLevelMap, Res
 
 
 def build_generator(depth: int = 3, base_filters: int = 32, residual_blocks: int = 4, attention: bool = True,
-                    norm: str = "instance", name: str = "generator", noise_conditional: bool = False) -> keras.Model:
+                    norm: str = "instance", name: str = "generator", noise_conditional: bool = False,
+                    noise_coarse: bool = False) -> keras.Model:
     """Build the generator as a functional Keras model (serialisable with ``keras.saving``).
 
     ``noise_conditional``: the first layer also sees the input's own noise level as a constant channel
     (:class:`~ldct_tf.models.blocks.NoiseLevelMap`), so one network can serve doses from 5 to 50 %.
+    ``noise_coarse`` (with ``noise_conditional``): and a second channel, the noise level after a 2x2 average, which
+    tells a smooth kernel's noise from a sharp kernel's (:func:`ldct_tf.noise.coarse_noise_index_hu`).
     """
+    if noise_coarse and not noise_conditional:
+        raise ValueError("noise_coarse needs noise_conditional=True")
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
     if not isinstance(base_filters, int) or base_filters < 1:
@@ -35,7 +40,7 @@ def build_generator(depth: int = 3, base_filters: int = 32, residual_blocks: int
     check_norm(norm)
 
     inputs = keras.Input((None, None, 1), name="image")
-    x = NoiseLevelMap(name="noise_level")(inputs) if noise_conditional else inputs
+    x = NoiseLevelMap(coarse=noise_coarse, name="noise_level")(inputs) if noise_conditional else inputs
     skips = []
     for level in range(depth):
         filters = base_filters * 2**level

@@ -55,3 +55,14 @@ def test_cost_of_a_continuation_counts_every_run_it_continues():
             "cont_seed0": {"cpu_seconds": 40.0, "init": "original_from_seed0"}}
     assert v3_steps._chain_cpu(runs, "cont_seed0") == pytest.approx(160.0)
     assert v3_steps._chain_cpu(runs, "seed0") == pytest.approx(100.0)
+
+
+def test_transplant_into_a_network_with_the_coarse_noise_channel_computes_the_same_until_trained():
+    source = v3_steps.build_model()
+    target = v3_steps.build_model(coarse_noise=True)
+    assert v3_steps.transplant(source, target) == ["enc0_conv1"]
+    rng = np.random.default_rng(0)
+    x = ct.to_model(rng.normal(40, 40, (1, 64, 64, 1)).astype(np.float32))
+    assert np.array_equal(np.asarray(source(x)), np.asarray(target(x)))
+    with pytest.raises(ValueError, match="cannot transplant"):
+        v3_steps.transplant(target, v3_steps.build_model())  # narrowing is refused
