@@ -13,7 +13,6 @@ Reads ``DIR/original_from_seed*/generator.keras`` and the shared data (``LDCT_DA
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -46,11 +45,7 @@ def measure(work: Path) -> dict:
     from ldct_tf import ct
     from ldct_tf.models import blocks
 
-    pairs = v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT)
-    conds = v3_steps.conditions(pairs, seed_base=1000)  # the same noise realisations as `experiments.v3 validate`
-    runs = sorted(work.glob(f"{RECIPE}/generator.keras"))
-    if not runs:
-        raise FileNotFoundError(f"{work}: no {RECIPE}/generator.keras (run `python -m experiments.v3 train` first)")
+    pairs, conds, runs = v3_steps.validation_runs(work, RECIPE)
     record: dict = {"patient": v3_data.VALIDATION_PATIENT, "slices": len(pairs), "gains": list(GAINS),
                     "seeds": [r.parent.name for r in runs], "by_seed": {}}
     for run in runs:
@@ -108,24 +103,9 @@ def markdown(record: dict, bm3d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.v3_noise_gain", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", required=True, type=Path, help="the v3 work folder (with original_from_seed*/)")
-    return parser
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        record = measure(args.work)
-    except FileNotFoundError as exc:
-        print(f"{build_parser().prog}: error: {exc}", file=sys.stderr)
-        return 1
-    JSON_OUT.parent.mkdir(parents=True, exist_ok=True)
-    JSON_OUT.write_text(json.dumps(record, indent=1))
-    MD_OUT.write_text(markdown(record, _bm3d_per_kernel()))
-    print(MD_OUT.read_text())
-    return 0
+    return v3_steps.run_guide(argv, "python -m experiments.v3_noise_gain", __doc__.split("\n\n")[0], measure,
+                              lambda record: markdown(record, _bm3d_per_kernel()), JSON_OUT, MD_OUT)
 
 
 if __name__ == "__main__":

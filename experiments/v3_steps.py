@@ -571,3 +571,35 @@ def cost(work: Path, version: int = 3) -> None:
                 [_chain_cpu(out["runs"], r) for r in runs]))
     cost_file(version).parent.mkdir(parents=True, exist_ok=True)
     cost_file(version).write_text(json.dumps(out, indent=1))
+
+
+def validation_runs(work: Path, recipe: str) -> tuple[list[dict], dict, list[Path]]:
+    """The validation patient's pairs, its conditions (the same noise realisations as ``validate``) and the
+    ``generator.keras`` of every run of ``recipe`` (a glob such as ``original_from_seed*``) in ``work``."""
+    runs = sorted(work.glob(f"{recipe}/generator.keras"))
+    if not runs:
+        raise FileNotFoundError(f"{work}: no {recipe}/generator.keras (run `python -m experiments.v3 train` first)")
+    pairs = v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT)
+    return pairs, conditions(pairs, seed_base=1000), runs
+
+
+def run_guide(argv, prog: str, description: str, measure, markdown, json_out: Path, md_out: Path) -> int:
+    """The command of a measurement over the shipped recipe's seeds (``v3_strength``, ``v3_noise_gain``): parse
+    ``--work``, ``measure(work)`` -> record, write it as JSON and ``markdown(record)`` as Markdown, print the latter.
+    A missing run folder is one line and exit status 1."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--work", required=True, type=Path, help="the v3 work folder (with original_from_seed*/)")
+    args = parser.parse_args(argv)
+    try:
+        record = measure(args.work)
+    except FileNotFoundError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(record, indent=1))
+    md_out.write_text(markdown(record))
+    print(md_out.read_text())
+    return 0

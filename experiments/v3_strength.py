@@ -14,8 +14,6 @@ Reads ``DIR/original_from_seed*/generator.keras`` (written by ``python -m experi
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -43,11 +41,7 @@ def measure(work: Path) -> dict:
     """Per seed, condition and kernel: mean PSNR/SSIM over L143's slices at each strength."""
     from ldct_tf import noise
 
-    pairs = v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT)
-    conds = v3_steps.conditions(pairs, seed_base=1000)  # the same noise realisations as `experiments.v3 validate`
-    runs = sorted(work.glob(f"{RECIPE}/generator.keras"))
-    if not runs:
-        raise FileNotFoundError(f"{work}: no {RECIPE}/generator.keras (run `python -m experiments.v3 train` first)")
+    pairs, conds, runs = v3_steps.validation_runs(work, RECIPE)
     record: dict = {"patient": v3_data.VALIDATION_PATIENT, "slices": len(pairs), "strengths": list(STRENGTHS),
                     "seeds": [r.parent.name for r in runs], "conditions": {}}
     for name, cases in conds.items():
@@ -111,24 +105,9 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.v3_strength", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", required=True, type=Path, help="the v3 work folder (with original_from_seed*/)")
-    return parser
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        record = measure(args.work)
-    except FileNotFoundError as exc:
-        print(f"{build_parser().prog}: error: {exc}", file=sys.stderr)
-        return 1
-    JSON_OUT.parent.mkdir(parents=True, exist_ok=True)
-    JSON_OUT.write_text(json.dumps(record, indent=1))
-    MD_OUT.write_text(markdown(record))
-    print(MD_OUT.read_text())
-    return 0
+    return v3_steps.run_guide(argv, "python -m experiments.v3_strength", __doc__.split("\n\n")[0], measure,
+                              markdown, JSON_OUT, MD_OUT)
 
 
 if __name__ == "__main__":
