@@ -48,9 +48,11 @@ def coarse_noise_index_hu(hu: tf.Tensor) -> tf.Tensor:
 
     Why a second figure: white (sharp-kernel) noise halves under a 2x2 average, so this equals
     :func:`noise_index_hu`; noise correlated over neighbouring pixels (a smooth kernel) averages out less, so it
-    reads higher.  The pair tells a noisy smooth-kernel scan from a quieter sharp-kernel one, which the fine index
-    alone reports at similar levels (``experiments/results/v3_strength.json``: 27 HU for L143's smooth 25 % dose,
-    54 HU for its sharp one).  Needs at least ``2 * WINDOW`` pixels a side."""
+    reads higher.  The fine index reports a smooth kernel's noise far below a sharp kernel's at the same dose
+    (``experiments/results/v3_strength.json``: 27 against 54 HU at L143's simulated 25 %), so a noisy smooth-kernel
+    scan reads like a quieter sharp-kernel one; the pair is meant to tell them apart.  As a second conditioning
+    channel it did not measurably help (the v4 round, ``experiments/results/v4_report.md``).  Needs at least
+    ``2 * WINDOW`` pixels a side."""
     hu = tf.cast(hu, tf.float32)
     return 2.0 * noise_index_hu(tf.nn.avg_pool2d(hu, 2, 2, "VALID"))
 
