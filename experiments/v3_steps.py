@@ -137,6 +137,14 @@ def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "pr
     ``name`` names the run folder.  ``noise_rescale``: see :func:`_patch_stream`.  ``coarse_noise``: the network
     also sees the coarse noise level (:func:`ldct_tf.noise.coarse_noise_index_hu`); from ``init``, by
     :func:`transplant`."""
+    out = work / (name or (f"{target}_from_{init}" if init else f"seed{seed}"))
+    # checked before the pairs load (minutes), and nothing is written when one fails
+    if (out / "generator.keras").exists():
+        raise FileExistsError(f"{out}: holds a trained run already; remove it or give another --name")
+    if init and not (work / init / "generator.keras").exists():
+        raise FileNotFoundError(f"{work / init}: no generator.keras to continue from (--init)")
+    if not any((work / "pairs").glob("*.npz")):
+        raise FileNotFoundError(f"{work / 'pairs'}: no simulated pairs (run `python -m experiments.v3 simulate` first)")
     import keras
     import tensorflow as tf
 
@@ -144,8 +152,6 @@ def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "pr
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     keras.utils.set_random_seed(seed)
-    out = work / (name or (f"{target}_from_{init}" if init else f"seed{seed}"))
-    out.mkdir(parents=True, exist_ok=True)
     ds, n_pairs = _dataset(work, seed, target, noise_rescale)
     model = build_model(coarse_noise)
     if init:
@@ -153,6 +159,7 @@ def train(work: Path, seed: int, steps: int, threads: int = 0, target: str = "pr
 
         transplant(keras.saving.load_model(work / init / "generator.keras", compile=False), model)
     log, wall, cpu = fit(model, ds, steps, learning_rate, f"train seed {seed}")
+    out.mkdir(parents=True, exist_ok=True)
     model.save(out / "generator.keras")
     (out / "train.json").write_text(json.dumps({
         "seed": seed, "steps": steps, "batch": BATCH, "patch": PATCH, "learning_rate": learning_rate,
@@ -342,10 +349,12 @@ def validate(work: Path, version: int = 3) -> None:
     (``ldct_tf.evaluate.selection.choose_seed``)."""
     from ldct_tf.evaluate import selection
 
+    seeds = sorted(work.glob("*/generator.keras"))
+    if not seeds:  # before BM3D's tuning (minutes) writes into ``work``
+        raise FileNotFoundError(f"{work}: no */generator.keras to validate (run `python -m experiments.v3 train` first)")
     pairs = v3_data.mayo_pairs(v3_data.data_root(), v3_data.VALIDATION_PATIENT)
     conds = conditions(pairs, seed_base=1000)
     bm3d = bm3d_tuning(work, conds)
-    seeds = sorted(work.glob("*/generator.keras"))
     denoisers = {"input": lambda hu: hu}
     denoisers.update({p.parent.name: keras_denoiser(p) for p in seeds})
     results = evaluate_all(conds, denoisers)

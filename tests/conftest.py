@@ -60,3 +60,22 @@ def sample_run(sample, tmp_path_factory):
     manifest = run(["--input", str(sample.root), "--input", str(bad), "--dose-manifest", str(sample.dose_manifest), "--output", str(out),
                     "--salt", "test-salt", "--splits", "train=0.5,val=0.25,test=0.25", "--num-shards", "2"])
     return out, manifest
+
+
+def with_simulated_stream(source: Path, work: Path, realisations: int) -> tuple[Path, dict, Path]:
+    """A copy of the pipeline output ``source`` under ``work/shards`` (never modify the shared one) with a simulated-pair
+    stream from a fixed test calibration (one kernel, ramp filter, quarter dose); returns (shards, entry, calibration).
+    """
+    import shutil
+
+    from ldct_tf.simulate import __main__ as simulate_cli
+    from ldct_tf.simulate import calibration
+
+    shards = Path(work) / "shards"
+    shutil.copytree(source, shards)
+    cal = calibration.save({"kernels": {"ANY": {"i0": 2e5, "i0_range": [1e5, 4e5], "filter_name": "ramp",
+                                                "dose_fraction": 0.25, "electronic_noise": 10.0,
+                                                "noise_model": "insert"}}, "default_kernel": "ANY"},
+                           Path(work) / "calibration.json")
+    entry = simulate_cli.pairs(["--data", str(shards), "--calibration", str(cal), "--realisations", str(realisations)])
+    return shards, entry, cal

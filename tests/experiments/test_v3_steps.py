@@ -66,3 +66,22 @@ def test_transplant_into_a_network_with_the_coarse_noise_channel_computes_the_sa
     assert np.array_equal(np.asarray(source(x)), np.asarray(target(x)))
     with pytest.raises(ValueError, match="cannot transplant"):
         v3_steps.transplant(target, v3_steps.build_model())  # narrowing is refused
+
+
+def test_command_refuses_missing_inputs_and_an_existing_run_in_one_line_writing_nothing(tmp_path, capsys):
+    from experiments import v3
+
+    work = tmp_path / "work"
+    (work / "seed0").mkdir(parents=True)
+    (work / "seed0" / "generator.keras").write_bytes(b"a trained run")
+    cases = [(["train", "--work", str(work), "--seed", "0", "--steps", "1"], "holds a trained run already"),
+             (["train", "--work", str(work), "--init", "nosuch", "--name", "new", "--steps", "1"], "--init"),
+             (["train", "--work", str(work), "--name", "new", "--steps", "1"], "no simulated pairs"),
+             (["validate", "--work", str(tmp_path / "empty"), "--version", "5"], "no */generator.keras")]
+    for argv, message in cases:
+        assert v3.main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+    assert sorted(p.name for p in work.iterdir()) == ["seed0"]  # nothing written, the run untouched
+    assert (work / "seed0" / "generator.keras").read_bytes() == b"a trained run"
+    assert not (tmp_path / "empty").exists()

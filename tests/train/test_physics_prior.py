@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from ldct_tf import config
-from tests.conftest import REPO
+from tests.conftest import REPO, with_simulated_stream
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 NORM_LAYERS = (keras.layers.GroupNormalization, keras.layers.BatchNormalization)
@@ -146,18 +146,9 @@ def test_supervised_only_without_pairs_is_refused():
 def simulated_shards(sample_run, tmp_path_factory):
     """A copy of the session's pipeline output (never modify the shared one) with a simulated stream."""
     from ldct_tf.pipeline import simulate_pairs  # noqa: F401
-    from ldct_tf.simulate import __main__ as simulate_cli
-    from ldct_tf.simulate import calibration
 
     source, _ = sample_run
-    shards = tmp_path_factory.mktemp("sim") / "shards"
-    shutil.copytree(source, shards)
-    cal = calibration.save({"kernels": {"ANY": {"i0": 2e5, "i0_range": [1e5, 4e5], "filter_name": "ramp",
-                                                "dose_fraction": 0.25, "electronic_noise": 10.0,
-                                                "noise_model": "insert"}}, "default_kernel": "ANY"},
-                           shards.parent / "calibration.json")
-    entry = simulate_cli.pairs(["--data", str(shards), "--calibration", str(cal), "--realisations", "2"])
-    return shards, entry, cal
+    return with_simulated_stream(source, tmp_path_factory.mktemp("sim"), realisations=2)
 
 
 def test_simulate_pairs_stage_writes_a_readable_deterministic_stream(simulated_shards):

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from scipy import ndimage
 from ldct_tf import config, ct
 from ldct_tf import tune
 from ldct_tf.tune import __main__ as tune_cli
-from tests.conftest import REPO
+from tests.conftest import REPO, with_simulated_stream
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -374,16 +373,7 @@ def test_interrupted_random_search_resumes_and_its_best_config_trains(paired_sha
 @pytest.fixture(scope="module")
 def simulated_shards(paired_shards, tmp_path_factory):
     """A copy of the paired shards with a simulated-pair stream: what the shipped recipe trains on."""
-    from ldct_tf.simulate import __main__ as simulate_cli
-    from ldct_tf.simulate import calibration
-
-    shards = tmp_path_factory.mktemp("tune_sim") / "shards"
-    shutil.copytree(paired_shards, shards)
-    cal = calibration.save({"kernels": {"ANY": {"i0": 2e5, "i0_range": [1e5, 4e5], "filter_name": "ramp",
-                                                "dose_fraction": 0.25, "electronic_noise": 10.0,
-                                                "noise_model": "insert"}}, "default_kernel": "ANY"},
-                           shards.parent / "calibration.json")
-    simulate_cli.pairs(["--data", str(shards), "--calibration", str(cal), "--realisations", "1"])
+    shards, _, _ = with_simulated_stream(paired_shards, tmp_path_factory.mktemp("tune_sim"), realisations=1)
     return str(shards)
 
 
