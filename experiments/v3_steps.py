@@ -106,9 +106,12 @@ def transplant(source, target) -> list[str]:
     slice and starts at zero for the new channels, so ``target`` computes what ``source`` did until trained.
     Returns the names of the layers that were widened."""
     widened = []
-    by_name = {layer.name: layer for layer in source.layers}
+    by_name = {layer.name: layer for layer in source.layers if layer.weights}
+    mine = {layer.name for layer in target.layers if layer.weights}
+    if mine != set(by_name):  # a partial copy would train from a half-random network without saying so
+        raise ValueError(f"cannot transplant: layers with weights differ ({sorted(mine ^ set(by_name))})")
     for layer in target.layers:
-        if layer.name not in by_name or not layer.weights:
+        if not layer.weights:
             continue
         new = []
         for old, cur in zip(by_name[layer.name].get_weights(), layer.get_weights()):

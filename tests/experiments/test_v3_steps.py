@@ -66,6 +66,11 @@ def test_transplant_into_a_network_with_the_coarse_noise_channel_computes_the_sa
     assert np.array_equal(np.asarray(source(x)), np.asarray(target(x)))
     with pytest.raises(ValueError, match="cannot transplant"):
         v3_steps.transplant(target, v3_steps.build_model())  # narrowing is refused
+    from ldct_tf.models.generator import build_generator
+
+    other = build_generator(depth=2, base_filters=16, residual_blocks=2, norm="none", noise_conditional=True)
+    with pytest.raises(ValueError, match="layers with weights differ"):
+        v3_steps.transplant(source, other)  # another architecture is refused, not half copied
 
 
 def test_command_refuses_missing_inputs_and_an_existing_run_in_one_line_writing_nothing(tmp_path, capsys):
