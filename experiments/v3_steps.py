@@ -564,8 +564,9 @@ def report(version: int = 3) -> None:
 
 def _chain_cpu(runs: dict, run: str) -> float:
     """CPU seconds of ``run`` and of every run it continues from (its ``init``, that run's ``init``, ...)."""
-    total = 0.0
-    while run in runs:
+    total, seen = 0.0, set()
+    while run in runs and run not in seen:  # ``seen``: a hand-edited train.json that names itself cannot loop
+        seen.add(run)
         total += runs[run]["cpu_seconds"]
         run = runs[run].get("init")
     return total
